@@ -1,0 +1,46 @@
+"""llm_training: from raw text to a trained language model.
+
+Importing the package is cheap: names are loaded on first use, so ``import llm_training`` touches no
+device, file or network and does not import PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "main": "llm_training.cli.main_job",
+    "DataPreparationPipeline": "llm_training.api.data",
+    "Config": "llm_training.config",
+    "load_config": "llm_training.config",
+    "load_checkpoint": "llm_training.train.checkpoint",
+    "EventBus": "llm_training.events",
+    "UserError": "llm_training.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llm_training.api.data import DataPreparationPipeline
+    from llm_training.cli.main_job import main
+    from llm_training.config import Config, load_config
+    from llm_training.errors import UserError
+    from llm_training.events import EventBus
+    from llm_training.train.checkpoint import load_checkpoint
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llm_training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""The usage guide's Python facade over the core."""

@@ -1,0 +1,50 @@
+"""What every command shares: config flags, ``--set``, and turning user errors into one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from llm_training.errors import ConfigError, UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def add_set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Set any config key on the command line, e.g. --set model.num_layers=6 (repeatable).",
+    )
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.batch_size=8")
+        values[key.strip()] = value
+    return values
+
+
+def run(fn: Callable[[], int | None]) -> int:
+    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2."""
+    try:
+        return fn() or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,64 @@
+"""``llm-train``: train from a config, on prepared data or raw text."""
+
+from __future__ import annotations
+
+import sys
+
+from llm_training.cli.common import add_set_flag, parse_sets, parser, run
+
+DESCRIPTION = """\
+Train a language model. --data-dir takes prepared data (a folder with train.json, validation.json and
+vocab.json) or a folder of raw .txt/.jsonl/.json files, which is prepared into <output-dir>/prepared_data."""
+
+
+def build_parser():
+    p = parser("llm-train", DESCRIPTION)
+    p.add_argument(
+        "--config", help="YAML config file, layered over config/default.yaml and under environment and flags."
+    )
+    p.add_argument("--data-dir", help="Prepared data folder, or a folder of raw text files to prepare first.")
+    p.add_argument(
+        "--output-dir", help="Run directory for checkpoints/, logs/ and metrics (default: current directory)."
+    )
+    p.add_argument(
+        "--num-epochs", type=int, help="Passes over the training data (ignored when a time budget is set)."
+    )
+    p.add_argument("--batch-size", type=int, help="Sequences per micro-batch (per GPU when distributed).")
+    p.add_argument("--learning-rate", type=float, help="Peak learning rate after warm-up.")
+    p.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
+    p.add_argument(
+        "--max-time", help="Training time budget, e.g. 70s, 15m or 2h; the learning-rate schedule fits it."
+    )
+    p.add_argument("--device", help="Device to train on: auto (CUDA when present), cpu, cuda or cuda:N.")
+    p.add_argument("--resume", help="Checkpoint (.pt) to continue training from.")
+    add_set_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from llm_training.api.jobs import run_training
+        from llm_training.cli.main_job import report
+        from llm_training.config import load_config
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        cli = {
+            "data.data_dir": args.data_dir,
+            "output_dir": args.output_dir,
+            "training.num_epochs": args.num_epochs,
+            "training.batch_size": args.batch_size,
+            "training.learning_rate": args.learning_rate,
+            "training.max_steps": args.max_steps,
+            "training.max_time": args.max_time,
+            "resources.device": args.device,
+            **parse_sets(args.overrides),
+        }
+        cfg = load_config(args.config, cli=cli)
+        print(report(run_training(cfg, resume_from=args.resume)))
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Typed configuration and its hierarchy.
+
+Layers, lowest first: the dataclass defaults below < ``config/default.yaml`` (when present in the working
+directory) < the ``--config`` file < environment variables (``LLM_TRAINING__SECTION__KEY``, plus ``LOG_LEVEL``)
+< command-line arguments < runtime overrides (``Config.update``). Every layer is checked the same way: an
+unknown key is named with the closest valid one, a wrong type or an impossible value says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from llm_training.errors import ConfigError
+
+ENV_PREFIX = "LLM_TRAINING__"
+DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
+
+
+@dataclass
+class ModelConfig:
+    """The decoder-only transformer."""
+
+    model_type: str = "gpt2"  # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention; None means as many as attention heads
+    intermediate_size: int | None = None  # MLP width; None means 4x (gpt2) or about 8/3x (llama) hidden_size
+    vocab_size: int | None = None  # None means the tokenizer's vocabulary size
+    max_seq_length: int = 256  # context length in tokens
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes tokens."""
+
+    input_file: str | None = (
+        None  # raw text (.txt, .jsonl, .json, optionally .gz); None means the built-in sample
+    )
+    data_dir: str | None = None  # already prepared data (train.json, validation.json, vocab.json)
+    prepared_dir: str = "prepared_data"  # where the main job writes prepared data, relative to output_dir
+    text_field: str = "text"  # the field of a JSON record that holds its text
+    vocab_size: int = 4096  # size of the byte-level BPE trained on the input
+    tokenizer: str | None = (
+        None  # an existing tokenizer file (tokenizer.json or vocab.json) instead of training one
+    )
+    validation_fraction: float = 0.05
+    max_seq_length: int = 2048  # recorded in the manifest; training windows use model.max_seq_length
+    seed: int = 1234
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop."""
+
+    batch_size: int = 16  # sequences per micro-batch (per GPU when distributed)
+    num_epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops before num_epochs when reached
+    max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | bool = "auto"  # "auto", "bf16", "fp16", "no"; true means auto, false means no
+    optimizer: str = "adamw"
+    compile: str | bool = "auto"  # torch.compile: "auto" compiles on CUDA only
+    eval_interval: int = 100  # optimizer steps between validation runs
+    eval_batches: int = 20  # batches of validation windows per run; 0 means the whole validation set
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # optimizer steps between checkpoints/model_step_N.pt
+    seed: int = 42
+    sample_prompt: str = ""  # prompt of the sample generated at the end; empty starts from end-of-text
+    sample_tokens: int = 120
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        return parse_duration(self.max_time, "training.max_time")
+
+
+@dataclass
+class ResourcesConfig:
+    """Devices and processes."""
+
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N", "mps"
+    gpu_count: int | None = None  # None means every visible GPU
+    distributed: bool = False
+    distributed_backend: str = "auto"  # "auto" (nccl on GPU, else gloo), "nccl", "gloo"
+    num_threads: int | None = None  # CPU threads for PyTorch; None keeps PyTorch's choice
+
+
+@dataclass
+class LoggingConfig:
+    """What is written where."""
+
+    level: str = "INFO"
+    log_dir: str = "logs"  # relative to output_dir
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    output_dir: str = "."  # run directory: checkpoints/, logs/, config.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def get(self, section: str, key: str) -> Any:
+        return getattr(_section(self, section, "runtime"), key)
+
+    def update(self, section: str, key: str, value: Any, source: str = "runtime override") -> None:
+        """Apply a runtime override (the highest layer), checked like every other layer."""
+        apply_layer(self, {section: {key: value}}, source)
+        validate(self)
+
+
+# --------------------------------------------------------------------------------------------- durations
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+
+
+def parse_duration(value: str | float | None, key: str = "duration") -> float | None:
+    """'70s', '15m', '2h', '1h30m' or a number of seconds -> seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        parts = list(_DURATION_PART.finditer(text))
+        if not text or "".join(p.group(0) for p in parts) != text:
+            raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {value!r}")
+        seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key}: the time budget must be positive, got {value!r}")
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "output_dir"}
+
+
+def _section(cfg: Config, name: str, source: str):
+    if name not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section '{name}'{_suggest(name, [*SECTIONS, 'output_dir'])}")
+    return getattr(cfg, name)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(choices))})"
+
+
+def _field_types(obj) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _allowed(tp) -> tuple[tuple[type, ...], bool]:
+    """The concrete types a field accepts, and whether None is allowed."""
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        args = typing.get_args(tp)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (tp,), False
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    kinds, optional = _allowed(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' cannot be empty; expected {_type_names(kinds)}")
+    if isinstance(value, str) and str not in kinds:
+        value = _parse_scalar(value)  # environment variables and flags arrive as text
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, int) and int in kinds:
+        return value
+    elif isinstance(value, (int, float)) and float in kinds:
+        return float(value)
+    elif isinstance(value, str) and str in kinds:
+        return value
+    raise ConfigError(
+        f"{source}: '{key}' expects {_type_names(kinds)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _type_names(kinds) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "text"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def apply_layer(cfg: Config, layer: dict[str, Any], source: str) -> None:
+    """Merge one nested mapping into ``cfg``, checking every key and type."""
+    if not isinstance(layer, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (model, data, training, ...), got {type(layer).__name__}"
+        )
+    for name, values in layer.items():
+        if name == "output_dir":
+            cfg.output_dir = _coerce(values, str, "output_dir", source)
+            continue
+        section = _section(cfg, str(name), source)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {values!r}")
+        hints = _field_types(section)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints))}")
+            setattr(section, key, _coerce(value, hints[key], f"{name}.{key}", source))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass a YAML file such as config/default.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    return data or {}
+
+
+def env_layer(environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    """``LLM_TRAINING__TRAINING__LEARNING_RATE=3e-4`` -> {'training': {'learning_rate': '3e-4'}}; ``LOG_LEVEL``."""
+    layer: dict[str, dict[str, Any]] = {}
+    if environ.get("LOG_LEVEL"):
+        layer.setdefault("logging", {})["level"] = environ["LOG_LEVEL"]
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts == ["output_dir"]:
+            layer["output_dir"] = value
+        elif len(parts) == 2 and all(parts):
+            layer.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ConfigError(
+                f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}TRAINING__BATCH_SIZE"
+            )
+    return layer
+
+
+def dotted_to_nested(values: dict[str, Any]) -> dict[str, Any]:
+    """{'training.batch_size': 8, 'output_dir': 'x'} -> {'training': {'batch_size': 8}, 'output_dir': 'x'}."""
+    nested: dict[str, Any] = {}
+    for dotted, value in values.items():
+        if value is None:
+            continue
+        if "." not in dotted:
+            nested[dotted] = value
+            continue
+        section, key = dotted.split(".", 1)
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    *,
+    cli: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    preset: dict[str, Any] | None = None,
+    default_file: str | Path | None = DEFAULT_CONFIG_PATH,
+) -> Config:
+    """Resolve the hierarchy into a checked ``Config``.
+
+    ``cli`` and ``overrides`` take dotted keys (``{'training.batch_size': 8}``) or nested mappings; ``None``
+    values are skipped so unset flags do not mask lower layers. ``preset`` sits just above the hard-coded
+    defaults (the main job uses it for its quick-start budget).
+    """
+    cfg = Config()
+    if preset:
+        apply_layer(cfg, dotted_to_nested(preset), "built-in preset")
+    if default_file is not None and Path(default_file).is_file():
+        same = config_file is not None and Path(config_file).resolve() == Path(default_file).resolve()
+        if not same:
+            apply_layer(cfg, read_yaml(default_file), str(default_file))
+    if config_file is not None:
+        apply_layer(cfg, read_yaml(config_file), str(config_file))
+    apply_layer(cfg, env_layer(os.environ if environ is None else environ), "environment")
+    if cli:
+        apply_layer(cfg, dotted_to_nested(cli), "command line")
+    if overrides:
+        apply_layer(cfg, dotted_to_nested(overrides), "runtime override")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint)."""
+    cfg = Config()
+    apply_layer(cfg, data, source)
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+MODEL_TYPES = {"gpt2": "gpt2", "transformer": "gpt2", "gpt": "gpt2", "llama": "llama"}
+PRECISIONS = {"auto", "bf16", "fp16", "no", "fp32", "true", "false"}
+BACKENDS = {"auto", "nccl", "gloo"}
+LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: Any, allowed: set[str], key: str) -> None:
+    ok = str(value).lower() in {a.lower() for a in allowed}
+    _require(ok, f"{key}: {value!r} is not one of {', '.join(sorted(allowed))}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with the key and what is allowed."""
+    m, d, t, r = cfg.model, cfg.data, cfg.training, cfg.resources
+    _one_of(m.model_type, set(MODEL_TYPES), "model.model_type")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
+    _require(
+        m.hidden_size % m.num_attention_heads == 0,
+        f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})",
+    )
+    head_dim = m.hidden_size // m.num_attention_heads
+    if MODEL_TYPES[m.model_type.lower()] == "llama":
+        _require(
+            head_dim % 2 == 0, f"model: RoPE needs an even head size, got hidden_size/heads = {head_dim}"
+        )
+    if m.num_kv_heads is not None:
+        _require(
+            m.num_kv_heads >= 1 and m.num_attention_heads % m.num_kv_heads == 0,
+            f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads})",
+        )
+    _require(
+        m.intermediate_size is None or m.intermediate_size >= 1, "model.intermediate_size must be at least 1"
+    )
+    _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size must be at least 2")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(
+        m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
+        "model.norm_eps, init_std and rope_theta must be positive",
+    )
+
+    _require(
+        d.vocab_size >= 260,
+        f"data.vocab_size must be at least 260 (256 bytes plus special tokens), got {d.vocab_size}",
+    )
+    _require(
+        0.0 < d.validation_fraction < 1.0,
+        f"data.validation_fraction must be between 0 and 1, got {d.validation_fraction}",
+    )
+    _require(d.max_seq_length >= 1, "data.max_seq_length must be at least 1")
+    _require(bool(d.text_field), "data.text_field cannot be empty")
+
+    _require(
+        t.learning_rate > 0 and math.isfinite(t.learning_rate),
+        f"training.learning_rate must be positive, got {t.learning_rate}",
+    )
+    for key in (
+        "batch_size",
+        "num_epochs",
+        "gradient_accumulation_steps",
+        "log_interval",
+        "eval_interval",
+        "checkpoint_interval",
+    ):
+        _require(getattr(t, key) >= 1, f"training.{key} must be at least 1, got {getattr(t, key)}")
+    _require(
+        t.max_steps is None or t.max_steps >= 1, f"training.max_steps must be at least 1, got {t.max_steps}"
+    )
+    t.max_time_seconds  # noqa: B018 - parses and raises on a bad budget
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.warmup_steps >= 0, "training.warmup_steps cannot be negative")
+    _require(t.weight_decay >= 0, "training.weight_decay cannot be negative")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "training.beta1 and beta2 must be in [0, 1)")
+    _require(t.grad_clip >= 0, "training.grad_clip cannot be negative (0 disables clipping)")
+    _require(
+        t.eval_batches >= 0 and t.sample_tokens >= 0,
+        "training.eval_batches and sample_tokens cannot be negative",
+    )
+    _require(
+        t.sample_temperature >= 0 and t.sample_top_k >= 0,
+        "training.sample_temperature and sample_top_k cannot be negative",
+    )
+    if not isinstance(t.mixed_precision, bool):
+        _one_of(t.mixed_precision, PRECISIONS, "training.mixed_precision")
+    if not isinstance(t.compile, bool):
+        _one_of(t.compile, {"auto", "true", "false", "yes", "no"}, "training.compile")
+    _one_of(t.optimizer, {"adamw"}, "training.optimizer")
+
+    _require(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,
+        f"resources.device: {r.device!r} is not one of auto, cpu, cuda, cuda:N, mps",
+    )
+    _require(r.gpu_count is None or r.gpu_count >= 0, "resources.gpu_count cannot be negative")
+    _require(r.num_threads is None or r.num_threads >= 1, "resources.num_threads must be at least 1")
+    _one_of(r.distributed_backend, BACKENDS, "resources.distributed_backend")
+    _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration (YAML) so a run records exactly what it used."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Data: sources, cleaning, tokenizer, preparation into token shards, and the resumable batch loader."""

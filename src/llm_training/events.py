@@ -1,0 +1,64 @@
+"""The event bus: the training loop publishes, sinks (console, log file, metrics file, ...) subscribe."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("llm_training.events")
+
+# Topics published by the core. Sinks may subscribe to "*" to receive everything.
+RUN_START = "run_start"
+STEP_END = "step_end"
+EVAL_END = "eval_end"
+CHECKPOINT_SAVED = "checkpoint_saved"
+RUN_END = "run_end"
+SAMPLE = "sample"
+DATA_PREPARED = "data_prepared"
+ERROR = "error"
+
+
+@dataclass
+class Event:
+    topic: str
+    payload: dict[str, Any]
+    time: float = field(default_factory=time.time)
+
+
+Handler = Callable[[Event], None]
+
+
+class EventBus:
+    """Synchronous publish/subscribe. A failing handler is logged and never breaks the publisher."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def subscribe(self, topic: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler`` for every event of ``topic`` ("*" for all); returns a function that unsubscribes."""
+        with self._lock:
+            self._handlers[topic].append(handler)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if handler in self._handlers[topic]:
+                    self._handlers[topic].remove(handler)
+
+        return unsubscribe
+
+    def publish(self, topic: str, **payload: Any) -> Event:
+        event = Event(topic, payload)
+        with self._lock:
+            handlers = [*self._handlers.get(topic, ()), *self._handlers.get("*", ())]
+        for handler in handlers:
+            try:
+                handler(event)
+            except Exception:  # a broken sink must not stop training
+                log.exception("event handler %r failed on %s", handler, topic)
+        return event

@@ -1,0 +1,189 @@
+"""The decoder-only transformer: GPT-2 style and Llama style from one ModelConfig.
+
+Shapes: B batch, T time (tokens), C hidden size, H heads, K key/value heads, D head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_training.config import MODEL_TYPES, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int, style: str) -> nn.Module:
+    if style == "llama":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); rotate pairs (first half, second half) as in Llama
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, style: str) -> None:
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.n_kv = cfg.num_kv_heads or cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // self.n_head
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.proj.residual_scale = True  # type: ignore[attr-defined]
+        self.q_norm = make_norm(cfg, self.head_dim, style) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, self.head_dim, style) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_kv != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, style: str) -> None:
+        super().__init__()
+        self.gated = style == "llama"
+        if cfg.intermediate_size:
+            width = cfg.intermediate_size
+        elif self.gated:  # about 8/3 x, rounded up to a multiple of 64, keeps parameters near the 4x GELU MLP
+            width = 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+        else:
+            width = 4 * cfg.hidden_size
+        self.up = nn.Linear(cfg.hidden_size, width * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=cfg.bias)
+        self.down.residual_scale = True  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, style: str) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg, cfg.hidden_size, style)
+        self.attn = Attention(cfg, style)
+        self.norm2 = make_norm(cfg, cfg.hidden_size, style)
+        self.mlp = MLP(cfg, style)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """``model(input_ids)`` returns logits (B, T, V); ``model(input_ids, labels)`` returns the mean loss."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "ModelConfig.vocab_size must be set (the tokenizer's size) before building the model"
+            )
+        self.cfg = cfg
+        self.style = MODEL_TYPES[cfg.model_type.lower()]
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = nn.Embedding(cfg.max_seq_length, cfg.hidden_size) if self.style == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, self.style) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size, self.style)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if self.style == "llama":
+            cos, sin = rope_tables(
+                cfg.max_seq_length, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta
+            )
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            scale = (
+                1 / math.sqrt(2 * self.cfg.num_layers) if getattr(module, "residual_scale", False) else 1.0
+            )
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if self.cfg.max_seq_length < T:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_length})")
+        x = self.embed(input_ids)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+        )
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                total -= self.pos_embed.weight.numel()
+        return total
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x non-embedding parameters + the lm head + attention scores (PaLM appendix B)."""
+        c = self.cfg
+        head = c.vocab_size * c.hidden_size if c.tie_embeddings else 0  # a tied head is not counted above
+        return (
+            6 * (self.num_parameters(non_embedding=True) + head)
+            + 12 * c.num_layers * c.hidden_size * c.max_seq_length
+        )

@@ -1,0 +1,1 @@
+"""Sinks of the event bus: console progress, the system log, metrics.jsonl."""

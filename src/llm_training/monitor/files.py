@@ -1,0 +1,75 @@
+"""File sinks: ``logs/system.log`` (one line an event) and ``metrics.jsonl`` (one JSON object a step or eval)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import math
+import os
+from pathlib import Path
+
+from llm_training import events
+from llm_training.events import Event, EventBus
+
+LOGGER = "llm_training"
+
+
+def setup_logging(log_dir: str | Path, level: str = "INFO", run_id: str = "-") -> logging.Handler:
+    """Attach a rotating ``system.log`` handler to the package logger; returns it so callers can detach it."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / "system.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8"
+    )
+    rank = os.environ.get("RANK", "0")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s run={run_id} rank={rank} %(name)s: %(message)s")
+    )
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level.upper())
+    logger.addHandler(handler)
+    return handler
+
+
+def _short(value):
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else str(value)
+    if isinstance(value, (dict, list)):
+        return None
+    return value if isinstance(value, (int, str, bool, type(None))) else str(value)
+
+
+class LogSink:
+    """Every event as one log line (the resolved config at run start is logged as JSON)."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.log = logging.getLogger(f"{LOGGER}.run")
+        bus.subscribe("*", self._event)
+
+    def _event(self, event: Event) -> None:
+        p = event.payload
+        if event.topic == events.STEP_END and p.get("loss") is None:
+            return  # steps between log intervals carry no metrics
+        fields = " ".join(f"{k}={s}" for k, v in p.items() if (s := _short(v)) is not None)
+        self.log.info("%s %s", event.topic, fields)
+        if event.topic == events.RUN_START:
+            self.log.debug("config %s", json.dumps(p.get("config")))
+
+
+class MetricsFileSink:
+    """Appends logged steps and validations to ``metrics.jsonl``."""
+
+    def __init__(self, bus: EventBus, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        bus.subscribe(events.STEP_END, self._write)
+        bus.subscribe(events.EVAL_END, self._write)
+
+    def _write(self, event: Event) -> None:
+        if event.topic == events.STEP_END and event.payload.get("loss") is None:
+            return
+        record = {"event": event.topic, "time": round(event.time, 3)}
+        record.update({k: s for k, v in event.payload.items() if (s := _short(v)) is not None})
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

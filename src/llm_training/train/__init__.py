@@ -1,0 +1,1 @@
+"""Training: device and precision, optimizer and schedule, the one train_step, checkpoints, the loop."""

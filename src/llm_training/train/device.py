@@ -1,0 +1,77 @@
+"""Device choice and mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from llm_training.config import Config
+from llm_training.errors import ConfigError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # "bf16", "fp16" or "fp32"
+    compile: bool
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "resources.device: 'cuda' was asked for but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"resources.device: {name} does not exist; {torch.cuda.device_count()} GPU(s) visible"
+            )
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("resources.device: 'mps' is not available on this machine; use 'auto' or 'cpu'")
+    return device
+
+
+def pick_precision(setting, device: torch.device) -> str:
+    """'auto' and true: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (bf16 is slow on most CPUs)."""
+    value = str(setting).lower()
+    if value in ("no", "false", "fp32"):
+        return "fp32"
+    if value in ("auto", "true"):
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return value
+
+
+def pick_compile(setting, device: torch.device) -> bool:
+    value = str(setting).lower()
+    if value in ("auto",):
+        return device.type == "cuda"
+    return value in ("true", "yes")
+
+
+def resolve_runtime(cfg: Config) -> Runtime:
+    if cfg.resources.num_threads:
+        torch.set_num_threads(cfg.resources.num_threads)
+    device = pick_device(cfg.resources.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(
+        device,
+        pick_precision(cfg.training.mixed_precision, device),
+        pick_compile(cfg.training.compile, device),
+    )

@@ -1,0 +1,44 @@
+"""The one training step: forward, loss, backward, clip and optimizer step, over accumulated micro-batches."""
+
+from __future__ import annotations
+
+import torch
+
+
+def train_step(
+    model, micro_batches, optimizer, runtime, *, grad_clip: float, scaler=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one optimizer step over ``micro_batches`` (a list of dicts with input_ids and labels).
+
+    The loss of each micro-batch is weighted by its share of the step's tokens, so accumulation equals one
+    large batch. Returns (mean loss, gradient norm) as device tensors: reading them forces a host sync, so
+    the caller does that only when it logs.
+    """
+    device = runtime.device
+    total_tokens = sum(int(b["labels"].numel()) for b in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with runtime.autocast():
+            loss = model(input_ids, labels)
+        weight = labels.numel() / total_tokens
+        scaled = loss * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += scaled.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in params if p.grad is not None])
+        )
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
