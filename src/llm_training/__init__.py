@@ -22,7 +22,16 @@ _EXPORTS = {
     "UserError": "llm_training.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Config",
+    "DataPreparationPipeline",
+    "EventBus",
+    "UserError",
+    "__version__",
+    "load_checkpoint",
+    "load_config",
+    "main",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline

@@ -56,31 +56,41 @@ def read_documents(path: str | Path, text_field: str = "text", fmt: str | None =
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format '{fmt}' (valid: {', '.join(FORMATS)})")
     reader = {"txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json}[fmt]
-    line = 0
+    lines = None
     try:
         with _open_text(path) as handle:
-            for line, doc in reader(handle, path, text_field):
-                yield doc
+            lines = _Lines(handle)
+            yield from reader(lines, path, text_field)
     except UnicodeDecodeError as exc:
+        where = f" at line {lines.number + 1}" if lines is not None else ""
         raise DataError(
-            f"{path}: not valid UTF-8 near line {line + 1} ({exc.reason}); convert it with `iconv -t UTF-8` first"
+            f"{path}: not valid UTF-8{where} ({exc.reason}); convert it with `iconv -t UTF-8` first"
         ) from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
-def _read_txt(handle, path: Path, text_field: str):
-    """A plain text file is one document (line numbers still track decoding errors)."""
-    lines = []
-    for number, text in enumerate(handle, 1):
-        lines.append(text)
-        last = number
-    if lines:
-        yield last, Document(path.name, "".join(lines))
+class _Lines:
+    """Iterates a text handle and remembers how many lines were read, for error messages."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.number = handle, 0
+
+    def __iter__(self):
+        for line in self.handle:
+            yield line
+            self.number += 1
 
 
-def _read_jsonl(handle, path: Path, text_field: str):
-    for number, raw in enumerate(handle, 1):
+def _read_txt(lines: _Lines, path: Path, text_field: str):
+    """A plain text file is one document."""
+    text = "".join(lines)
+    if text:
+        yield Document(path.name, text)
+
+
+def _read_jsonl(lines: _Lines, path: Path, text_field: str):
+    for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
@@ -89,19 +99,19 @@ def _read_jsonl(handle, path: Path, text_field: str):
             raise DataError(
                 f"{path}:{number}: invalid JSON ({exc.msg}); each line must be one JSON object"
             ) from None
-        yield number, _record_to_doc(record, f"{path.name}:{number}", path, number, text_field)
+        yield _record_to_doc(record, f"{path.name}:{number}", path, number, text_field)
 
 
-def _read_json(handle, path: Path, text_field: str):
+def _read_json(lines: _Lines, path: Path, text_field: str):
     try:
-        data = json.load(handle)
+        data = json.loads("".join(lines))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     records = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records (or an object with a 'data' list)")
     for index, record in enumerate(records):
-        yield 0, _record_to_doc(record, f"{path.name}:{index}", path, index, text_field)
+        yield _record_to_doc(record, f"{path.name}:{index}", path, index, text_field)
 
 
 def _record_to_doc(record, default_id: str, path: Path, where: int, text_field: str) -> Document:
