@@ -178,9 +178,12 @@ def _section(cfg: Config, name: str, source: str):
     return getattr(cfg, name)
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def _suggest(name: str, choices: list[str], section: str = "") -> str:
+    prefix = f"{section}." if section else ""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(choices))})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid: {', '.join(prefix + c for c in sorted(choices))})"
 
 
 def _field_types(obj) -> dict[str, Any]:
@@ -250,7 +253,7 @@ def apply_layer(cfg: Config, layer: dict[str, Any], source: str) -> None:
         hints = _field_types(section)
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints))}")
+                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints), name)}")
             setattr(section, key, _coerce(value, hints[key], f"{name}.{key}", source))
 
 

@@ -37,10 +37,8 @@ def detect_format(path: Path) -> str:
     return "txt"
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
-    # strict decoding: a bad byte is reported with its line instead of being silently replaced
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline=None)
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
 
 
 def read_documents(path: str | Path, text_field: str = "text", fmt: str | None = None) -> Iterator[Document]:
@@ -58,7 +56,7 @@ def read_documents(path: str | Path, text_field: str = "text", fmt: str | None =
     reader = {"txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json}[fmt]
     lines = None
     try:
-        with _open_text(path) as handle:
+        with _open_binary(path) as handle:
             lines = _Lines(handle)
             yield from reader(lines, path, text_field)
     except UnicodeDecodeError as exc:
@@ -71,14 +69,15 @@ def read_documents(path: str | Path, text_field: str = "text", fmt: str | None =
 
 
 class _Lines:
-    """Iterates a text handle and remembers how many lines were read, for error messages."""
+    """Decodes a binary handle line by line (strict UTF-8, so a bad byte is reported with its line instead of
+    being silently replaced) and remembers how many lines were read."""
 
     def __init__(self, handle) -> None:
         self.handle, self.number = handle, 0
 
     def __iter__(self):
-        for line in self.handle:
-            yield line
+        for raw in self.handle:
+            yield raw.decode("utf-8")
             self.number += 1
 
 

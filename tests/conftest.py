@@ -1,0 +1,67 @@
+"""Shared fixtures: the real corpora from ../shared/corpora and tiny settings that keep runs fast."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPORA = Path(os.environ.get("LLM_TRAINING_CORPORA", REPO.parent / "shared" / "corpora"))
+
+# a model and loop small enough for a CPU test to train in seconds
+TINY = [
+    "--set", "model.num_layers=2", "--set", "model.hidden_size=64", "--set", "model.num_attention_heads=4",
+    "--set", "model.max_seq_length=64", "--set", "training.batch_size=8", "--set", "data.vocab_size=512",
+    "--set", "training.eval_batches=4", "--set", "training.sample_tokens=20",
+]  # fmt: skip
+
+
+def corpus_records(name: str, limit: int | None = None, predicate=None) -> list[dict]:
+    path = CORPORA / f"{name}.jsonl.gz"
+    if not path.is_file():
+        pytest.skip(f"corpus {path} not present (tests read ../shared/corpora beside the repository)")
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if predicate is None or predicate(record):
+                records.append(record)
+                if limit and len(records) >= limit:
+                    break
+    return records
+
+
+@pytest.fixture
+def shakespeare_jsonl(tmp_path: Path) -> Path:
+    """Six modern-spelling plays, cut to 40 kB each: real text, small enough for seconds of training."""
+    records = corpus_records("shakespeare", 6, lambda r: r["id"].endswith("_gut"))
+    path = tmp_path / "plays.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({"id": record["id"], "text": record["text"][:40_000]}) + "\n")
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("LOG_LEVEL", None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit status 2, one line on stderr starting with 'error:', no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
