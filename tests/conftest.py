@@ -15,11 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 CORPORA = Path(os.environ.get("LLM_TRAINING_CORPORA", REPO.parent / "shared" / "corpora"))
 
 # a model and loop small enough for a CPU test to train in seconds
-TINY = [
+TINY_MODEL = [
     "--set", "model.num_layers=2", "--set", "model.hidden_size=64", "--set", "model.num_attention_heads=4",
-    "--set", "model.max_seq_length=64", "--set", "training.batch_size=8", "--set", "data.vocab_size=512",
-    "--set", "training.eval_batches=4", "--set", "training.sample_tokens=20",
+    "--set", "model.max_seq_length=64", "--set", "data.vocab_size=512",
 ]  # fmt: skip
+TINY = [
+    *TINY_MODEL,
+    "--set",
+    "training.batch_size=8",
+    "--set",
+    "training.eval_batches=4",
+    "--set",
+    "training.sample_tokens=20",
+]
 
 
 def corpus_records(name: str, limit: int | None = None, predicate=None) -> list[dict]:
@@ -48,7 +56,9 @@ def shakespeare_jsonl(tmp_path: Path) -> Path:
     return path
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("LOG_LEVEL", None)
     return subprocess.run(

@@ -45,18 +45,42 @@ def test_default_yaml_matches_builtin_defaults():
 def test_guide_templates_have_the_guide_values():
     small = load_config(REPO / "config" / "small_model.yaml", environ={}, default_file=None)
     assert (small.model.num_layers, small.model.hidden_size, small.model.num_attention_heads) == (6, 512, 8)
-    assert (small.training.batch_size, small.training.num_epochs, small.training.learning_rate) == (64, 5, 0.001)
+    assert (small.training.batch_size, small.training.num_epochs, small.training.learning_rate) == (
+        64,
+        5,
+        0.001,
+    )
     large = load_config(REPO / "config" / "large_model.yaml", environ={}, default_file=None)
-    assert large.training.mixed_precision is True and large.resources.gpu_count == 8 and large.resources.distributed
+    assert (
+        large.training.mixed_precision is True
+        and large.resources.gpu_count == 8
+        and large.resources.distributed
+    )
     dist = load_config(REPO / "config" / "distributed.yaml", environ={}, default_file=None)
     assert dist.resources.distributed_backend == "nccl" and dist.training.gradient_accumulation_steps == 16
 
 
 def test_hierarchy_each_layer_overrides_the_one_below(tmp_path):
-    default = write(tmp_path / "config" / "default.yaml", {"training": {"batch_size": 2, "learning_rate": 0.1, "num_epochs": 3, "seed": 5, "warmup_steps": 7}})
-    chosen = write(tmp_path / "exp.yaml", {"training": {"learning_rate": 0.2, "num_epochs": 4, "seed": 6, "warmup_steps": 8}})
-    env = {"LLM_TRAINING__TRAINING__NUM_EPOCHS": "9", "LLM_TRAINING__TRAINING__SEED": "11", "LLM_TRAINING__TRAINING__WARMUP_STEPS": "12"}
-    cfg = load_config(chosen, environ=env, cli={"training.seed": 13, "training.warmup_steps": 14}, overrides={"training.warmup_steps": 15}, default_file=default)
+    default = write(
+        tmp_path / "config" / "default.yaml",
+        {"training": {"batch_size": 2, "learning_rate": 0.1, "num_epochs": 3, "seed": 5, "warmup_steps": 7}},
+    )
+    chosen = write(
+        tmp_path / "exp.yaml",
+        {"training": {"learning_rate": 0.2, "num_epochs": 4, "seed": 6, "warmup_steps": 8}},
+    )
+    env = {
+        "LLM_TRAINING__TRAINING__NUM_EPOCHS": "9",
+        "LLM_TRAINING__TRAINING__SEED": "11",
+        "LLM_TRAINING__TRAINING__WARMUP_STEPS": "12",
+    }
+    cfg = load_config(
+        chosen,
+        environ=env,
+        cli={"training.seed": 13, "training.warmup_steps": 14},
+        overrides={"training.warmup_steps": 15},
+        default_file=default,
+    )
     t = cfg.training
     assert t.gradient_accumulation_steps == 1  # hard-coded default
     assert t.batch_size == 2  # config/default.yaml
@@ -70,18 +94,36 @@ def test_hierarchy_each_layer_overrides_the_one_below(tmp_path):
 
 def test_preset_sits_below_files(tmp_path):
     chosen = write(tmp_path / "c.yaml", {"training": {"max_time": "5s"}})
-    assert load_config(preset={"training.max_time": "9s"}, environ={}, default_file=None).training.max_time == "9s"
-    assert load_config(chosen, preset={"training.max_time": "9s"}, environ={}, default_file=None).training.max_time == "5s"
+    assert (
+        load_config(preset={"training.max_time": "9s"}, environ={}, default_file=None).training.max_time
+        == "9s"
+    )
+    assert (
+        load_config(
+            chosen, preset={"training.max_time": "9s"}, environ={}, default_file=None
+        ).training.max_time
+        == "5s"
+    )
 
 
 def test_environment_values_are_typed_and_log_level_honoured():
-    cfg = load_config(environ={"LLM_TRAINING__MODEL__DROPOUT": "0.1", "LLM_TRAINING__RESOURCES__DISTRIBUTED": "true", "LOG_LEVEL": "DEBUG"}, default_file=None)
+    cfg = load_config(
+        environ={
+            "LLM_TRAINING__MODEL__DROPOUT": "0.1",
+            "LLM_TRAINING__RESOURCES__DISTRIBUTED": "true",
+            "LOG_LEVEL": "DEBUG",
+        },
+        default_file=None,
+    )
     assert cfg.model.dropout == 0.1 and cfg.resources.distributed is True and cfg.logging.level == "DEBUG"
 
 
 def test_unknown_key_names_the_closest(tmp_path):
     bad = write(tmp_path / "bad.yaml", {"training": {"learnin_rate": 0.1}})
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'training.learnin_rate' \(did you mean 'training.learning_rate'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.yaml: unknown key 'training.learnin_rate' \(did you mean 'training.learning_rate'\?\)",
+    ):
         load_config(bad, environ={}, default_file=None)
     with pytest.raises(ConfigError, match="unknown section 'trainig'.*did you mean 'training'"):
         load_config(cli={"trainig.batch_size": 2}, environ={}, default_file=None)
@@ -95,7 +137,10 @@ def test_unknown_key_names_the_closest(tmp_path):
         ({"training.batch_size": "lots"}, "'training.batch_size' expects an integer, got 'lots'"),
         ({"training.learning_rate": True}, "'training.learning_rate' expects a number"),
         ({"training.learning_rate": -0.001}, "training.learning_rate must be positive"),
-        ({"model.num_attention_heads": 5}, "model.num_attention_heads (5) must divide model.hidden_size (256)"),
+        (
+            {"model.num_attention_heads": 5},
+            "model.num_attention_heads (5) must divide model.hidden_size (256)",
+        ),
         ({"model.num_kv_heads": 3}, "model.num_kv_heads (3) must divide"),
         ({"model.num_layers": 0}, "model.num_layers must be at least 1"),
         ({"training.max_time": "soon"}, "training.max_time: expected a duration"),
@@ -127,7 +172,9 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 def test_null_for_a_required_key(tmp_path):
     with pytest.raises(ConfigError, match="'model.num_layers' cannot be empty; expected an integer"):
-        load_config(write(tmp_path / "n.yaml", {"model": {"num_layers": None}}), environ={}, default_file=None)
+        load_config(
+            write(tmp_path / "n.yaml", {"model": {"num_layers": None}}), environ={}, default_file=None
+        )
 
 
 def test_bad_environment_variable_name():
@@ -135,6 +182,8 @@ def test_bad_environment_variable_name():
         load_config(environ={"LLM_TRAINING__BATCH_SIZE": "3"}, default_file=None)
 
 
-@pytest.mark.parametrize("text, seconds", [("70s", 70), ("15m", 900), ("2h", 7200), ("1h30m", 5400), (90, 90), ("45", 45)])
+@pytest.mark.parametrize(
+    "text, seconds", [("70s", 70), ("15m", 900), ("2h", 7200), ("1h30m", 5400), (90, 90), ("45", 45)]
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds

@@ -18,9 +18,9 @@ from llm_training.errors import DataError
 
 
 def test_prepare_real_text_writes_shards_and_manifests(tmp_path, shakespeare_jsonl):
-    result = DataPreparationPipeline(output_dir=tmp_path / "prepared", vocab_size=1000, validation_fraction=0.4).run(
-        input_file=shakespeare_jsonl, max_seq_length=128
-    )
+    result = DataPreparationPipeline(
+        output_dir=tmp_path / "prepared", vocab_size=1000, validation_fraction=0.4
+    ).run(input_file=shakespeare_jsonl, max_seq_length=128)
     out = tmp_path / "prepared"
     for name in ("train.json", "validation.json", "vocab.json", "prepare_report.json"):
         assert (out / name).is_file()
@@ -30,7 +30,7 @@ def test_prepare_real_text_writes_shards_and_manifests(tmp_path, shakespeare_jso
     assert ids.size == train["num_tokens"] and (ids == train["eot_id"]).sum() == train["num_documents"]
     assert train["num_documents"] + json.loads((out / "validation.json").read_text())["num_documents"] == 6
     tok = Tokenizer.load(out / "vocab.json")
-    text = tok.decode(ids[: 200].tolist())
+    text = tok.decode(ids[:200].tolist())
     assert "the" in text.lower()  # real English came back out
     assert result.report["documents_read"] == 6
     assert train["num_bytes"] / train["num_tokens"] > 2.0  # BPE compresses English
@@ -54,7 +54,10 @@ def test_split_by_document_hash_is_stable():
 def test_single_document_holds_out_its_tail(tmp_path):
     text = "\n".join(f"Line {i} of a plain text file with some words in it." for i in range(400))
     result = prepare_documents([Document("one", text)], tmp_path / "p", vocab_size=300)
-    assert result.report["validation_tokens"] > 0 and result.report["train_tokens"] > result.report["validation_tokens"]
+    assert (
+        result.report["validation_tokens"] > 0
+        and result.report["train_tokens"] > result.report["validation_tokens"]
+    )
     assert "tail" in result.report["split"]
 
 
@@ -95,7 +98,12 @@ def test_loader_covers_epoch_and_resumes_exactly(tmp_path, shakespeare_jsonl):
 
 
 def test_too_small_for_a_batch(tmp_path):
-    prepare_documents([Document("a", "word " * 400), Document("b", "more words " * 300)], tmp_path / "p", vocab_size=300, validation_fraction=0.5)
+    prepare_documents(
+        [Document("a", "word " * 400), Document("b", "more words " * 300)],
+        tmp_path / "p",
+        vocab_size=300,
+        validation_fraction=0.5,
+    )
     ds = TokenDataset(tmp_path / "p" / "train.json", seq_len=64)
     with pytest.raises(DataError, match="cannot fill one batch"):
         BatchLoader(ds, batch_size=10_000)

@@ -13,7 +13,14 @@ STYLES = ["gpt2", "llama"]
 
 
 def tiny(style: str, **kw) -> ModelConfig:
-    base = dict(model_type=style, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=97, max_seq_length=16)
+    base = dict(
+        model_type=style,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=97,
+        max_seq_length=16,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -25,7 +32,9 @@ def test_logits_shape_and_loss(style):
     logits = model(ids)
     assert logits.shape == (3, 16, 97)
     loss = model(ids, torch.randint(0, 97, (3, 16)))
-    assert loss.ndim == 0 and abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near uniform at init
+    assert (
+        loss.ndim == 0 and abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+    )  # near uniform at init
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -253,7 +253,9 @@ def apply_layer(cfg: Config, layer: dict[str, Any], source: str) -> None:
         hints = _field_types(section)
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints), name)}")
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints), name)}"
+                )
             setattr(section, key, _coerce(value, hints[key], f"{name}.{key}", source))
 
 

@@ -1,0 +1,15 @@
+# The two commands of the README. Both set up ./venv first (scripts/setup.sh; fast when already done).
+.PHONY: setup run test lint
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup  ## the main job on the built-in sample data
+	venv/bin/python -m llm_training.main
+
+test: setup lint  ## lint, then the whole test suite
+	venv/bin/python -m pytest -q
+
+lint:
+	venv/bin/ruff check .
+	venv/bin/ruff format --check .

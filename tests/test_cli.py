@@ -1,0 +1,229 @@
+"""The commands end to end in real subprocesses: the main job, llm-train, help texts and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, TINY_MODEL, assert_user_error, run_cli
+
+MAIN = ["-m", "llm_training.main"]
+TRAIN = ["-m", "llm_training.cli.train"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The main job with no data flags (the built-in sample), a tiny model and a 4-second budget."""
+    cwd = tmp_path_factory.mktemp("main_job")
+    proc = run_cli([*MAIN, "--max-time", "4s", *TINY], cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd, proc
+
+
+def test_main_job_on_builtin_sample_writes_everything(finished_run):
+    cwd, proc = finished_run
+    assert (cwd / "checkpoints" / "model_final.pt").is_file()
+    assert (cwd / "logs" / "system.log").read_text().count("step_end") >= 1
+    assert (cwd / "metrics.jsonl").is_file() and (cwd / "config.yaml").is_file()
+    for name in ("train.json", "validation.json", "vocab.json"):
+        assert (cwd / "prepared_data" / name).is_file()
+    saved = yaml.safe_load((cwd / "config.yaml").read_text())
+    assert saved["training"]["max_time"] == "4s" and saved["model"]["hidden_size"] == 64
+    assert saved["model"]["vocab_size"] % 64 == 0  # resolved from the tokenizer
+    out = proc.stdout
+    assert (
+        "validation loss" in out and "bits per byte" in out and "sample:" in out and "final checkpoint" in out
+    )
+    assert "train" in proc.stderr and "tok_s" in proc.stderr  # the progress bar
+
+
+def test_main_from_python_with_environment(tmp_path):
+    env = {
+        "LLM_TRAINING__TRAINING__MAX_TIME": "2s",
+        "LLM_TRAINING__MODEL__HIDDEN_SIZE": "32",
+        "LLM_TRAINING__MODEL__NUM_LAYERS": "1",
+        "LLM_TRAINING__DATA__VOCAB_SIZE": "400",
+        "LLM_TRAINING__TRAINING__SAMPLE_TOKENS": "5",
+        "LLM_TRAINING__LOGGING__PROGRESS_BAR": "false",
+    }
+    code = "from llm_training import main; r = main(); print('STEPS', r.steps, r.status)"
+    proc = run_cli(["-c", code], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "completed" in proc.stdout and (tmp_path / "checkpoints" / "model_final.pt").is_file()
+
+
+def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        yaml.safe_dump({"training": {"max_steps": 6, "checkpoint_interval": 3, "log_interval": 1}})
+    )
+    args = [
+        *MAIN,
+        "--input-file",
+        str(shakespeare_jsonl),
+        "--output-dir",
+        "out/exp1",
+        "--config",
+        str(config),
+        "--device",
+        "cpu",
+        *TINY,
+    ]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "out" / "exp1"
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {
+        "model_step_3.pt",
+        "model_step_6.pt",
+        "model_final.pt",
+    }
+    assert "6 steps" in proc.stdout
+    resumed = run_cli([*args, "--resume-from", str(run / "checkpoints" / "model_step_3.pt")], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        "6 steps" in resumed.stdout and "reusing prepared data" in (run / "logs" / "system.log").read_text()
+    )
+
+
+def test_llm_train_with_every_flag(tmp_path, finished_run):
+    prepared = finished_run[0] / "prepared_data"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"num_layers": 1}, "training": {"checkpoint_interval": 2}}))
+    args = [*TRAIN, "--config", str(config), "--data-dir", str(prepared), "--output-dir", "exp", "--num-epochs", "1",
+            "--batch-size", "4", "--learning-rate", "0.002", "--max-steps", "4", "--device", "cpu", *TINY_MODEL]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    t = saved["training"]
+    assert (t["num_epochs"], t["batch_size"], t["learning_rate"], t["max_steps"]) == (1, 4, 0.002, 4)
+    assert saved["model"]["num_layers"] == 2  # --set beats --config
+    assert saved["data"]["data_dir"] == str(prepared)
+    resumed = run_cli(
+        [*args, "--resume", str(tmp_path / "exp" / "checkpoints" / "model_step_2.pt")], tmp_path
+    )
+    assert resumed.returncode == 0 and "4 steps" in resumed.stdout, resumed.stderr
+    timed = run_cli(
+        [*TRAIN, "--data-dir", str(prepared), "--output-dir", "timed", "--max-time", "2s", *TINY], tmp_path
+    )
+    assert timed.returncode == 0, timed.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("llm-train")
+    assert script.exists() or shutil.which("llm-train"), "pip install -e . should install llm-train"
+
+
+@pytest.mark.parametrize("args, flags", [
+    (MAIN, ["--input-file", "--output-dir", "--config", "--resume-from", "--max-time", "--device", "--set"]),
+    (TRAIN, ["--config", "--data-dir", "--output-dir", "--num-epochs", "--batch-size", "--learning-rate", "--resume", "--max-steps", "--max-time", "--set"]),
+])  # fmt: skip
+def test_help_lists_every_flag_with_a_sentence(tmp_path, args, flags):
+    proc = run_cli([*args, "--help"], tmp_path)
+    assert proc.returncode == 0
+    for flag in flags:
+        line = next(line for line in proc.stdout.splitlines() if line.strip().startswith(flag))
+        assert flag in line
+    assert proc.stdout.count(".") >= len(flags)
+
+
+def test_import_is_lazy(tmp_path):
+    proc = run_cli(
+        ["-c", "import sys, llm_training; print('torch' in sys.modules, llm_training.__version__)"], tmp_path
+    )
+    assert proc.stdout.split()[0] == "False"
+
+
+@pytest.fixture
+def existing_run(tmp_path, finished_run):
+    """An output directory holding a finished run, to check that a failing command destroys nothing."""
+    target = tmp_path / "run"
+    shutil.copytree(finished_run[0], target)
+    return target
+
+
+BAD_FLAGS = [
+    (["--input-file", "missing.jsonl"], "input file not found: missing.jsonl"),
+    (["--set", "training.learning_rate=-0.01"], "training.learning_rate must be positive"),
+    (["--set", "model.num_attention_heads=3"], "model.num_attention_heads (3) must divide model.hidden_size"),
+    (["--set", "training.batch_size=many"], "'training.batch_size' expects an integer"),
+    (["--set", "training.batchsize=4"], "did you mean 'training.batch_size'"),
+    (["--set", "nonsense"], "expected KEY=VALUE"),
+    (["--max-time", "forever"], "training.max_time: expected a duration"),
+    (["--resume-from", "nope.pt"], "checkpoint not found: nope.pt"),
+    (["--device", "cuda"], "PyTorch sees no CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS)
+def test_bad_input_is_one_line_and_destroys_nothing(existing_run, extra, message):
+    if "cuda" in extra:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    before = snapshot(existing_run)
+    proc = run_cli([*MAIN, "--output-dir", str(existing_run), *TINY, *extra], existing_run.parent)
+    assert_user_error(proc, message)
+    after = snapshot(existing_run)
+    assert {k: v for k, v in after.items() if not k.startswith("logs/")} == {
+        k: v for k, v in before.items() if not k.startswith("logs/")
+    }
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", "input file is empty"),
+    ("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1"), "not valid UTF-8 at line 1"),
+    ("broken.jsonl", b'{"text": "a"}\n{"text":\n', "broken.jsonl:2: invalid JSON"),
+])  # fmt: skip
+def test_bad_input_files(existing_run, name, content, message):
+    path = existing_run.parent / name
+    path.write_bytes(content)
+    before = snapshot(existing_run)
+    proc = run_cli(
+        [*MAIN, "--output-dir", str(existing_run), "--input-file", str(path), *TINY], existing_run.parent
+    )
+    assert_user_error(proc, message)
+    assert {k: v for k, v in snapshot(existing_run).items() if not k.startswith("logs/")} == {
+        k: v for k, v in before.items() if not k.startswith("logs/")
+    }
+
+
+def test_bad_config_file_and_environment(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_sise: 128\n")
+    assert_user_error(
+        run_cli([*MAIN, "--config", str(bad)], tmp_path),
+        "bad.yaml: unknown key 'model.hidden_sise'",
+        "model.hidden_size",
+    )
+    assert_user_error(
+        run_cli([*TRAIN, "--config", str(tmp_path / "none.yaml")], tmp_path), "config file not found"
+    )
+    assert_user_error(
+        run_cli(MAIN, tmp_path, {"LLM_TRAINING__TRAINING__NUM_EPOCHS": "-1"}),
+        "training.num_epochs must be at least 1",
+    )
+    assert_user_error(run_cli(MAIN, tmp_path, {"WORLD_SIZE": "2"}), "one process only")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_llm_train_bad_data_dir(tmp_path):
+    assert_user_error(
+        run_cli([*TRAIN, "--data-dir", str(tmp_path / "nowhere")], tmp_path), "data directory not found"
+    )
+    (tmp_path / "empty_dir").mkdir()
+    assert_user_error(run_cli([*TRAIN, "--data-dir", str(tmp_path / "empty_dir")], tmp_path), "no train.json")
