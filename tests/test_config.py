@@ -106,6 +106,13 @@ def test_preset_sits_below_files(tmp_path):
     )
 
 
+def test_exponent_numbers_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("training:\n  learning_rate: 6e-4\n")  # YAML 1.1 reads this as a string
+    assert load_config(path, environ={}, default_file=None).training.learning_rate == 6e-4
+    assert load_config(cli={"training.learning_rate": "3E-5"}, environ={}, default_file=None).training.learning_rate == 3e-5
+
+
 def test_environment_values_are_typed_and_log_level_honoured():
     cfg = load_config(
         environ={

@@ -82,10 +82,11 @@ class TrainingConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     gradient_accumulation_steps: int = 1
     mixed_precision: str | bool = "auto"  # "auto", "bf16", "fp16", "no"; true means auto, false means no
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW on the rest)
     compile: str | bool = "auto"  # torch.compile: "auto" compiles on CUDA only
     eval_interval: int = 100  # optimizer steps between validation runs
     eval_batches: int = 20  # batches of validation windows per run; 0 means the whole validation set
+    eval_at_start: bool = True  # validate before the first step, to show how far training moved the loss
     log_interval: int = 10
     checkpoint_interval: int = 500  # optimizer steps between checkpoints/model_step_N.pt
     seed: int = 42
@@ -222,8 +223,14 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
+    """Text from a flag, a variable or YAML (which reads '6e-4' as a string) -> int, float, bool or text."""
     import yaml
 
+    for number in (int, float):
+        try:
+            return number(text.strip())
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -445,7 +452,7 @@ def validate(cfg: Config) -> None:
         _one_of(t.mixed_precision, PRECISIONS, "training.mixed_precision")
     if not isinstance(t.compile, bool):
         _one_of(t.compile, {"auto", "true", "false", "yes", "no"}, "training.compile")
-    _one_of(t.optimizer, {"adamw"}, "training.optimizer")
+    _one_of(t.optimizer, {"adamw", "muon"}, "training.optimizer")
 
     _require(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,

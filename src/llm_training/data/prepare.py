@@ -74,8 +74,13 @@ def prepare_documents(
     source: str = "",
     fingerprint: str | None = None,
     on_progress=None,
+    split_fn=None,
 ) -> PrepareResult:
-    """Clean, split, tokenize and write ``documents`` into ``output_dir`` (replaced atomically)."""
+    """Clean, split, tokenize and write ``documents`` into ``output_dir`` (replaced atomically).
+
+    ``split_fn(doc_id) -> bool`` chooses validation documents; the default hashes the id with ``seed``.
+    """
+    split_fn = split_fn or (lambda doc_id: is_validation(doc_id, seed, validation_fraction))
     start = time.perf_counter()
     output_dir = Path(output_dir)
     report: dict = {"source": source, "documents_read": 0, "dropped_empty": 0, "bytes_read": 0}
@@ -87,7 +92,7 @@ def prepare_documents(
         if not text:
             report["dropped_empty"] += 1
             continue
-        split = "validation" if is_validation(doc.id, seed, validation_fraction) else "train"
+        split = "validation" if split_fn(doc.id) else "train"
         kept[split].append(text)
     if not kept["train"] and not kept["validation"]:
         raise DataError(

@@ -192,7 +192,7 @@ def train(
             "metrics": metrics,
         }
 
-    if first_val is None:
+    if first_val is None and t.eval_at_start:
         metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
         first_val = metrics["val_loss"]
         bus.publish(events.EVAL_END, step=step, **metrics)
@@ -207,7 +207,7 @@ def train(
             micro.append(batch)
         if len(micro) < accum:
             break
-        set_lr(optimizer, lr := lr_at(step, progress(), t))
+        set_lr(optimizer, lr := lr_at(step, progress(), t), t.learning_rate)
         loss, grad_norm = train_step(fwd, micro, optimizer, runtime, grad_clip=t.grad_clip, scaler=scaler)
         step += 1
         tokens_seen += tokens_per_step
@@ -245,9 +245,9 @@ def train(
         raise UserError("no training step ran: the time budget or step limit is too small for one step")
     if not math.isfinite(loss_value) or step != last_log_step:
         loss_value = float(loss)
+    seconds = elapsed()  # training time: the final validation below is not part of the budget
     metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
     bus.publish(events.EVAL_END, step=step, final=True, **metrics)
-    seconds = elapsed()
     final = save_checkpoint(ckpt_dir / "model_final.pt", checkpoint_state())
     bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(final), final=True)
 

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule."""
+"""Optimizers (AdamW, or Muon for hidden matrices with AdamW for the rest) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,20 +7,79 @@ import math
 import torch
 
 from llm_training.config import TrainingConfig
+from llm_training.errors import ConfigError
 
 
-def build_optimizer(
-    model: torch.nn.Module, cfg: TrainingConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings
-    no_decay = [p for p in params if p.dim() < 2]  # norms and biases
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+class CombinedOptimizer:
+    """Several optimizers stepped as one (Muon + AdamW); enough of the Optimizer interface for the loop."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise ValueError("checkpoint optimizer does not match training.optimizer")
+        for opt, sub in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sub)
+
+
+def _adamw(groups: list[dict], cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device):
+    """AdamW with weight decay on matrices only; or Muon on the 2-D weights inside the blocks (not embeddings
+    or the output head, which Muon's orthogonalised updates do not suit) with AdamW on everything else."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    seen: set[int] = set()
+    params = []
+    for name, p in named:  # tied weights appear once
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append((name, p))
+    kind = cfg.optimizer.lower()
+    if kind == "adamw":
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return _with_base_lr(_adamw(groups, cfg, device))
+    if kind == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"training.optimizer: muon needs PyTorch 2.9 or later (this is {torch.__version__}); use adamw")
+        hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
+        hidden_ids = {id(p) for p in hidden}
+        rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
+        rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
+        muon = torch.optim.Muon(
+            hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+        )
+        adamw = _adamw(
+            [{"params": rest_decay, "weight_decay": cfg.weight_decay}, {"params": rest_plain, "weight_decay": 0.0}], cfg, device
+        )
+        return _with_base_lr(CombinedOptimizer([muon, adamw]))
+    raise ConfigError(f"training.optimizer: {cfg.optimizer!r} is not one of adamw, muon")
+
+
+def _with_base_lr(optimizer):
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
 
 
 def lr_at(step: int, progress: float, cfg: TrainingConfig) -> float:
@@ -37,6 +96,7 @@ def lr_at(step: int, progress: float, cfg: TrainingConfig) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float, peak: float) -> None:
+    """Scale every group's base learning rate by ``lr / peak`` (groups may start from different rates)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("base_lr", peak) * lr / peak

@@ -26,8 +26,11 @@ def train_step(
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += scaled.detach()
+    # fp16 only: the scaler works on torch optimizers, so a combined one is unscaled and stepped part by part
+    parts = getattr(optimizer, "optimizers", [optimizer])
     if scaler is not None:
-        scaler.unscale_(optimizer)
+        for part in parts:
+            scaler.unscale_(part)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -36,7 +39,8 @@ def train_step(
             torch.stack([p.grad.norm() for p in params if p.grad is not None])
         )
     if scaler is not None:
-        scaler.step(optimizer)
+        for part in parts:
+            scaler.step(part)
         scaler.update()
     else:
         optimizer.step()
