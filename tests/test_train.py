@@ -61,6 +61,23 @@ def test_precision_choice_on_cpu():
     assert pick_precision(False, cpu) == "fp32" and pick_precision("bf16", cpu) == "bf16"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+def test_resources_on_a_machine_without_gpus(tmp_path):
+    from llm_training.errors import ConfigError
+    from llm_training.train.device import resolve_runtime
+
+    def runtime(**values):
+        return resolve_runtime(load_config(cli=values, environ={}, default_file=None))
+
+    assert runtime(**{"resources.gpu_count": 0}).device.type == "cpu"
+    assert runtime().device.type == "cpu" and runtime().precision == "fp32" and not runtime().compile
+    with pytest.raises(ConfigError, match="resources.gpu_count is 4 but 0 GPU"):
+        runtime(**{"resources.gpu_count": 4})
+    with pytest.raises(ConfigError, match="'nccl' needs CUDA GPUs; use 'gloo'"):
+        runtime(**{"resources.distributed": True, "resources.distributed_backend": "nccl"})
+    assert runtime(**{"resources.distributed": True, "resources.distributed_backend": "gloo"}).device.type == "cpu"
+
+
 def test_checkpoint_round_trip_and_atomic_failure(tmp_path):
     path = tmp_path / "ck" / "model_step_1.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}, "step": 1})
@@ -137,6 +154,25 @@ def test_resume_continues_from_the_checkpoint_step(tmp_path, prepared):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_accumulation_bf16_autocast_and_muon_in_the_loop(tmp_path, prepared):
+    cfg = tiny_config(
+        tmp_path,
+        **{"training.max_steps": 4, "training.gradient_accumulation_steps": 2, "training.mixed_precision": "bf16", "training.optimizer": "muon"},
+    )
+    result = train(cfg, prepared)
+    assert result.precision == "bf16" and result.steps == 4 and math.isfinite(result.val_loss)
+    assert result.tokens == 4 * 2 * 8 * 32  # steps x accumulation x batch x context
+    state = load_checkpoint(result.final_checkpoint)
+    assert len(state["optimizer"]["optimizers"]) == 2  # Muon + AdamW
+
+
+def test_epochs_limit_the_run(tmp_path, prepared):
+    cfg = tiny_config(tmp_path, **{"training.num_epochs": 1, "training.batch_size": 64})
+    result = train(cfg, prepared)
+    windows = json.loads((prepared / "train.json").read_text())["num_tokens"] // 32
+    assert result.steps == windows // 64
+
+
 def test_time_budget_stops_and_fits_the_schedule(tmp_path, prepared):
     cfg = tiny_config(tmp_path, **{"training.max_time": "3s", "training.eval_interval": 1000})
     result = train(cfg, prepared)
@@ -147,3 +183,21 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, prepared):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # the loop writes no metrics itself; sinks do
     state = load_checkpoint(result.final_checkpoint)
     assert state["elapsed"] >= 3.0
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch 2.9+")
+def test_cpu_muon_matches_torch_muon():
+    from llm_training.train.muon import CPUMuon
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(48, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = CPUMuon([a], lr=0.01, weight_decay=0.1)
+    theirs = torch.optim.Muon([b], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grad = torch.randn(48, 32)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    # theirs orthogonalises in bfloat16: equal up to its rounding
+    assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()

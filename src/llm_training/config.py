@@ -70,8 +70,8 @@ class TrainingConfig:
     """The optimisation loop."""
 
     batch_size: int = 16  # sequences per micro-batch (per GPU when distributed)
-    num_epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; stops before num_epochs when reached
+    num_epochs: int | None = None  # passes over the data; None means 1, or unlimited under a time budget
+    max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
     max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
@@ -99,13 +99,20 @@ class TrainingConfig:
     def max_time_seconds(self) -> float | None:
         return parse_duration(self.max_time, "training.max_time")
 
+    @property
+    def epoch_limit(self) -> int | None:
+        """Epochs to run: as set, else 1 without a time budget and unlimited with one."""
+        if self.num_epochs is not None:
+            return self.num_epochs
+        return None if self.max_time is not None else 1
+
 
 @dataclass
 class ResourcesConfig:
     """Devices and processes."""
 
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:N", "mps"
-    gpu_count: int | None = None  # None means every visible GPU
+    gpu_count: int | None = None  # None means every visible GPU; 0 trains on the CPU
     distributed: bool = False
     distributed_backend: str = "auto"  # "auto" (nccl on GPU, else gloo), "nccl", "gloo"
     num_threads: int | None = None  # CPU threads for PyTorch; None keeps PyTorch's choice
@@ -424,7 +431,6 @@ def validate(cfg: Config) -> None:
     )
     for key in (
         "batch_size",
-        "num_epochs",
         "gradient_accumulation_steps",
         "log_interval",
         "eval_interval",

@@ -21,8 +21,9 @@ from llm_training.train.loop import TrainResult, train
 log = logging.getLogger("llm_training.jobs")
 
 # Applied just above the hard-coded defaults when no data is given: the built-in sample trains for a fixed
-# budget so the first run ends in a couple of minutes on a laptop CPU (any layer above can change it).
-QUICKSTART = {"training.max_time": "100s", "training.eval_interval": 100}
+# budget so the first run ends in a couple of minutes on a laptop CPU, and for at most 10 epochs so a GPU
+# does not overfit the small sample (any file, variable or flag can change either).
+QUICKSTART = {"training.max_time": "100s", "training.num_epochs": 10, "training.eval_interval": 100}
 RAW_SUFFIXES = (".txt", ".jsonl", ".json", ".ndjson", ".gz")
 
 

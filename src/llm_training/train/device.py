@@ -64,9 +64,22 @@ def pick_compile(setting, device: torch.device) -> bool:
 
 
 def resolve_runtime(cfg: Config) -> Runtime:
-    if cfg.resources.num_threads:
-        torch.set_num_threads(cfg.resources.num_threads)
-    device = pick_device(cfg.resources.device)
+    r = cfg.resources
+    if r.num_threads:
+        torch.set_num_threads(r.num_threads)
+    device = pick_device(r.device)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if r.gpu_count is not None:
+        if r.gpu_count > visible:
+            raise ConfigError(
+                f"resources.gpu_count is {r.gpu_count} but {visible} GPU(s) are visible; lower it (0 trains on the CPU)"
+            )
+        if r.gpu_count == 0:
+            if device.type == "cuda":
+                raise ConfigError(f"resources.gpu_count is 0 but resources.device is {r.device!r}; set one of them")
+            device = torch.device("cpu") if r.device == "auto" else device
+    if r.distributed and r.distributed_backend.lower() == "nccl" and not visible:
+        raise ConfigError("resources.distributed_backend 'nccl' needs CUDA GPUs; use 'gloo' on the CPU")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -139,7 +139,8 @@ def train(
     accum = t.gradient_accumulation_steps
     steps_per_epoch = max(1, len(loader) // accum)
     budget = t.max_time_seconds
-    total_steps = t.max_steps if budget else min(t.max_steps or 10**12, t.num_epochs * steps_per_epoch)
+    epochs = t.epoch_limit
+    total_steps = min(t.max_steps or 10**12, epochs * steps_per_epoch) if epochs else t.max_steps
     tokens_per_step = t.batch_size * accum * train_set.seq_len
 
     bus.publish(
@@ -159,7 +160,7 @@ def train(
     )
 
     def batches():
-        while budget is not None or loader.epoch < t.num_epochs:
+        while epochs is None or loader.epoch < epochs:
             yield from loader
 
     stream = batches()

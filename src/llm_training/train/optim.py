@@ -8,6 +8,7 @@ import torch
 
 from llm_training.config import TrainingConfig
 from llm_training.errors import ConfigError
+from llm_training.train.muon import CPUMuon
 
 
 class CombinedOptimizer:
@@ -60,15 +61,18 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return _with_base_lr(_adamw(groups, cfg, device))
     if kind == "muon":
-        if not hasattr(torch.optim, "Muon"):
+        if device.type == "cuda" and not hasattr(torch.optim, "Muon"):
             raise ConfigError(f"training.optimizer: muon needs PyTorch 2.9 or later (this is {torch.__version__}); use adamw")
         hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
-        muon = torch.optim.Muon(
-            hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
-        )
+        if device.type == "cuda":
+            muon = torch.optim.Muon(
+                hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+            )
+        else:
+            muon = CPUMuon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95)
         adamw = _adamw(
             [{"params": rest_decay, "weight_decay": cfg.weight_decay}, {"params": rest_plain, "weight_decay": 0.0}], cfg, device
         )
