@@ -110,7 +110,12 @@ def test_exponent_numbers_from_yaml_and_flags(tmp_path):
     path = tmp_path / "e.yaml"
     path.write_text("training:\n  learning_rate: 6e-4\n")  # YAML 1.1 reads this as a string
     assert load_config(path, environ={}, default_file=None).training.learning_rate == 6e-4
-    assert load_config(cli={"training.learning_rate": "3E-5"}, environ={}, default_file=None).training.learning_rate == 3e-5
+    assert (
+        load_config(
+            cli={"training.learning_rate": "3E-5"}, environ={}, default_file=None
+        ).training.learning_rate
+        == 3e-5
+    )
 
 
 def test_environment_values_are_typed_and_log_level_honoured():
@@ -145,11 +150,12 @@ def test_unknown_key_names_the_closest(tmp_path):
         ({"training.learning_rate": True}, "'training.learning_rate' expects a number"),
         ({"training.learning_rate": -0.001}, "training.learning_rate must be positive"),
         (
-            {"model.num_attention_heads": 5},
+            {"model.num_attention_heads": 5, "model.hidden_size": 256},
             "model.num_attention_heads (5) must divide model.hidden_size (256)",
         ),
         ({"model.num_kv_heads": 3}, "model.num_kv_heads (3) must divide"),
         ({"model.num_layers": 0}, "model.num_layers must be at least 1"),
+        ({"training.num_epochs": 0}, "training.num_epochs must be at least 1"),
         ({"training.max_time": "soon"}, "training.max_time: expected a duration"),
         ({"training.max_time": "-5s"}, "training.max_time: expected a duration"),
         ({"training.mixed_precision": "fp8"}, "training.mixed_precision: 'fp8' is not one of"),

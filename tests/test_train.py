@@ -75,7 +75,10 @@ def test_resources_on_a_machine_without_gpus(tmp_path):
         runtime(**{"resources.gpu_count": 4})
     with pytest.raises(ConfigError, match="'nccl' needs CUDA GPUs; use 'gloo'"):
         runtime(**{"resources.distributed": True, "resources.distributed_backend": "nccl"})
-    assert runtime(**{"resources.distributed": True, "resources.distributed_backend": "gloo"}).device.type == "cpu"
+    assert (
+        runtime(**{"resources.distributed": True, "resources.distributed_backend": "gloo"}).device.type
+        == "cpu"
+    )
 
 
 def test_checkpoint_round_trip_and_atomic_failure(tmp_path):
@@ -157,7 +160,12 @@ def test_resume_continues_from_the_checkpoint_step(tmp_path, prepared):
 def test_accumulation_bf16_autocast_and_muon_in_the_loop(tmp_path, prepared):
     cfg = tiny_config(
         tmp_path,
-        **{"training.max_steps": 4, "training.gradient_accumulation_steps": 2, "training.mixed_precision": "bf16", "training.optimizer": "muon"},
+        **{
+            "training.max_steps": 4,
+            "training.gradient_accumulation_steps": 2,
+            "training.mixed_precision": "bf16",
+            "training.optimizer": "muon",
+        },
     )
     result = train(cfg, prepared)
     assert result.precision == "bf16" and result.steps == 4 and math.isfinite(result.val_loss)
@@ -178,7 +186,8 @@ def test_time_budget_stops_and_fits_the_schedule(tmp_path, prepared):
     result = train(cfg, prepared)
     assert 2.5 < result.seconds < 8
     assert (
-        load_checkpoint(result.final_checkpoint)["optimizer"]["param_groups"][0]["lr"] < 0.5 * 3e-3
+        load_checkpoint(result.final_checkpoint)["optimizer"]["optimizers"][0]["param_groups"][0]["lr"]
+        < 0.5 * 3e-3
     )  # decayed
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # the loop writes no metrics itself; sinks do
     state = load_checkpoint(result.final_checkpoint)

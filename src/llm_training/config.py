@@ -29,14 +29,16 @@ DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
 class ModelConfig:
     """The decoder-only transformer."""
 
-    model_type: str = "gpt2"  # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    model_type: str = (
+        "llama"  # "gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU)
+    )
     num_layers: int = 4
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_attention_heads: int = 4
     num_kv_heads: int | None = None  # grouped-query attention; None means as many as attention heads
     intermediate_size: int | None = None  # MLP width; None means 4x (gpt2) or about 8/3x (llama) hidden_size
     vocab_size: int | None = None  # None means the tokenizer's vocabulary size
-    max_seq_length: int = 256  # context length in tokens
+    max_seq_length: int = 128  # context length in tokens
     dropout: float = 0.0
     bias: bool = False
     tie_embeddings: bool = True
@@ -56,7 +58,7 @@ class DataConfig:
     data_dir: str | None = None  # already prepared data (train.json, validation.json, vocab.json)
     prepared_dir: str = "prepared_data"  # where the main job writes prepared data, relative to output_dir
     text_field: str = "text"  # the field of a JSON record that holds its text
-    vocab_size: int = 4096  # size of the byte-level BPE trained on the input
+    vocab_size: int = 2048  # size of the byte-level BPE trained on the input
     tokenizer: str | None = (
         None  # an existing tokenizer file (tokenizer.json or vocab.json) instead of training one
     )
@@ -73,8 +75,8 @@ class TrainingConfig:
     num_epochs: int | None = None  # passes over the data; None means 1, or unlimited under a time budget
     max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
     max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
-    learning_rate: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    learning_rate: float = 0.01
+    min_lr_ratio: float = 0.0  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -82,7 +84,7 @@ class TrainingConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     gradient_accumulation_steps: int = 1
     mixed_precision: str | bool = "auto"  # "auto", "bf16", "fp16", "no"; true means auto, false means no
-    optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW on the rest)
+    optimizer: str = "muon"  # "muon" (Muon on hidden matrices, AdamW on the rest) or "adamw"
     compile: str | bool = "auto"  # torch.compile: "auto" compiles on CUDA only
     eval_interval: int = 100  # optimizer steps between validation runs
     eval_batches: int = 20  # batches of validation windows per run; 0 means the whole validation set
@@ -437,9 +439,9 @@ def validate(cfg: Config) -> None:
         "checkpoint_interval",
     ):
         _require(getattr(t, key) >= 1, f"training.{key} must be at least 1, got {getattr(t, key)}")
-    _require(
-        t.max_steps is None or t.max_steps >= 1, f"training.max_steps must be at least 1, got {t.max_steps}"
-    )
+    for key in ("max_steps", "num_epochs"):
+        value = getattr(t, key)
+        _require(value is None or value >= 1, f"training.{key} must be at least 1, got {value}")
     t.max_time_seconds  # noqa: B018 - parses and raises on a bad budget
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "training.warmup_steps cannot be negative")

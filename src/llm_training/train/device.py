@@ -76,7 +76,9 @@ def resolve_runtime(cfg: Config) -> Runtime:
             )
         if r.gpu_count == 0:
             if device.type == "cuda":
-                raise ConfigError(f"resources.gpu_count is 0 but resources.device is {r.device!r}; set one of them")
+                raise ConfigError(
+                    f"resources.gpu_count is 0 but resources.device is {r.device!r}; set one of them"
+                )
             device = torch.device("cpu") if r.device == "auto" else device
     if r.distributed and r.distributed_backend.lower() == "nccl" and not visible:
         raise ConfigError("resources.distributed_backend 'nccl' needs CUDA GPUs; use 'gloo' on the CPU")

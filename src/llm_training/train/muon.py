@@ -1,7 +1,8 @@
 """Muon for CPUs: the same update as ``torch.optim.Muon`` with the Newton-Schulz iteration in float32.
 
 ``torch.optim.Muon`` orthogonalises in bfloat16, which is fast on GPUs and slow on most CPUs (about 15x
-slower per step in our 2-core measurements); on CUDA the loop uses PyTorch's class, on CPU this one.
+slower per step in our 2-core measurements); on CUDA the loop uses PyTorch's class, on CPUs (and with
+PyTorch before 2.9, which has no Muon) this one.
 Update: momentum (Nesterov), orthogonalise with the quintic Newton-Schulz iteration of Keller Jordan's Muon,
 scale to match AdamW's update RMS (0.2 * sqrt(max(rows, cols))), decoupled weight decay.
 """
@@ -29,8 +30,17 @@ def orthogonalise(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torc
 
 
 class CPUMuon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov})
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+    ):
+        super().__init__(
+            params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov}
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -58,23 +58,35 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
     if kind == "adamw":
         decay = [p for _, p in params if p.dim() >= 2]
         no_decay = [p for _, p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         return _with_base_lr(_adamw(groups, cfg, device))
     if kind == "muon":
-        if device.type == "cuda" and not hasattr(torch.optim, "Muon"):
-            raise ConfigError(f"training.optimizer: muon needs PyTorch 2.9 or later (this is {torch.__version__}); use adamw")
         hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
-        if device.type == "cuda":
+        if device.type == "cuda" and hasattr(
+            torch.optim, "Muon"
+        ):  # PyTorch 2.9+; bf16 Newton-Schulz suits GPUs
             muon = torch.optim.Muon(
-                hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+                hidden,
+                lr=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                momentum=0.95,
+                adjust_lr_fn="match_rms_adamw",
             )
         else:
             muon = CPUMuon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95)
         adamw = _adamw(
-            [{"params": rest_decay, "weight_decay": cfg.weight_decay}, {"params": rest_plain, "weight_decay": 0.0}], cfg, device
+            [
+                {"params": rest_decay, "weight_decay": cfg.weight_decay},
+                {"params": rest_plain, "weight_decay": 0.0},
+            ],
+            cfg,
+            device,
         )
         return _with_base_lr(CombinedOptimizer([muon, adamw]))
     raise ConfigError(f"training.optimizer: {cfg.optimizer!r} is not one of adamw, muon")
