@@ -11,7 +11,7 @@ work=$(mktemp -d)
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), torch $($py -c 'import torch; print(torch.__version__)')"
   echo "command: cd <empty folder> && python -m llm_training.main"
   start=$(date +%s.%N)
-  (cd "$work" && $py -m llm_training.main 2>&1 | tr '\r' '\n' | grep -vE '^train: ') || echo "FAILED: exit $?"
+  (cd "$work" && $py -m llm_training.main 2>&1) || echo "FAILED: exit $?"
   end=$(date +%s.%N)
   echo "end to end: $(echo "$end - $start" | bc) s (process start to exit, data preparation and final sample included)"
 } | tee "$out"

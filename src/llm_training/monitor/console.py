@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from llm_training import events
 from llm_training.events import Event, EventBus
+
+LOG_LINE_INTERVAL = 10.0  # seconds between progress lines when the stream is not a terminal
+
+
+def _is_tty(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 class ConsoleSink:
@@ -14,6 +21,9 @@ class ConsoleSink:
         self.stream = stream or sys.stderr
         self.bar = None
         self.budget = None
+        self.plain = False
+        self.total, self.unit = 0, "step"
+        self.started = self.last_line = 0.0
         for topic, handler in (
             (events.RUN_START, self._start),
             (events.STEP_END, self._step),
@@ -42,32 +52,44 @@ class ConsoleSink:
         from tqdm.auto import tqdm
 
         self.budget = p["max_time"]
-        # with a time budget the bar counts seconds of the budget; otherwise optimizer steps
-        total = round(self.budget) if self.budget else p["total_steps"]
-        unit = "s" if self.budget else "step"
-        self.bar = tqdm(
-            total=total,
-            initial=0 if self.budget else p["start_step"],
-            unit=unit,
-            file=self.stream,
-            dynamic_ncols=True,
-            mininterval=0.5,
-            desc="train",
-        )
+        # with a time budget the progress counts seconds of the budget; otherwise optimizer steps
+        self.total = round(self.budget) if self.budget else p["total_steps"]
+        self.unit = "s" if self.budget else "step"
+        self.started = time.monotonic()
+        self.last_line = float("-inf")  # the first logged step prints at once
+        if _is_tty(self.stream):
+            self.bar = tqdm(
+                total=self.total,
+                initial=0 if self.budget else p["start_step"],
+                unit=self.unit,
+                file=self.stream,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                desc="train",
+            )
+        else:  # a log file or pipe gets a plain line every LOG_LINE_INTERVAL seconds, not a redrawn bar
+            self.plain = True
 
     def _step(self, event: Event) -> None:
         p = event.payload
-        if self.bar is None:
+        if not self.enabled or p.get("loss") is None and self.bar is None:
             return
-        if self.budget:
-            self.bar.n = min(self.bar.total, round(p["progress"] * self.budget))
-            self.bar.refresh() if p.get("loss") is not None else None
-        else:
-            self.bar.update(1)
-        if p.get("loss") is not None:
-            self.bar.set_postfix(
-                loss=f"{p['loss']:.3f}", lr=f"{p['lr']:.2e}", tok_s=f"{p['tokens_per_second']:,.0f}"
-            )
+        n = min(self.total, round(p["progress"] * self.budget)) if self.budget else p["step"]
+        postfix = {"loss": f"{p['loss']:.3f}", "lr": f"{p['lr']:.2e}", "tok_s": f"{p['tokens_per_second']:,.0f}"} if p.get("loss") is not None else None  # fmt: skip
+        if self.bar is not None:
+            self.bar.n = n
+            self.bar.set_postfix(postfix) if postfix else self.bar.refresh()
+            return
+        now = time.monotonic()
+        if self.plain and now - self.last_line >= LOG_LINE_INTERVAL:
+            from tqdm import tqdm
+
+            self.last_line = now
+            meter = tqdm.format_meter(
+                n, self.total, now - self.started, ncols=0, prefix="train", unit=self.unit,
+                postfix=", ".join(f"{k}={v}" for k, v in postfix.items()),
+            )  # fmt: skip
+            print(meter, file=self.stream, flush=True)
 
     def _eval(self, event: Event) -> None:
         p = event.payload
