@@ -155,7 +155,7 @@ def existing_run(tmp_path, finished_run):
 
 
 BAD_FLAGS = [
-    (["--input-file", "missing.jsonl"], "input file not found: missing.jsonl"),
+    (["--input-file", "missing.jsonl"], "input not found: missing.jsonl"),
     (["--set", "training.learning_rate=-0.01"], "training.learning_rate must be positive"),
     (["--set", "model.num_attention_heads=3"], "model.num_attention_heads (3) must divide model.hidden_size"),
     (["--set", "training.batch_size=many"], "'training.batch_size' expects an integer"),
@@ -186,7 +186,7 @@ def test_bad_input_is_one_line_and_destroys_nothing(existing_run, extra, message
 
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", b"", "input file is empty"),
-    ("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1"), "not valid UTF-8 at line 1"),
+    ("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1"), "latin1.txt:1: not valid UTF-8"),
     ("broken.jsonl", b'{"text": "a"}\n{"text":\n', "broken.jsonl:2: invalid JSON"),
 ])  # fmt: skip
 def test_bad_input_files(existing_run, name, content, message):

@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "main": "llm_training.cli.main_job",
     "DataPreparationPipeline": "llm_training.api.data",
+    "DataSourceConnector": "llm_training.data.sources",
+    "DataSourceConnectorOutput": "llm_training.data.sources",
+    "Document": "llm_training.data.sources",
     "Config": "llm_training.config",
     "load_config": "llm_training.config",
     "load_checkpoint": "llm_training.train.checkpoint",
@@ -25,6 +28,9 @@ _EXPORTS = {
 __all__ = [
     "Config",
     "DataPreparationPipeline",
+    "DataSourceConnector",
+    "DataSourceConnectorOutput",
+    "Document",
     "EventBus",
     "UserError",
     "__version__",
@@ -37,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
     from llm_training.cli.main_job import main
     from llm_training.config import Config, load_config
+    from llm_training.data.sources import DataSourceConnector, DataSourceConnectorOutput, Document
     from llm_training.errors import UserError
     from llm_training.events import EventBus
     from llm_training.train.checkpoint import load_checkpoint

@@ -52,18 +52,25 @@ class ModelConfig:
 class DataConfig:
     """Where text comes from and how it becomes tokens."""
 
-    input_file: str | None = (
-        None  # raw text (.txt, .jsonl, .json, optionally .gz); None means the built-in sample
-    )
+    # raw text: a file, folder, glob, http(s)/s3 URL or hf://dataset; None means the built-in sample
+    input_file: str | None = None
     data_dir: str | None = None  # already prepared data (train.json, validation.json, vocab.json)
     prepared_dir: str = "prepared_data"  # where the main job writes prepared data, relative to output_dir
-    text_field: str = "text"  # the field of a JSON record that holds its text
+    format: str | None = None  # txt, jsonl, json, csv or parquet; None: from the file extension
+    text_field: str = "text"  # the field of a JSON/CSV/parquet record that holds its text
     vocab_size: int = 2048  # size of the byte-level BPE trained on the input
-    tokenizer: str | None = (
-        None  # an existing tokenizer file (tokenizer.json or vocab.json) instead of training one
-    )
+    # an existing tokenizer (tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe, or a folder)
+    tokenizer: str | None = None
+    tokenizer_sample_bytes: int = 8_000_000  # the BPE is trained on about this much of the training text
     validation_fraction: float = 0.05
     max_seq_length: int = 2048  # recorded in the manifest; training windows use model.max_seq_length
+    min_quality: float = 0.0  # drop documents whose quality score (0 to 1) is lower
+    deduplicate: bool = False  # drop exact and near-duplicate documents
+    dedup_threshold: float = 0.8  # word 5-gram Jaccard similarity that makes a near duplicate
+    max_document_bytes: int = 16 * 2**20  # longer lines are skipped and reported
+    on_error: str | None = None  # bad records: "skip" (count them) or "fail"; None: fail in the main job,
+    # skip in llm-prepare-data and DataPreparationPipeline
+    workers: int = 0  # processes for cleaning and scoring, threads for encoding; 0: one per core
     seed: int = 1234
 
 
@@ -426,6 +433,15 @@ def validate(cfg: Config) -> None:
     )
     _require(d.max_seq_length >= 1, "data.max_seq_length must be at least 1")
     _require(bool(d.text_field), "data.text_field cannot be empty")
+    if d.format is not None:
+        _one_of(d.format, {"txt", "jsonl", "json", "csv", "parquet"}, "data.format")
+    if d.on_error is not None:
+        _one_of(d.on_error, {"skip", "fail"}, "data.on_error")
+    _require(0.0 <= d.min_quality <= 1.0, f"data.min_quality must be in [0, 1], got {d.min_quality}")
+    _require(0.0 < d.dedup_threshold <= 1.0, f"data.dedup_threshold must be in (0, 1], got {d.dedup_threshold}")
+    _require(d.max_document_bytes >= 1, "data.max_document_bytes must be at least 1")
+    _require(d.tokenizer_sample_bytes >= 1, "data.tokenizer_sample_bytes must be at least 1")
+    _require(d.workers >= 0, "data.workers cannot be negative (0 means one per core)")
 
     _require(
         t.learning_rate > 0 and math.isfinite(t.learning_rate),

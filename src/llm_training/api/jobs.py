@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from llm_training import __version__, events
+from llm_training.api.data import options_from_config, source_from_config
 from llm_training.config import Config, save_config
-from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prepare_documents
-from llm_training.data.sources import Document, read_documents, sample_data_path
+from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prepare
+from llm_training.data.sources import sample_data_path
 from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
 from llm_training.monitor.console import ConsoleSink
@@ -24,66 +24,47 @@ log = logging.getLogger("llm_training.jobs")
 # budget so the first run ends in a couple of minutes on a laptop CPU, and for at most 10 epochs so a GPU
 # does not overfit the small sample (any file, variable or flag can change either).
 QUICKSTART = {"training.max_time": "100s", "training.num_epochs": 10, "training.eval_interval": 100}
-RAW_SUFFIXES = (".txt", ".jsonl", ".json", ".ndjson", ".gz")
 
 
 def uses_sample(cfg: Config) -> bool:
     return not cfg.data.input_file and not cfg.data.data_dir
 
 
-def _input_files(cfg: Config) -> list[Path]:
+def _input_spec(cfg: Config) -> str:
     if cfg.data.input_file:
-        return [Path(cfg.data.input_file)]
+        return cfg.data.input_file
     if cfg.data.data_dir:
         folder = Path(cfg.data.data_dir)
         if not folder.exists():
             raise DataError(f"data directory not found: {folder}")
-        if folder.is_file():
-            return [folder]
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in RAW_SUFFIXES)
-        if not files:
-            raise DataError(
-                f"{folder}: no train.json (prepared data) and no .txt/.jsonl/.json files to prepare"
-            )
-        return files
-    return [sample_data_path()]
-
-
-def _documents(files: list[Path], text_field: str) -> Iterator[Document]:
-    for path in files:
-        yield from read_documents(path, text_field)
+        return str(folder)
+    return str(sample_data_path())
 
 
 def prepare_data(cfg: Config, bus: EventBus | None = None) -> Path:
     """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input."""
     if cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
         return Path(cfg.data.data_dir)
-    files = _input_files(cfg)
-    for path in files:  # fail before anything is written
-        if not path.is_file():
-            raise DataError(f"input file not found: {path}")
-        if path.stat().st_size == 0:
-            raise DataError(f"input file is empty: {path}")
-    d = cfg.data
-    target = Path(cfg.output_dir) / d.prepared_dir
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    fingerprint = fingerprint_of(
-        __version__, stats, d.vocab_size, d.validation_fraction, d.seed, d.text_field, d.tokenizer
-    )
+    try:  # resolving the input checks it exists and is not empty, before anything is written
+        source = source_from_config(cfg.data, _input_spec(cfg), on_error="fail")
+    except DataError as exc:
+        if cfg.data.data_dir and not cfg.data.input_file and "no input files" in str(exc):
+            raise DataError(
+                f"{cfg.data.data_dir}: no train.json (prepared data) and no input files to prepare"
+            ) from None
+        raise
+    target = Path(cfg.output_dir) / cfg.data.prepared_dir
+    paths = getattr(source, "paths", [source.describe()])
+    stats = [(p, *((os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else ())) for p in paths]
+    fingerprint = fingerprint_of(__version__, stats, sorted(vars(cfg.data).items()))
     if existing_fingerprint(target) == fingerprint:
         log.info("reusing prepared data in %s", target)
         return target
-    result = prepare_documents(
-        _documents(files, d.text_field),
-        target,
-        vocab_size=d.vocab_size,
-        validation_fraction=d.validation_fraction,
-        seed=d.seed,
-        tokenizer_path=d.tokenizer,
-        max_seq_length=d.max_seq_length,
-        source=", ".join(str(p) for p in files),
-        fingerprint=fingerprint,
-    )
+    options = options_from_config(cfg.data, source=source.describe(), fingerprint=fingerprint)
+    result = prepare(source, target, options)
+    dropped = sum(result.report["dropped"].values()) + sum(result.report["problems"]["counts"].values())
+    if dropped:
+        log.warning("data preparation left out %d records; see %s", dropped, target / "prepare_report.json")
     if bus is not None:
         bus.publish(events.DATA_PREPARED, path=str(target), **result.report)
     return target

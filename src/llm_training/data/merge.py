@@ -1,0 +1,85 @@
+"""Merge prepared folders made by sharded preparation (``--num-shards N --shard-index i``) into one.
+
+Every input must come from the same tokenizer (checked by fingerprint). Shard files are hard-linked when the
+file system allows it, copied otherwise; manifests, document tables and reports are combined. Documents were
+assigned to shards by a hash of their content, so exact duplicates always met in one shard and the merged
+data has none; near duplicates are only found within a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from llm_training.data.prepare import DOCUMENT_DTYPE, SPLITS, _replace_dir, read_manifest
+from llm_training.errors import DataError
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
+    """Combine ``inputs`` into ``output_dir`` (replaced atomically); returns the merged report."""
+    folders = [Path(p) for p in inputs]
+    if len(folders) < 2:
+        raise DataError("--merge needs at least two prepared folders")
+    manifests = {split: [read_manifest(f / f"{split}.json") for f in folders] for split in SPLITS}
+    fingerprints = {m.get("tokenizer_fingerprint") for m in manifests["train"]}
+    if len(fingerprints) != 1 or None in fingerprints:
+        raise DataError(
+            "the folders were prepared with different tokenizers; sharded preparation must share one "
+            "(--tokenizer)"
+        )
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(0o755)
+    try:
+        shutil.copy2(folders[0] / "vocab.json", staging / "vocab.json")
+        report: dict = {"merged_from": [str(f) for f in folders], "dropped": Counter(), "problems": Counter()}
+        for split in SPLITS:
+            shards, tables = [], []
+            merged = dict(manifests[split][0])
+            for index, (folder, manifest) in enumerate(zip(folders, manifests[split], strict=True)):
+                base = len(shards)
+                for shard in manifest["shards"]:
+                    name = f"{split}_m{index:03d}_{shard['path'].split('_')[-1]}"
+                    _link_or_copy(folder / shard["path"], staging / name)
+                    shards.append({**shard, "path": name})
+                if manifest.get("documents") and (folder / manifest["documents"]).is_file():
+                    table = np.load(folder / manifest["documents"])
+                    table["shard"] += base
+                    tables.append(table)
+            table = np.concatenate(tables) if tables else np.zeros(0, dtype=DOCUMENT_DTYPE)
+            np.save(staging / f"{split}_documents.npy", table)
+            for key in ("num_tokens", "num_documents", "num_bytes"):
+                merged[key] = sum(m[key] for m in manifests[split])
+            merged.update(shards=shards, documents=f"{split}_documents.npy", shard_of=None)
+            merged.pop("_dir", None)
+            (staging / f"{split}.json").write_text(json.dumps(merged, indent=2), encoding="utf-8")
+            report[f"{split}_documents"] = merged["num_documents"]
+            report[f"{split}_tokens"] = merged["num_tokens"]
+        for folder in folders:
+            path = folder / "prepare_report.json"
+            if path.is_file():
+                part = json.loads(path.read_text(encoding="utf-8"))
+                report["dropped"].update(part.get("dropped", {}))
+                report["problems"].update(part.get("problems", {}).get("counts", {}))
+        report["dropped"].pop("other_shard", None)
+        report["dropped"], report["problems"] = dict(report["dropped"]), dict(report["problems"])
+        (staging / "prepare_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
