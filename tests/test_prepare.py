@@ -22,7 +22,6 @@ from llm_training.data.prepare import read_manifest
 from llm_training.data.quality import quality_parts, quality_score
 from llm_training.data.sources import DataSourceConnectorOutput, Document
 from llm_training.data.tokenizer import Tokenizer
-from llm_training.data.words import shingle_hashes, word_stats
 
 PREPARE = ["-m", "llm_training.cli.prepare_data"]
 SMALL = ["--vocab-size", "400", "--quiet"]
@@ -124,13 +123,10 @@ def test_quality_score_separates_prose_from_junk():
         "repeated": "Buy cheap watches now. Click here.\n" * 100,
         "tiny": "ok",
     }
-    score = lambda text: quality_score(  # noqa: E731
-        quality_parts(text, (s := word_stats(text)), np.sort(shingle_hashes(s.hashes, 5)))
-    )
-    assert score(prose) > 0.9
+    assert quality_score(prose) > 0.9
     for name, text in junk.items():
-        assert score(text) < 0.3, name
-    parts = quality_parts(prose, word_stats(prose), np.sort(shingle_hashes(word_stats(prose).hashes, 5)))
+        assert quality_score(text) < 0.3, name
+    parts = quality_parts(prose)
     assert set(parts) == {"length", "alphabetic", "symbols", "digits", "word_length", "repetition", "lines"}
     assert all(0.0 <= v <= 1.0 for v in parts.values())
 
@@ -140,7 +136,7 @@ def test_near_duplicate_signatures_estimate_jaccard():
     words = text.split()
     edited = " ".join(w if i % 40 else w.upper() + "x" for i, w in enumerate(words))  # ~2.5% of words changed
     other = corpus_records("wikipedia_sample", 2)[1]["text"][:20000]
-    sig = lambda t: signature(np.sort(shingle_hashes(word_stats(t).hashes, 5)))  # noqa: E731
+    sig = signature
     index = NearDuplicateIndex(threshold=0.7)
     index.add("original", sig(text))
     found = index.find(sig(edited))

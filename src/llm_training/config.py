@@ -61,7 +61,8 @@ class DataConfig:
     vocab_size: int = 2048  # size of the byte-level BPE trained on the input
     # an existing tokenizer (tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe, or a folder)
     tokenizer: str | None = None
-    tokenizer_sample_bytes: int = 8_000_000  # the BPE is trained on about this much of the training text
+    # the BPE is trained on about this much of the training text; 0: 256 bytes a vocabulary entry, >= 4 MB
+    tokenizer_sample_bytes: int = 0
     validation_fraction: float = 0.05
     max_seq_length: int = 2048  # recorded in the manifest; training windows use model.max_seq_length
     min_quality: float = 0.0  # drop documents whose quality score (0 to 1) is lower
@@ -440,7 +441,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= d.min_quality <= 1.0, f"data.min_quality must be in [0, 1], got {d.min_quality}")
     _require(0.0 < d.dedup_threshold <= 1.0, f"data.dedup_threshold must be in (0, 1], got {d.dedup_threshold}")
     _require(d.max_document_bytes >= 1, "data.max_document_bytes must be at least 1")
-    _require(d.tokenizer_sample_bytes >= 1, "data.tokenizer_sample_bytes must be at least 1")
+    _require(d.tokenizer_sample_bytes >= 0, "data.tokenizer_sample_bytes cannot be negative (0: automatic)")
     _require(d.workers >= 0, "data.workers cannot be negative (0 means one per core)")
 
     _require(

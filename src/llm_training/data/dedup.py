@@ -21,37 +21,48 @@ import hashlib
 
 import numpy as np
 
-SHINGLE_WORDS = 5
+from llm_training.data.words import batch_shingles, batch_words
 
 
-def exact_key(word_hashes: np.ndarray) -> bytes:
-    """The document's words in order, lower-cased, without the spaces and punctuation between them."""
-    return hashlib.blake2b(word_hashes.tobytes(), digest_size=16).digest()
+def exact_keys(words) -> list[bytes]:
+    """Per document of a ``BatchWords``: a hash of its words in order, lower-cased, without the spaces and
+    punctuation between them."""
+    bounds = np.searchsorted(words.doc, np.arange(words.num_docs + 1))
+    data = words.hashes
+    return [
+        hashlib.blake2b(data[bounds[i] : bounds[i + 1]].tobytes(), digest_size=16).digest()
+        for i in range(words.num_docs)
+    ]
 
 
-def signature(sorted_shingles: np.ndarray, num_perm: int = 128) -> np.ndarray:
-    """A MinHash signature (uint64, ``num_perm`` slots) from the sorted hashes of a document's word 5-grams.
-
-    A shingle goes to slot ``hash % num_perm``; within a slot, order by hash is order by ``hash // num_perm``,
-    so each slot's minimum is its first shingle in sorted order.
-    """
+def signatures(shingles: np.ndarray, owners: np.ndarray, num_docs: int, num_perm: int = 128) -> np.ndarray:
+    """MinHash signatures (``num_docs`` x ``num_perm``, uint64) from ``words.batch_shingles`` output (sorted by
+    document, then hash). A shingle goes to slot ``hash % num_perm``; within a slot, order by hash is order by
+    ``hash // num_perm``, so each slot's minimum is its first shingle in sorted order."""
     empty = np.iinfo(np.uint64).max
-    sig = np.full(num_perm, empty, dtype=np.uint64)
-    if sorted_shingles.size == 0:
-        return sig
-    bins = (sorted_shingles % np.uint64(num_perm)).astype(np.intp)
-    sig[bins[::-1]] = sorted_shingles[::-1] // np.uint64(num_perm)  # the last write, the smallest, wins
-    missing = sig == empty
-    if not missing.any():
-        return sig
-    # rotation densification: an empty slot borrows the next filled slot's value, offset by the distance
-    filled = np.flatnonzero(~missing)
-    slots = np.flatnonzero(missing)
-    nearest = np.searchsorted(filled, slots) % filled.size
-    distance = (filled[nearest] - slots) % num_perm
-    with np.errstate(over="ignore"):
-        sig[slots] = sig[filled[nearest]] + distance.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    sig = np.full(num_docs * num_perm, empty, dtype=np.uint64)
+    slots = owners * num_perm + (shingles % np.uint64(num_perm)).astype(np.int64)
+    sig[slots[::-1]] = shingles[::-1] // np.uint64(num_perm)  # the last write, the smallest, wins
+    sig = sig.reshape(num_docs, num_perm)
+    filled = sig != empty
+    rows = np.flatnonzero(~filled.all(axis=1) & filled.any(axis=1))
+    if rows.size:
+        # rotation densification: an empty slot takes the next filled slot's value (circularly), offset by
+        # the distance, so that two documents agree there exactly when they agree on that filled slot
+        sub, mask = sig[rows], filled[rows]
+        position = np.where(np.concatenate([mask, mask], axis=1), np.arange(2 * num_perm), 2 * num_perm)
+        nearest = np.minimum.accumulate(position[:, ::-1], axis=1)[:, ::-1][:, :num_perm]
+        distance = (nearest - np.arange(num_perm)).astype(np.uint64)
+        borrowed = np.take_along_axis(sub, nearest % num_perm, axis=1)
+        with np.errstate(over="ignore"):
+            sig[rows] = np.where(mask, sub, borrowed + distance * np.uint64(0x9E3779B97F4A7C15))
     return sig
+
+
+def signature(text: str, num_perm: int = 128) -> np.ndarray:
+    """The signature of one document (see ``signatures``)."""
+    words = batch_words([text])
+    return signatures(*batch_shingles(words), 1, num_perm)[0]
 
 
 def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5) -> tuple[int, int]:

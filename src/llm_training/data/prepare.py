@@ -40,6 +40,7 @@ from llm_training.data.dedup import NearDuplicateIndex
 from llm_training.data.filters import Analysed, FilterSettings, analyse_batch
 from llm_training.data.sources import DataSourceConnector, Document, Problems
 from llm_training.data.tokenizer import Tokenizer
+from llm_training.data.words import MAX_BATCH_DOCS
 from llm_training.errors import DataError
 
 FORMAT_VERSION = 1
@@ -62,7 +63,8 @@ class PrepareOptions:
     deduplicate: bool = False  # drop exact and near duplicates
     dedup_threshold: float = 0.8  # estimated Jaccard similarity of word 5-grams that makes a near duplicate
     num_perm: int = 128
-    tokenizer_sample_bytes: int = 8_000_000  # train the tokenizer on about this much of the training text
+    # train the tokenizer on about this much of the training text; 0: 256 bytes per vocabulary entry, >= 4 MB
+    tokenizer_sample_bytes: int = 0
     workers: int = 0  # processes for cleaning and scoring, threads for encoding; 0: one per core
     shard_tokens: int = 1 << 27  # tokens per shard file
     num_shards: int = 1  # split the work across machines: this run keeps documents of shard_index only
@@ -100,7 +102,8 @@ class _Spool:
         self.handle = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self.count = 0
         self.num_bytes = 0
-        self.quality = array("f")
+        self.quality = array("f")  # per document; compact arrays keep memory small for millions of documents
+        self.sizes = array("Q")
 
     def add(self, text: str, quality: float) -> None:
         data = text.encode("utf-8")
@@ -109,6 +112,7 @@ class _Spool:
         self.count += 1
         self.num_bytes += len(data)
         self.quality.append(quality)
+        self.sizes.append(len(data))
 
     def finish(self) -> None:
         self.handle.close()
@@ -142,7 +146,7 @@ class _ShardWriter:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.handle = None
-        self.rows: list[tuple[int, int, int]] = []  # (shard, offset, tokens) per document
+        self.rows = (array("I"), array("Q"), array("I"))  # shard, offset, tokens of each document
 
     def _open_next(self) -> None:
         self._close()
@@ -169,7 +173,8 @@ class _ShardWriter:
         self.handle.write(data)
         self.hasher.update(data)
         shard = self.shards[-1]
-        self.rows.append((len(self.shards) - 1, shard["num_tokens"], ids.size))
+        for column, value in zip(self.rows, (len(self.shards) - 1, shard["num_tokens"], ids.size), strict=True):
+            column.append(value)
         shard["num_tokens"] += int(ids.size)
 
     def finish(self) -> list[dict]:
@@ -198,7 +203,7 @@ def _batched(documents: Iterable[Document]) -> Iterator[list[Document]]:
     for doc in documents:
         batch.append(doc)
         size += len(doc.text)
-        if size >= _BATCH_BYTES or len(batch) >= 4096:
+        if size >= _BATCH_BYTES or len(batch) >= MAX_BATCH_DOCS:
             yield batch
             batch, size = [], 0
     if batch:
@@ -307,7 +312,8 @@ def _resplit_by_tail(spools: dict[str, _Spool], folder: Path, fraction: float) -
 def _tokenizer_for(spool: _Spool, options: PrepareOptions) -> tuple[Tokenizer, str]:
     if options.tokenizer_path:
         return Tokenizer.load(options.tokenizer_path), f"loaded from {options.tokenizer_path}"
-    every = max(1, math.ceil(spool.num_bytes / max(1, options.tokenizer_sample_bytes)))
+    sample = options.tokenizer_sample_bytes or max(4_000_000, 256 * options.vocab_size)
+    every = max(1, math.ceil(spool.num_bytes / sample))
     tokenizer = Tokenizer.train(spool.read(every), options.vocab_size)
     share = "all" if every == 1 else f"every {every}th document"
     return tokenizer, f"trained ({options.vocab_size} tokens) on {share} of the training text"
@@ -404,11 +410,10 @@ def prepare(
             writer = _ShardWriter(staging, split, dtype, options.shard_tokens)
             _encode_split(spool, tokenizer, writer, options.resolved_workers(), on_progress, split)
             shards = writer.finish()
-            table = np.zeros(len(writer.rows), dtype=DOCUMENT_DTYPE)
-            if writer.rows:
-                rows = np.asarray(writer.rows, dtype=np.int64)
-                table["shard"], table["offset"], table["num_tokens"] = rows[:, 0], rows[:, 1], rows[:, 2]
-            table["num_bytes"] = _document_bytes(spool, len(table))
+            table = np.zeros(spool.count, dtype=DOCUMENT_DTYPE)
+            for name, column in zip(("shard", "offset", "num_tokens"), writer.rows, strict=True):
+                table[name] = np.frombuffer(column, dtype=column.typecode)
+            table["num_bytes"] = np.frombuffer(spool.sizes, dtype=np.uint64)
             table["quality"] = np.frombuffer(spool.quality, dtype=np.float32)
             np.save(staging / f"{split}_documents.npy", table)
             manifest = {
@@ -453,16 +458,6 @@ def prepare(
         output_dir / "vocab.json",
         report,
     )
-
-
-def _document_bytes(spool: _Spool, count: int) -> np.ndarray:
-    sizes = np.zeros(count, dtype=np.uint64)
-    with open(spool.path, "rb") as handle:
-        for i in range(count):
-            (size,) = struct.unpack("<Q", handle.read(8))
-            sizes[i] = size
-            handle.seek(size, os.SEEK_CUR)
-    return sizes
 
 
 def prepare_documents(
