@@ -273,6 +273,9 @@ def test_sharded_preparation_merges_into_one_dataset(tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = read_manifest(tmp_path / "m" / "train.json")
     assert merged["num_documents"] == sum(p["train_documents"] for p in parts)
+    report = report_of(tmp_path / "m")
+    kept = report["train_documents"] + report["validation_documents"]
+    assert report["documents_read"] == 15_217 == kept + sum(report["dropped"].values())
     docs = documents_of(tmp_path / "m") + documents_of(tmp_path / "m", "validation")
     assert len({d.tobytes() for d in docs}) == len(docs)  # exact duplicates met in one shard
     from llm_training.data.loader import TokenDataset

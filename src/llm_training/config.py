@@ -439,7 +439,9 @@ def validate(cfg: Config) -> None:
     if d.on_error is not None:
         _one_of(d.on_error, {"skip", "fail"}, "data.on_error")
     _require(0.0 <= d.min_quality <= 1.0, f"data.min_quality must be in [0, 1], got {d.min_quality}")
-    _require(0.0 < d.dedup_threshold <= 1.0, f"data.dedup_threshold must be in (0, 1], got {d.dedup_threshold}")
+    _require(
+        0.0 < d.dedup_threshold <= 1.0, f"data.dedup_threshold must be in (0, 1], got {d.dedup_threshold}"
+    )
     _require(d.max_document_bytes >= 1, "data.max_document_bytes must be at least 1")
     _require(d.tokenizer_sample_bytes >= 0, "data.tokenizer_sample_bytes cannot be negative (0: automatic)")
     _require(d.workers >= 0, "data.workers cannot be negative (0 means one per core)")

@@ -477,7 +477,14 @@ def _integrity_of(split: Split, problems: list[str], fatal: list[bool], checksum
         problems.append(f"{name}.json: vocab_size {vocab!r} does not fit dtype {split.dtype.name}")
         fatal.append(True)
         return
-    shard_sum = sum(int(s.get("num_tokens", 0)) for s in split.shards)
+    if not all(
+        isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("num_tokens"), int)
+        for s in split.shards
+    ):
+        problems.append(f"{name}.json: every shard needs a path and a num_tokens")
+        fatal.append(True)
+        return
+    shard_sum = sum(s["num_tokens"] for s in split.shards)
     if shard_sum != split.num_tokens:
         problems.append(f"{name}.json: shards hold {shard_sum:,} tokens, manifest says {split.num_tokens:,}")
     readable = True
@@ -596,11 +603,13 @@ def integrity(prepared: Prepared, checksums: bool = True) -> tuple[list[Finding]
         problems.append("validation.json is missing")
     if not prepared.tokenizer_path.is_file():
         problems.append(f"tokenizer {prepared.tokenizer_path.name} is missing")
+        fatal.append(True)  # the other checks decode tokens
     else:
         try:
             tokenizer = prepared.tokenizer
         except DataError as exc:
             problems.append(f"tokenizer: {exc}")
+            fatal.append(True)
         else:
             if train.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
                 problems.append(
@@ -629,7 +638,7 @@ def integrity(prepared: Prepared, checksums: bool = True) -> tuple[list[Finding]
         return [Finding("integrity", "integrity", "FAIL", problem) for problem in problems], not fatal
     parts = [
         f"{s.name} {len(s.shards)} shard{'s' if len(s.shards) != 1 else ''}, {s.num_tokens:,} tokens, "
-        f"{s.num_documents:,} documents"
+        f"{_count(s.num_documents, 'document')}"
         for s in prepared.splits.values()
     ]
     vocab = train.get("vocab_size")
@@ -640,6 +649,10 @@ def integrity(prepared: Prepared, checksums: bool = True) -> tuple[list[Finding]
 
 
 # ------------------------------------------------------------------------------------------ the checks
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _status(bad: bool, warn: bool = False) -> str:
     return "FAIL" if bad else "WARN" if warn else "PASS"
 
@@ -688,7 +701,7 @@ def check_distribution(prepared: Prepared, t: Thresholds) -> list[Finding]:
                 "distribution",
                 "validation_split",
                 "PASS",
-                f"validation holds {validation.num_documents:,} documents, {validation.num_tokens:,} tokens "
+                f"validation holds {_count(validation.num_documents, 'document')}, {validation.num_tokens:,} tokens "
                 f"({share:.1%} of all tokens)",
                 share,
             )
@@ -752,14 +765,20 @@ def check_distribution(prepared: Prepared, t: Thresholds) -> list[Finding]:
                 parts.append(f"longest {', '.join(f'#{r} ({lengths[r]:,})' for r in out['long'][:3])}")
             detail = " (" + "; ".join(parts) + ")"
         median = float(np.median(lengths)) if lengths.size else 0.0
+        if lengths.size < 3:
+            message = f"{_count(lengths.size, 'document')} in {split.name}: too few to judge length outliers"
+        else:
+            message = (
+                f"{out['count']:,} of {lengths.size:,} {split.name} documents ({out['fraction']:.1%}) are length "
+                f"outliers outside {out['low']:,.0f} to {out['high']:,.0f} tokens (median {median:,.0f}, robust "
+                f"z > {t.outlier_z}){detail}; warn above {t.max_length_outlier_fraction:.1%}"
+            )
         findings.append(
             Finding(
                 "distribution",
                 f"length_outliers_{split.name}",
                 "WARN" if out["fraction"] > t.max_length_outlier_fraction else "PASS",
-                f"{out['count']:,} of {lengths.size:,} {split.name} documents ({out['fraction']:.1%}) are length "
-                f"outliers outside {out['low']:,.0f} to {out['high']:,.0f} tokens (median {median:,.0f}, robust "
-                f"z > {t.outlier_z}){detail}; warn above {t.max_length_outlier_fraction:.1%}",
+                message,
                 out["fraction"],
                 t.max_length_outlier_fraction,
             )
@@ -846,7 +865,12 @@ def validate(
             continue
         if not readable:
             findings.append(
-                Finding(check, check, "SKIP", "not run: integrity failed (shards or tables unreadable)")
+                Finding(
+                    check,
+                    check,
+                    "SKIP",
+                    "not run: integrity failed (shards, document tables or tokenizer unreadable)",
+                )
             )
             continue
         findings.extend(_CHECK_FUNCTIONS[check](prepared, thresholds))
@@ -894,7 +918,9 @@ def analyze(prepared: Prepared, split: str | None = None, top_k: int = 30) -> An
     data = prepared.splits[split]
     _, readable = integrity(prepared, checksums=False)
     if not readable:
-        raise DataError(f"{prepared.folder}: shards or document tables are unreadable; run llm-validate-data")
+        raise DataError(
+            f"{prepared.folder}: shards, document tables or tokenizer are unreadable; run llm-validate-data --data-dir {prepared.folder} for details"
+        )
     table = data.table()
     counts = token_counts(data)
     duplicates = duplicate_stats(prepared)

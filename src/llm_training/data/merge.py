@@ -46,7 +46,15 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
     staging.chmod(0o755)
     try:
         shutil.copy2(folders[0] / "vocab.json", staging / "vocab.json")
-        report: dict = {"merged_from": [str(f) for f in folders], "dropped": Counter(), "problems": Counter()}
+        report: dict = {
+            "merged_from": [str(f) for f in folders],
+            "documents_read": 0,
+            "bytes_read": 0,
+            "dropped": {},
+            "problems": {"counts": {}, "examples": []},
+            "duplicates": {"exact_examples": [], "near_examples": []},
+            "quality_histogram": {"bins": [i / 10 for i in range(11)], "counts": [0] * 10},
+        }
         for split in SPLITS:
             shards, tables = [], []
             merged = dict(manifests[split][0])
@@ -69,14 +77,25 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
             (staging / f"{split}.json").write_text(json.dumps(merged, indent=2), encoding="utf-8")
             report[f"{split}_documents"] = merged["num_documents"]
             report[f"{split}_tokens"] = merged["num_tokens"]
-        for folder in folders:
-            path = folder / "prepare_report.json"
-            if path.is_file():
-                part = json.loads(path.read_text(encoding="utf-8"))
-                report["dropped"].update(part.get("dropped", {}))
-                report["problems"].update(part.get("problems", {}).get("counts", {}))
-        report["dropped"].pop("other_shard", None)
-        report["dropped"], report["problems"] = dict(report["dropped"]), dict(report["problems"])
+        # Every shard read, cleaned and scored the whole input, so reading problems, empty and low-quality
+        # documents and the quality histogram are the same in each: take them from one. Duplicates were
+        # found per shard: add them up. Documents other shards kept are not "dropped".
+        parts = [
+            json.loads(p.read_text(encoding="utf-8"))
+            for p in (f / "prepare_report.json" for f in folders)
+            if p.is_file()
+        ]
+        if parts:
+            first = parts[0]
+            for key in ("documents_read", "bytes_read", "problems", "quality_histogram", "settings"):
+                report[key] = first.get(key, report.get(key))
+            dropped = Counter({k: v for k, v in first.get("dropped", {}).items() if "duplicate" not in k})
+            for part in parts:
+                dropped.update({k: v for k, v in part.get("dropped", {}).items() if "duplicate" in k})
+                for kind in ("exact_examples", "near_examples"):
+                    report["duplicates"][kind] += part.get("duplicates", {}).get(kind, [])
+            dropped.pop("other_shard", None)
+            report["dropped"] = dict(sorted(dropped.items()))
         (staging / "prepare_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         _replace_dir(staging, output_dir)
     except BaseException:

@@ -173,7 +173,9 @@ class _ShardWriter:
         self.handle.write(data)
         self.hasher.update(data)
         shard = self.shards[-1]
-        for column, value in zip(self.rows, (len(self.shards) - 1, shard["num_tokens"], ids.size), strict=True):
+        for column, value in zip(
+            self.rows, (len(self.shards) - 1, shard["num_tokens"], ids.size), strict=True
+        ):
             column.append(value)
         shard["num_tokens"] += int(ids.size)
 
