@@ -163,6 +163,26 @@ class _ShardWriter:
             self.shards[-1]["sha256"] = self.hasher.hexdigest()
             self.handle = None
 
+    def add_batch(self, ids: np.ndarray, lengths: list[int]) -> None:
+        """Consecutive documents (``lengths`` tokens each, end-of-text included) as one array."""
+        if self.handle is None:
+            self._open_next()
+        if self.shards[-1]["num_tokens"] + ids.size <= self.shard_tokens:
+            data = ids.tobytes()
+            self.handle.write(data)
+            self.hasher.update(data)
+            shard = self.shards[-1]
+            offsets = shard["num_tokens"] + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+            self.rows[0].extend([len(self.shards) - 1] * len(lengths))
+            self.rows[1].extend(offsets.tolist())
+            self.rows[2].extend(lengths)
+            shard["num_tokens"] += int(ids.size)
+            return
+        start = 0
+        for length in lengths:  # the batch crosses a shard boundary (or opens the first shard)
+            self.add(ids[start : start + length])
+            start += length
+
     def add(self, ids: np.ndarray) -> None:
         """One document's ids, end-of-text included; a document never spans two shards."""
         if self.handle is None or (
@@ -330,11 +350,15 @@ def _encode_split(
     on_progress: Callable[[str, int], None] | None,
     split: str,
 ) -> None:
-    eot = np.asarray([tokenizer.eot_id], dtype=writer.dtype)
     done = 0
     for batch in spool.batches(8 << 20):
-        for ids in tokenizer.encode_batch(batch, num_threads=workers):
-            writer.add(np.concatenate([np.asarray(ids, dtype=writer.dtype), eot]))
+        encoded = tokenizer.encode_batch(batch, num_threads=workers)
+        # one flat array per batch: numpy calls per document cost more than the encoding of a short one
+        flat: list[int] = []
+        for ids in encoded:
+            flat += ids
+            flat.append(tokenizer.eot_id)
+        writer.add_batch(np.array(flat, dtype=writer.dtype), [len(ids) + 1 for ids in encoded])
         done += sum(map(len, batch))
         if on_progress:
             on_progress(f"encoding {split}", done)
