@@ -115,6 +115,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """``model(input_ids)`` returns logits (B, T, V); ``model(input_ids, labels)`` returns the mean loss."""
 
+    loss_in_fp32 = True  # upcast logits before the loss (the softmax of a large vocabulary needs fp32 sums)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size is None:
@@ -167,9 +169,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
-        )
+        if self.loss_in_fp32:
+            logits = logits.float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
