@@ -19,6 +19,9 @@ _EXPORTS = {
     "DataSourceConnectorOutput": "llm_training.data.sources",
     "Document": "llm_training.data.sources",
     "Config": "llm_training.config",
+    "ModelInitializer": "llm_training.api.model",
+    "ModelInitializerInput": "llm_training.api.model",
+    "ModelInitializerOutput": "llm_training.api.model",
     "load_config": "llm_training.config",
     "load_checkpoint": "llm_training.train.checkpoint",
     "EventBus": "llm_training.events",
@@ -32,6 +35,9 @@ __all__ = [
     "DataSourceConnectorOutput",
     "Document",
     "EventBus",
+    "ModelInitializer",
+    "ModelInitializerInput",
+    "ModelInitializerOutput",
     "UserError",
     "__version__",
     "load_checkpoint",
@@ -41,6 +47,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
+    from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
     from llm_training.cli.main_job import main
     from llm_training.config import Config, load_config
     from llm_training.data.sources import DataSourceConnector, DataSourceConnectorOutput, Document

@@ -46,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
 
 @dataclass
@@ -84,7 +85,8 @@ class TrainingConfig:
     max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
     max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
     learning_rate: float = 0.01
-    min_lr_ratio: float = 0.0  # cosine decay ends at learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+    lr_schedule: str = "cosine"  # after warm-up: cosine, linear (to the floor) or constant
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -462,6 +464,7 @@ def validate(cfg: Config) -> None:
         value = getattr(t, key)
         _require(value is None or value >= 1, f"training.{key} must be at least 1, got {value}")
     t.max_time_seconds  # noqa: B018 - parses and raises on a bad budget
+    _one_of(t.lr_schedule, {"cosine", "linear", "constant"}, "training.lr_schedule")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "training.warmup_steps cannot be negative")
     _require(t.weight_decay >= 0, "training.weight_decay cannot be negative")

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm_training.config import MODEL_TYPES, ModelConfig
 
@@ -165,7 +166,10 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits

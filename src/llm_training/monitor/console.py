@@ -76,6 +76,8 @@ class ConsoleSink:
             return
         n = min(self.total, round(p["progress"] * self.budget)) if self.budget else p["step"]
         postfix = {"loss": f"{p['loss']:.3f}", "lr": f"{p['lr']:.2e}", "tok_s": f"{p['tokens_per_second']:,.0f}"} if p.get("loss") is not None else None  # fmt: skip
+        if postfix and p.get("mfu") is not None:
+            postfix["mfu"] = f"{p['mfu']:.0%}"
         if self.bar is not None:
             self.bar.n = n
             self.bar.set_postfix(postfix) if postfix else self.bar.refresh()

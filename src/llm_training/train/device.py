@@ -90,3 +90,34 @@ def resolve_runtime(cfg: Config) -> Runtime:
         pick_precision(cfg.training.mixed_precision, device),
         pick_compile(cfg.training.compile, device),
     )
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' data sheets, for MFU = achieved FLOP/s / peak. Matched
+# by substring of torch.cuda.get_device_name(); unknown devices report no MFU rather than a guess.
+PEAK_BF16_FLOPS = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),  # SXM
+    ("A100", 312.0e12),
+    ("L40S", 362.1e12),
+    ("L4", 121.0e12),
+    ("A10G", 70.0e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71.0e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak resident memory elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -21,7 +21,7 @@ from llm_training.events import EventBus
 from llm_training.model.generate import generate
 from llm_training.model.transformer import Transformer
 from llm_training.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from llm_training.train.device import Runtime, resolve_runtime
+from llm_training.train.device import Runtime, memory_gb, peak_flops, resolve_runtime
 from llm_training.train.optim import build_optimizer, lr_at, set_lr
 from llm_training.train.step import train_step
 
@@ -136,6 +136,8 @@ def train(
         )
     fwd = torch.compile(model) if runtime.compile else model
 
+    flops_per_token, peak = model.flops_per_token(), peak_flops(runtime.device)
+    best_val = resume_state.get("best_val_loss") if resume_state else None
     accum = t.gradient_accumulation_steps
     steps_per_epoch = max(1, len(loader) // accum)
     budget = t.max_time_seconds
@@ -187,11 +189,20 @@ def train(
             "tokens_seen": tokens_seen,
             "elapsed": elapsed(),
             "first_val_loss": first_val,
+            "best_val_loss": best_val,
             "config": cfg.to_dict(),
             "tokenizer_json": tokenizer.backend.to_str(),
             "tokenizer_path": str((data_dir / "vocab.json").resolve()),
             "metrics": metrics,
         }
+
+    def keep_if_best(metrics: dict) -> None:
+        """``checkpoints/model_best.pt``: the weights with the lowest validation loss seen so far."""
+        nonlocal best_val
+        if best_val is None or metrics["val_loss"] < best_val:
+            best_val = metrics["val_loss"]
+            path = save_checkpoint(ckpt_dir / "model_best.pt", checkpoint_state())
+            bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(path), best=True)
 
     if first_val is None and t.eval_at_start:
         metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
@@ -228,16 +239,21 @@ def train(
                     f"training diverged at step {step} (loss {loss_value}); lower training.learning_rate "
                     f"(now {t.learning_rate}) or check the data"
                 )
+            speed = (step - last_log_step) * tokens_per_step / max(now - last_log, 1e-9)
             payload.update(
                 loss=loss_value,
                 grad_norm=float(grad_norm),
-                tokens_per_second=(step - last_log_step) * tokens_per_step / max(now - last_log, 1e-9),
+                tokens_per_second=speed,
+                memory_gb=round(memory_gb(runtime.device), 3),
             )
+            if peak:
+                payload["mfu"] = speed * flops_per_token / peak
             last_log, last_log_step = now, step
         bus.publish(events.STEP_END, **payload)
         if step % t.eval_interval == 0:
             metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
             bus.publish(events.EVAL_END, step=step, **metrics)
+            keep_if_best(metrics)
         if step % t.checkpoint_interval == 0:
             path = save_checkpoint(ckpt_dir / f"model_step_{step}.pt", checkpoint_state())
             bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(path))
@@ -249,6 +265,7 @@ def train(
     seconds = elapsed()  # training time: the final validation below is not part of the budget
     metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
     bus.publish(events.EVAL_END, step=step, final=True, **metrics)
+    keep_if_best(metrics)
     final = save_checkpoint(ckpt_dir / "model_final.pt", checkpoint_state())
     bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(final), final=True)
 

@@ -99,7 +99,8 @@ def _with_base_lr(optimizer):
 
 
 def lr_at(step: int, progress: float, cfg: TrainingConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``learning_rate * min_lr_ratio``.
+    """Linear warm-up over ``warmup_steps``, then ``lr_schedule`` (cosine, linear or constant) down to
+    ``learning_rate * min_lr_ratio``.
 
     ``progress`` in [0, 1] is the fraction of the run done, by steps or by the time budget, whichever is
     further along: that is how the schedule fits a budget given in seconds.
@@ -109,6 +110,11 @@ def lr_at(step: int, progress: float, cfg: TrainingConfig) -> float:
         return peak * (step + 1) / cfg.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
     floor = peak * cfg.min_lr_ratio
+    schedule = cfg.lr_schedule.lower()
+    if schedule == "constant":
+        return peak
+    if schedule == "linear":
+        return peak - (peak - floor) * progress
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 

@@ -10,19 +10,20 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one optimizer step over ``micro_batches`` (a list of dicts with input_ids and labels).
 
-    The loss of each micro-batch is weighted by its share of the step's tokens, so accumulation equals one
-    large batch. Returns (mean loss, gradient norm) as device tensors: reading them forces a host sync, so
+    The loss of each micro-batch is weighted by its share of the step's counted tokens (labels other than
+    -100), so accumulation equals one large batch even when micro-batches hold different numbers of them. Returns (mean loss, gradient norm) as device tensors: reading them forces a host sync, so
     the caller does that only when it logs.
     """
     device = runtime.device
-    total_tokens = sum(int(b["labels"].numel()) for b in micro_batches)
+    counts = [(b["labels"] != -100).sum() for b in micro_batches]  # on the labels' device: no GPU sync
+    total_tokens = torch.stack(counts).sum().clamp(min=1)
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
+    for batch, count in zip(micro_batches, counts, strict=True):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with runtime.autocast():
             loss = model(input_ids, labels)
-        weight = labels.numel() / total_tokens
+        weight = count.to(device) / total_tokens.to(device)
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += scaled.detach()

@@ -1,0 +1,89 @@
+"""``ModelInitializer``: the usage guide's model construction step, over the same ``Transformer`` the trainer
+builds."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_training.config import load_config
+from llm_training.errors import ConfigError
+
+
+@dataclass
+class ModelInitializerInput:
+    """``architecture``: ``model`` config keys (model_type, num_layers, hidden_size, num_attention_heads,
+    vocab_size, ...). ``initialization``: ``{"method": "random", "seed": 42}`` or
+    ``{"method": "checkpoint", "path": "checkpoints/model_final.pt"}``."""
+
+    architecture: dict = field(default_factory=dict)
+    initialization: dict = field(default_factory=lambda: {"method": "random", "seed": 42})
+
+
+@dataclass
+class ModelInitializerOutput:
+    model_id: str
+    model: Any  # llm_training.model.transformer.Transformer
+    config: Any  # its ModelConfig
+    num_parameters: int
+    flops_per_token: float
+
+    def __getattr__(self, name: str):  # behaves as the model where a model is expected: model(ids), .to()
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class ModelInitializer:
+    """Builds GPT-2-style or Llama-style decoder models from architecture keys; publishes ``model_initialized``."""
+
+    def __init__(self, event_bus=None) -> None:
+        self.event_bus = event_bus
+        self.models: dict[str, Any] = {}
+
+    def initialize(
+        self, spec: ModelInitializerInput | None = None, **architecture: Any
+    ) -> ModelInitializerOutput:
+        import torch
+
+        from llm_training.model.transformer import Transformer
+        from llm_training.train.checkpoint import load_checkpoint
+
+        spec = spec or ModelInitializerInput(architecture=architecture)
+        init = dict(spec.initialization or {})
+        method = str(init.get("method", "random")).lower()
+        state = None
+        overrides = {f"model.{k}": v for k, v in spec.architecture.items()}
+        if method == "checkpoint":
+            if "path" not in init:
+                raise ConfigError("initialization 'checkpoint' needs a 'path' to a .pt checkpoint")
+            state = load_checkpoint(Path(init["path"]))
+            saved = {f"model.{k}": v for k, v in state["config"]["model"].items()}
+            overrides = saved | overrides
+        elif method != "random":
+            raise ConfigError(f"initialization method {method!r} is not one of random, checkpoint")
+        cfg = load_config(cli=overrides, environ={}, default_file=None)
+        if cfg.model.vocab_size is None:
+            raise ConfigError("architecture needs 'vocab_size' (the tokenizer's size), e.g. vocab_size=50304")
+        torch.manual_seed(int(init.get("seed", 42)))
+        model = Transformer(cfg.model)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        output = ModelInitializerOutput(
+            model_id=str(uuid.uuid4()),
+            model=model,
+            config=cfg.model,
+            num_parameters=model.num_parameters(),
+            flops_per_token=model.flops_per_token(),
+        )
+        self.models[output.model_id] = output
+        if self.event_bus is not None:
+            self.event_bus.publish(
+                "model_initialized", model_id=output.model_id, num_parameters=output.num_parameters
+            )
+        return output
