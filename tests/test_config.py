@@ -146,7 +146,7 @@ def test_unknown_key_names_the_closest(tmp_path):
 @pytest.mark.parametrize(
     "layer, message",
     [
-        ({"training.batch_size": "lots"}, "'training.batch_size' expects an integer, got 'lots'"),
+        ({"training.batch_size": "lots"}, "'training.batch_size' expects an integer or 'auto', got 'lots'"),
         ({"training.learning_rate": True}, "'training.learning_rate' expects a number"),
         ({"training.learning_rate": -0.001}, "training.learning_rate must be positive"),
         (

@@ -154,3 +154,29 @@ def test_best_checkpoint_and_logged_metrics(tmp_path, shakespeare_jsonl):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "loss" in x and "tokens_per_second" in x]
     assert logged and all(x["memory_gb"] > 0 and "mfu" not in x for x in logged)  # no MFU without a known GPU
+
+
+def test_batch_size_auto(tmp_path):
+    from llm_training.train.autobatch import resolve_batch
+
+    cfg = tiny("llama", **{"training.batch_size": "auto", "training.global_batch_size": 24})
+    assert cfg.training.batch_size == "auto"
+    model = Transformer(cfg.model)
+    assert resolve_batch(model, cfg.training, CPU, 16, 97) == (24, 1)  # CPU: one micro-batch
+    fixed = tiny("llama", **{"training.batch_size": "8", "training.gradient_accumulation_steps": 3})
+    assert fixed.training.batch_size == 8 and resolve_batch(model, fixed.training, CPU, 16, 97) == (8, 3)
+    with pytest.raises(Exception, match="expects an integer or 'auto'"):
+        tiny("llama", **{"training.batch_size": "big"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_batch_size_auto_on_gpu_keeps_the_global_batch():
+    from llm_training.train.autobatch import resolve_batch
+    from llm_training.train.device import resolve_runtime
+
+    cfg = tiny("gpt2", **{"training.batch_size": "auto", "training.global_batch_size": 4096,
+                          "model.hidden_size": 512, "model.num_attention_heads": 8, "model.max_seq_length": 1024})  # fmt: skip
+    runtime = resolve_runtime(cfg)
+    model = Transformer(cfg.model).to(runtime.device)
+    micro, accumulation = resolve_batch(model, cfg.training, runtime, 1024, 97)
+    assert micro * accumulation == 4096 and 1 <= micro < 4096

@@ -132,7 +132,11 @@ def test_training_learns_and_checkpoints(tmp_path, prepared):
         result.val_loss / math.log(2) / _bytes_per_token(prepared), rel=0.2
     )
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["model_final.pt", *sorted(f"model_step_{s}.pt" for s in (4, 8, 12, 16, 20, 24, 28))]
+    assert names == [
+        "model_best.pt",
+        "model_final.pt",
+        *sorted(f"model_step_{s}.pt" for s in (4, 8, 12, 16, 20, 24, 28)),
+    ]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "model_final.pt")
     assert (
         state["step"] == 30 and state["config"]["model"]["vocab_size"] % 64 == 0 and "tokenizer_json" in state

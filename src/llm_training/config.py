@@ -80,7 +80,10 @@ class DataConfig:
 class TrainingConfig:
     """The optimisation loop."""
 
-    batch_size: int = 16  # sequences per micro-batch (per GPU when distributed)
+    # sequences per micro-batch (per GPU when distributed); "auto": the largest that fits in GPU memory,
+    # with gradient accumulation keeping global_batch_size sequences per optimizer step
+    batch_size: int | str = 16
+    global_batch_size: int | None = None  # for batch_size auto; None: 16 x gradient_accumulation_steps
     num_epochs: int | None = None  # passes over the data; None means 1, or unlimited under a time budget
     max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
     max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
@@ -227,6 +230,9 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' cannot be empty; expected {_type_names(kinds)}")
     if isinstance(value, str) and str not in kinds:
         value = _parse_scalar(value)  # environment variables and flags arrive as text
+    elif isinstance(value, str) and int in kinds:  # an integer or a word such as "auto"
+        parsed = _parse_scalar(value)
+        value = parsed if isinstance(parsed, int) and not isinstance(parsed, bool) else value
     if isinstance(value, bool):
         if bool in kinds:
             return value
@@ -452,8 +458,18 @@ def validate(cfg: Config) -> None:
         t.learning_rate > 0 and math.isfinite(t.learning_rate),
         f"training.learning_rate must be positive, got {t.learning_rate}",
     )
+    if isinstance(t.batch_size, str):
+        _require(
+            t.batch_size.lower() == "auto",
+            f"'training.batch_size' expects an integer or 'auto', got {t.batch_size!r}",
+        )
+    else:
+        _require(t.batch_size >= 1, f"training.batch_size must be at least 1, got {t.batch_size}")
+    _require(
+        t.global_batch_size is None or t.global_batch_size >= 1,
+        "training.global_batch_size must be at least 1",
+    )
     for key in (
-        "batch_size",
         "gradient_accumulation_steps",
         "log_interval",
         "eval_interval",

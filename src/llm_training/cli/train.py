@@ -23,7 +23,11 @@ def build_parser():
     p.add_argument(
         "--num-epochs", type=int, help="Passes over the training data (ignored when a time budget is set)."
     )
-    p.add_argument("--batch-size", type=int, help="Sequences per micro-batch (per GPU when distributed).")
+    p.add_argument(
+        "--batch-size",
+        help="Sequences per micro-batch (per GPU when distributed), or auto: the largest that fits in GPU "
+        "memory, with gradient accumulation keeping training.global_batch_size sequences a step.",
+    )
     p.add_argument("--learning-rate", type=float, help="Peak learning rate after warm-up.")
     p.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
     p.add_argument(

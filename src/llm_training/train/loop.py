@@ -20,6 +20,7 @@ from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.model.generate import generate
 from llm_training.model.transformer import Transformer
+from llm_training.train.autobatch import resolve_batch
 from llm_training.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from llm_training.train.device import Runtime, memory_gb, peak_flops, resolve_runtime
 from llm_training.train.optim import build_optimizer, lr_at, set_lr
@@ -111,9 +112,9 @@ def train(
     _resolve_vocab(cfg, tokenizer)
     train_set = TokenDataset(data_dir / "train.json", cfg.model.max_seq_length)
     val_set = TokenDataset(data_dir / "validation.json", cfg.model.max_seq_length)
-    loader = BatchLoader(train_set, t.batch_size, seed=t.seed)
-
     model = Transformer(cfg.model).to(runtime.device)
+    micro_batch, accum = resolve_batch(model, t, runtime, train_set.seq_len, cfg.model.vocab_size)
+    loader = BatchLoader(train_set, micro_batch, seed=t.seed)
     optimizer = build_optimizer(model, t, runtime.device)
     scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
     step, tokens_seen, elapsed_before, first_val = 0, 0, 0.0, None
@@ -138,12 +139,11 @@ def train(
 
     flops_per_token, peak = model.flops_per_token(), peak_flops(runtime.device)
     best_val = resume_state.get("best_val_loss") if resume_state else None
-    accum = t.gradient_accumulation_steps
     steps_per_epoch = max(1, len(loader) // accum)
     budget = t.max_time_seconds
     epochs = t.epoch_limit
     total_steps = min(t.max_steps or 10**12, epochs * steps_per_epoch) if epochs else t.max_steps
-    tokens_per_step = t.batch_size * accum * train_set.seq_len
+    tokens_per_step = micro_batch * accum * train_set.seq_len
 
     bus.publish(
         events.RUN_START,
@@ -205,7 +205,7 @@ def train(
             bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(path), best=True)
 
     if first_val is None and t.eval_at_start:
-        metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
+        metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
         first_val = metrics["val_loss"]
         bus.publish(events.EVAL_END, step=step, **metrics)
 
@@ -251,7 +251,7 @@ def train(
             last_log, last_log_step = now, step
         bus.publish(events.STEP_END, **payload)
         if step % t.eval_interval == 0:
-            metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
+            metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
             bus.publish(events.EVAL_END, step=step, **metrics)
             keep_if_best(metrics)
         if step % t.checkpoint_interval == 0:
@@ -263,7 +263,7 @@ def train(
     if not math.isfinite(loss_value) or step != last_log_step:
         loss_value = float(loss)
     seconds = elapsed()  # training time: the final validation below is not part of the budget
-    metrics = evaluate_loss(model, val_set, runtime, t.batch_size, t.eval_batches)
+    metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
     bus.publish(events.EVAL_END, step=step, final=True, **metrics)
     keep_if_best(metrics)
     final = save_checkpoint(ckpt_dir / "model_final.pt", checkpoint_state())
