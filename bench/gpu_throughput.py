@@ -37,7 +37,14 @@ def attention_backend(name: str):
 
 
 def measure(
-    style: str, batch: int, attention: str, steps: int, warmup: int, compile_mode: str, fp32_loss: bool = True
+    style: str,
+    batch: int,
+    attention: str,
+    steps: int,
+    warmup: int,
+    compile_mode: str,
+    fp32_loss: bool = True,
+    loss_chunk: int = 0,
 ) -> str:
     cfg = load_config(
         cli={
@@ -48,6 +55,7 @@ def measure(
             "model.vocab_size": 50304,
             "model.max_seq_length": 1024,
             "model.dropout": 0.0,
+            "model.loss_chunk_tokens": loss_chunk,
             "training.optimizer": "adamw",
             "training.learning_rate": 6e-4,
             "training.batch_size": batch,
@@ -83,7 +91,7 @@ def measure(
     torch._dynamo.reset()
     return (
         f"{style:5s} batch {batch:3d} attention {attention:6s} compile {compile_mode:8s} "
-        f"loss {'fp32' if fp32_loss else 'bf16'}: "
+        f"loss {'fp32' if fp32_loss else 'bf16'}{f' in chunks of {loss_chunk}' if loss_chunk else ''}: "
         f"{tokens_per_second:9,.0f} tokens/s, MFU {mfu:.1%}, peak memory {peak:.1f} GiB, "
         f"loss {loss.item():.2f}, warm-up+compile {compile_seconds:.0f} s"
     )
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["auto"])
     parser.add_argument("--compile-mode", nargs="+", default=["default"])
     parser.add_argument("--bf16-loss", action="store_true", help="cross-entropy on bf16 logits (no upcast)")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk_tokens")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
@@ -108,7 +117,16 @@ def main() -> None:
         for batch in args.batch:
             for attention in args.attention:
                 for mode in args.compile_mode:
-                    line = measure(style, batch, attention, args.steps, args.warmup, mode, not args.bf16_loss)
+                    line = measure(
+                        style,
+                        batch,
+                        attention,
+                        args.steps,
+                        args.warmup,
+                        mode,
+                        not args.bf16_loss,
+                        args.loss_chunk,
+                    )
                     print(line, flush=True)
 
 

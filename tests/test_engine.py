@@ -180,3 +180,19 @@ def test_batch_size_auto_on_gpu_keeps_the_global_batch():
     model = Transformer(cfg.model).to(runtime.device)
     micro, accumulation = resolve_batch(model, cfg.training, runtime, 1024, 97)
     assert micro * accumulation == 4096 and 1 <= micro < 4096
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_chunked_loss_equals_the_whole_loss(style):
+    b = batch(size=4)
+    b["labels"][0, :5] = -100
+    results = []
+    for chunk in (0, 7):  # 64 tokens in chunks of 7: uneven on purpose
+        torch.manual_seed(0)
+        model = Transformer(tiny(style, **{"model.loss_chunk_tokens": chunk}).model)
+        loss = model(b["input_ids"], b["labels"])
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, c in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, c, atol=1e-6)

@@ -47,6 +47,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    # compute the loss this many tokens at a time, recomputing each chunk's logits in backward, so that the
+    # (tokens x vocabulary) logits never exist at once; 0: all at once (fastest when memory allows)
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -426,6 +429,7 @@ def validate(cfg: Config) -> None:
         m.intermediate_size is None or m.intermediate_size >= 1, "model.intermediate_size must be at least 1"
     )
     _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size must be at least 2")
+    _require(m.loss_chunk_tokens >= 0, "model.loss_chunk_tokens cannot be negative (0: no chunking)")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(
         m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,

@@ -113,6 +113,23 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, fp32: bool) -> torch.Tensor:
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.float() if fp32 else logits, labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, fp32: bool = True):
+    """Mean cross-entropy of the output head over ``chunk`` tokens at a time. Each chunk is checkpointed:
+    its logits are freed after the forward pass and recomputed in backward, so memory holds one chunk's
+    logits (chunk x vocabulary) instead of the whole batch's, for one more head matrix product."""
+    h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.size(0), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss_sum, h[part], weight, labels[part], fp32, use_reentrant=False)
+    return total / (labels != -100).sum().clamp(min=1)
+
+
 class Transformer(nn.Module):
     """``model(input_ids)`` returns logits (B, T, V); ``model(input_ids, labels)`` returns the mean loss."""
 
@@ -170,7 +187,10 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
+        if labels is not None and self.cfg.loss_chunk_tokens:
+            return chunked_loss(h, self.lm_head.weight, labels, self.cfg.loss_chunk_tokens, self.loss_in_fp32)
+        logits = self.lm_head(h)
         if labels is None:
             return logits
         if self.loss_in_fp32:
