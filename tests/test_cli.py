@@ -89,6 +89,7 @@ def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
         "model_step_3.pt",
         "model_step_6.pt",
         "model_final.pt",
+        "model_best.pt",
     }
     assert "6 steps" in proc.stdout
     resumed = run_cli([*args, "--resume-from", str(run / "checkpoints" / "model_step_3.pt")], tmp_path)
