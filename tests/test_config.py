@@ -11,7 +11,7 @@ from llm_training.config import Config, load_config, parse_duration
 from llm_training.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ["default", "small_model", "medium_model", "large_model", "distributed"]
+SHIPPED = sorted(p.stem for p in (REPO / "config").glob("*.yaml"))
 
 
 def write(path: Path, data: dict) -> Path:
@@ -200,3 +200,7 @@ def test_bad_environment_variable_name():
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
+
+
+def test_the_guides_config_files_are_shipped():
+    assert {"default", "small_model", "medium_model", "large_model", "distributed"} <= set(SHIPPED)
