@@ -196,3 +196,19 @@ def test_chunked_loss_equals_the_whole_loss(style):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for a, c in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_and_compile():
+    b = batch(size=2)
+    torch.manual_seed(0)
+    whole = Transformer(tiny("llama").model)
+    torch.manual_seed(0)
+    chunked = Transformer(tiny("llama", **{"model.loss_chunk_tokens": 5}).model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = whole(b["input_ids"], b["labels"])
+        got = torch.compile(chunked)(b["input_ids"], b["labels"])
+    got.backward()
+    expected.backward()
+    assert torch.allclose(expected.float(), got.float(), atol=2e-2)
+    head = chunked.lm_head.weight.grad
+    assert torch.allclose(whole.lm_head.weight.grad, head, atol=5e-3, rtol=5e-2)

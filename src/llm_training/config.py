@@ -47,9 +47,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    # compute the loss this many tokens at a time, recomputing each chunk's logits in backward, so that the
-    # (tokens x vocabulary) logits never exist at once; 0: all at once (fastest when memory allows). Saves
-    # memory in eager mode; under torch.compile the fused whole-batch loss already uses less (measured)
+    # compute the output head and loss this many tokens at a time, with gradients computed chunk by chunk in
+    # the forward pass, so the (tokens x vocabulary) logits never exist at once; 0: all at once
     loss_chunk_tokens: int = 0
 
 

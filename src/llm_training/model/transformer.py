@@ -113,21 +113,44 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, fp32: bool) -> torch.Tensor:
-    logits = F.linear(h, weight)
-    return F.cross_entropy(logits.float() if fp32 else logits, labels, ignore_index=-100, reduction="sum")
+class _FusedHeadLoss(torch.autograd.Function):
+    """Output head + mean cross-entropy, ``chunk`` tokens at a time, with the gradients computed in the
+    forward pass (as Liger-Kernel's fused linear cross-entropy does): memory holds one chunk's logits
+    (chunk x vocabulary) instead of the whole batch's, and the logits are never recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk: int):
+        valid = labels != -100
+        count = valid.sum().clamp(min=1)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk):
+            hc, yc, vc = h[start : start + chunk], labels[start : start + chunk], valid[start : start + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = yc.clamp(min=0)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * vc).sum()
+            d_logits = torch.exp(logits - lse[:, None])  # softmax
+            d_logits[torch.arange(yc.numel(), device=yc.device), target] -= 1.0
+            d_logits *= vc[:, None]
+            d_logits = d_logits.to(hc.dtype) if hc.dtype != torch.float32 else d_logits
+            grad_h[start : start + chunk] = (d_logits @ weight.to(d_logits.dtype)).to(h.dtype)
+            grad_w += (d_logits.t() @ hc.to(d_logits.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_output / count
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
 
 
-def chunked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, fp32: bool = True):
-    """Mean cross-entropy of the output head over ``chunk`` tokens at a time. Each chunk is checkpointed:
-    its logits are freed after the forward pass and recomputed in backward, so memory holds one chunk's
-    logits (chunk x vocabulary) instead of the whole batch's, for one more head matrix product."""
-    h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.size(0), chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_loss_sum, h[part], weight, labels[part], fp32, use_reentrant=False)
-    return total / (labels != -100).sum().clamp(min=1)
+def chunked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of the output head over ``chunk`` tokens at a time (see ``_FusedHeadLoss``)."""
+    return _FusedHeadLoss.apply(h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), chunk)
 
 
 class Transformer(nn.Module):
@@ -189,7 +212,7 @@ class Transformer(nn.Module):
                 x = block(x, rope)
         h = self.norm(x)
         if labels is not None and self.cfg.loss_chunk_tokens:
-            return chunked_loss(h, self.lm_head.weight, labels, self.cfg.loss_chunk_tokens, self.loss_in_fp32)
+            return chunked_loss(h, self.lm_head.weight, labels, self.cfg.loss_chunk_tokens)
         logits = self.lm_head(h)
         if labels is None:
             return logits
