@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prep
 from llm_training.data.sources import sample_data_path
 from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
-from llm_training.monitor.console import ConsoleSink
+from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
 from llm_training.train.loop import TrainResult, train
 
@@ -41,7 +42,7 @@ def _input_spec(cfg: Config) -> str:
     return str(sample_data_path())
 
 
-def prepare_data(cfg: Config, bus: EventBus | None = None) -> Path:
+def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = False) -> Path:
     """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input."""
     if cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
         return Path(cfg.data.data_dir)
@@ -61,7 +62,11 @@ def prepare_data(cfg: Config, bus: EventBus | None = None) -> Path:
         log.info("reusing prepared data in %s", target)
         return target
     options = options_from_config(cfg.data, source=source.describe(), fingerprint=fingerprint)
-    result = prepare(source, target, options)
+    bar = StageProgress(progress and is_tty(sys.stderr))  # in a log or pipe the stage timings suffice
+    try:
+        result = prepare(source, target, options, on_progress=bar)
+    finally:
+        bar.close()
     dropped = sum(result.report["dropped"].values()) + sum(result.report["problems"]["counts"].values())
     if dropped:
         log.warning("data preparation left out %d records; see %s", dropped, target / "prepare_report.json")
@@ -95,7 +100,7 @@ def run_training(
         log.info("run %s starting in %s", run_id, out.resolve())
         if cfg.resources.distributed:
             log.warning("resources.distributed is set but training runs in one process in this version")
-        data_dir = prepare_data(cfg, bus)
+        data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
         return train(cfg, data_dir, bus, resume_from)
     except UserError as exc:
         log.error("%s", exc)

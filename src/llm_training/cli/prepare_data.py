@@ -81,29 +81,6 @@ _FLAG_KEYS = {
 }
 
 
-class _Progress:
-    """One tqdm bar per stage, counting text bytes (rate in MB/s)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.stage, self.bar = enabled, None, None
-
-    def __call__(self, stage: str, done: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm.auto import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(desc=stage, unit="B", unit_scale=True, file=sys.stderr, mininterval=0.5)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def _summary(report: dict, output: str) -> str:
     lines = [
         f"read {report['documents_read']:,} documents ({report['bytes_read'] / 1e6:,.1f} MB) "
@@ -134,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.data.merge import merge_prepared
         from llm_training.data.prepare import prepare
         from llm_training.errors import ConfigError
+        from llm_training.monitor.console import StageProgress
 
         if args.merge:
             report = merge_prepared(args.merge, args.output)
@@ -155,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_index=args.shard_index,
             tokenizer_only=args.tokenizer_only,
         )
-        progress = _Progress(not args.quiet)
+        progress = StageProgress(not args.quiet)
         try:
             result = prepare(source, args.output, options, on_progress=progress)
         finally:

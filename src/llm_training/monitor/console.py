@@ -11,7 +11,7 @@ from llm_training.events import Event, EventBus
 LOG_LINE_INTERVAL = 10.0  # seconds between progress lines when the stream is not a terminal
 
 
-def _is_tty(stream) -> bool:
+def is_tty(stream) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
@@ -57,7 +57,7 @@ class ConsoleSink:
         self.unit = "s" if self.budget else "step"
         self.started = time.monotonic()
         self.last_line = float("-inf")  # the first logged step prints at once
-        if _is_tty(self.stream):
+        if is_tty(self.stream):
             self.bar = tqdm(
                 total=self.total,
                 initial=0 if self.budget else p["start_step"],
@@ -107,5 +107,29 @@ class ConsoleSink:
         if self.bar is not None:
             if self.budget:
                 self.bar.n = self.bar.total
+            self.bar.close()
+            self.bar = None
+
+
+class StageProgress:
+    """Progress of data preparation: one bar per stage, counting text bytes (rate in MB/s); a callback for
+    ``data.prepare.prepare(on_progress=...)``."""
+
+    def __init__(self, enabled: bool = True, stream=None) -> None:
+        self.enabled, self.stream, self.stage, self.bar = enabled, stream or sys.stderr, None, None
+
+    def __call__(self, stage: str, done: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(desc=stage, unit="B", unit_scale=True, file=self.stream, mininterval=0.5)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
             self.bar.close()
             self.bar = None
