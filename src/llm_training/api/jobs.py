@@ -42,6 +42,14 @@ def _input_spec(cfg: Config) -> str:
     return str(sample_data_path())
 
 
+def _size_and_mtime(path: str) -> tuple[int, ...]:
+    try:
+        info = os.stat(path)
+    except OSError:  # a URL or dataset name: its name alone identifies it
+        return ()
+    return info.st_size, info.st_mtime_ns
+
+
 def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = False) -> Path:
     """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input."""
     if cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
@@ -56,7 +64,7 @@ def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = Fals
         raise
     target = Path(cfg.output_dir) / cfg.data.prepared_dir
     paths = getattr(source, "paths", [source.describe()])
-    stats = [(p, *((os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else ())) for p in paths]
+    stats = [(p, *_size_and_mtime(p)) for p in paths]
     fingerprint = fingerprint_of(__version__, stats, sorted(vars(cfg.data).items()))
     if existing_fingerprint(target) == fingerprint:
         log.info("reusing prepared data in %s", target)

@@ -29,6 +29,20 @@ Exit status: 0 when nothing FAILs (WARNs allowed), 1 when a check FAILs, 2 for b
 not a prepared folder, unknown check)."""
 
 
+_THRESHOLD_HELP = {
+    "min_quality": "A document whose quality score (0 to 1) is below this counts as low quality.",
+    "max_low_quality_fraction": "FAIL when a larger share of the kept documents is below --min-quality.",
+    "min_mean_quality": "FAIL when the mean quality score of the kept documents is lower than this.",
+    "max_duplicate_fraction": "FAIL when a larger share of a split's documents repeats an earlier document exactly.",
+    "max_token_share": "FAIL when a single token id is a larger share of a split's tokens (natural text: 2%% to 6%%).",
+    "max_js_divergence": "FAIL when the Jensen-Shannon divergence (bits) of train and validation unigram distributions "
+    "exceeds this and twice that of a same-size random sample of train (the sampling noise).",
+    "max_bytes_per_token_ratio": "FAIL when one split's text bytes per token exceed the other's by more than this factor.",
+    "outlier_z": "A document is a length outlier when its log length is this many robust deviations from the median.",
+    "max_length_outlier_fraction": "WARN when a larger share of a split's documents are length outliers.",
+}
+
+
 def build_parser():
     t = Thresholds()
     p = parser("llm-validate-data", DESCRIPTION)
@@ -42,61 +56,8 @@ def build_parser():
         default="all",
         help=f"Comma-separated checks to run: {', '.join(CHECKS)}, or all; integrity always runs.",
     )
-    p.add_argument(
-        "--min-quality",
-        type=float,
-        default=t.min_quality,
-        help="A document whose quality score (0 to 1) is below this counts as low quality.",
-    )
-    p.add_argument(
-        "--max-low-quality-fraction",
-        type=float,
-        default=t.max_low_quality_fraction,
-        help="FAIL when a larger share of the kept documents is below --min-quality.",
-    )
-    p.add_argument(
-        "--min-mean-quality",
-        type=float,
-        default=t.min_mean_quality,
-        help="FAIL when the mean quality score of the kept documents is lower than this.",
-    )
-    p.add_argument(
-        "--max-duplicate-fraction",
-        type=float,
-        default=t.max_duplicate_fraction,
-        help="FAIL when a larger share of a split's documents repeats an earlier document exactly.",
-    )
-    p.add_argument(
-        "--max-token-share",
-        type=float,
-        default=t.max_token_share,
-        help="FAIL when a single token id is a larger share of a split's tokens (natural text: 2%% to 6%%).",
-    )
-    p.add_argument(
-        "--max-js-divergence",
-        type=float,
-        default=t.max_js_divergence,
-        help="FAIL when the Jensen-Shannon divergence (bits) of train and validation unigram distributions "
-        "exceeds this and twice that of a same-size random sample of train (the sampling noise).",
-    )
-    p.add_argument(
-        "--max-bytes-per-token-ratio",
-        type=float,
-        default=t.max_bytes_per_token_ratio,
-        help="FAIL when one split's text bytes per token exceed the other's by more than this factor.",
-    )
-    p.add_argument(
-        "--outlier-z",
-        type=float,
-        default=t.outlier_z,
-        help="A document is a length outlier when its log length is this many robust deviations from the median.",
-    )
-    p.add_argument(
-        "--max-length-outlier-fraction",
-        type=float,
-        default=t.max_length_outlier_fraction,
-        help="WARN when a larger share of a split's documents are length outliers.",
-    )
+    for key, text in _THRESHOLD_HELP.items():  # one flag per Thresholds field, its default from there
+        p.add_argument(f"--{key.replace('_', '-')}", type=float, default=getattr(t, key), help=text)
     p.add_argument(
         "--json", metavar="FILE", help="Also write the findings, thresholds and status to FILE as JSON."
     )
@@ -113,17 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.data.inspect import findings_json, open_prepared, parse_checks, validate
 
         checks = parse_checks(args.checks)  # bad names fail before any reading
-        thresholds = Thresholds(
-            min_quality=args.min_quality,
-            max_low_quality_fraction=args.max_low_quality_fraction,
-            min_mean_quality=args.min_mean_quality,
-            max_duplicate_fraction=args.max_duplicate_fraction,
-            max_token_share=args.max_token_share,
-            max_js_divergence=args.max_js_divergence,
-            max_bytes_per_token_ratio=args.max_bytes_per_token_ratio,
-            outlier_z=args.outlier_z,
-            max_length_outlier_fraction=args.max_length_outlier_fraction,
-        )
+        thresholds = Thresholds(**{key: getattr(args, key) for key in _THRESHOLD_HELP})
         prepared = open_prepared(args.data_dir)
         findings = validate(prepared, checks, thresholds)
         for finding in findings:

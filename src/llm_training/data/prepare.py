@@ -164,39 +164,30 @@ class _ShardWriter:
             self.handle = None
 
     def add_batch(self, ids: np.ndarray, lengths: list[int]) -> None:
-        """Consecutive documents (``lengths`` tokens each, end-of-text included) as one array."""
+        """Consecutive documents (``lengths`` tokens each, end-of-text included) as one array of
+        ``dtype``; a new shard starts where the current one would overflow (a document never spans two)."""
         if self.handle is None:
             self._open_next()
-        if self.shards[-1]["num_tokens"] + ids.size <= self.shard_tokens:
-            data = ids.tobytes()
-            self.handle.write(data)
-            self.hasher.update(data)
-            shard = self.shards[-1]
-            offsets = shard["num_tokens"] + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-            self.rows[0].extend([len(self.shards) - 1] * len(lengths))
-            self.rows[1].extend(offsets.tolist())
-            self.rows[2].extend(lengths)
-            shard["num_tokens"] += int(ids.size)
-            return
-        start = 0
-        for length in lengths:  # the batch crosses a shard boundary (or opens the first shard)
-            self.add(ids[start : start + length])
-            start += length
+        ends = np.cumsum(lengths)
+        start, first = 0, 0
+        while first < len(lengths):
+            room = self.shard_tokens - self.shards[-1]["num_tokens"]
+            # documents that fit; at least one, so a document longer than a shard gets a shard of its own
+            last = max(first + 1, int(np.searchsorted(ends, start + room, side="right")))
+            if last == first + 1 and self.shards[-1]["num_tokens"] and lengths[first] > room:
+                self._open_next()
+                continue
+            self._write(ids[start : ends[last - 1]], lengths[first:last])
+            start, first = int(ends[last - 1]), last
 
-    def add(self, ids: np.ndarray) -> None:
-        """One document's ids, end-of-text included; a document never spans two shards."""
-        if self.handle is None or (
-            self.shards[-1]["num_tokens"] and self.shards[-1]["num_tokens"] + ids.size > self.shard_tokens
-        ):
-            self._open_next()
-        data = ids.astype(self.dtype, copy=False).tobytes()
+    def _write(self, ids: np.ndarray, lengths: list[int]) -> None:
+        data = ids.tobytes()
         self.handle.write(data)
         self.hasher.update(data)
         shard = self.shards[-1]
-        for column, value in zip(
-            self.rows, (len(self.shards) - 1, shard["num_tokens"], ids.size), strict=True
-        ):
-            column.append(value)
+        self.rows[0].extend([len(self.shards) - 1] * len(lengths))
+        self.rows[1].extend((shard["num_tokens"] + np.concatenate(([0], np.cumsum(lengths)[:-1]))).tolist())
+        self.rows[2].extend(lengths)
         shard["num_tokens"] += int(ids.size)
 
     def finish(self) -> list[dict]:

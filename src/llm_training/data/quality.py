@@ -90,4 +90,5 @@ def quality_parts(text: str) -> dict[str, float]:
 
 
 def quality_score(text: str) -> float:
-    return float(np.prod(list(quality_parts(text).values())))
+    parts = quality_parts(text)
+    return float(quality_scores({rule: np.asarray(value) for rule, value in parts.items()}))

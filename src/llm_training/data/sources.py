@@ -93,6 +93,8 @@ class DataSourceConnector:
     """
 
     name = "custom"
+    text_field = "text"
+    id_field = "id"
 
     def __init__(self, event_bus=None) -> None:
         self.event_bus = event_bus
@@ -109,6 +111,31 @@ class DataSourceConnector:
 
     def documents(self) -> Iterator[Document]:
         raise NotImplementedError(f"{type(self).__name__} must implement documents() to yield Documents")
+
+    def to_document(self, record: Any, path: str, number: int) -> Document | None:
+        """A record (a string, or a mapping with ``text_field`` and maybe ``id_field``) as a Document; a bad
+        record goes to ``problems`` and gives None."""
+        if isinstance(record, str):
+            return Document(f"{Path(path).name}:{number}", record, path, number)
+        if not isinstance(record, dict):
+            self.problems.record(
+                "not_an_object", path, number, f"expected an object with a '{self.text_field}' field"
+            )
+            return None
+        text = record.get(self.text_field)
+        if not isinstance(text, str):
+            keys = ", ".join(sorted(map(str, record))) or "none"
+            self.problems.record(
+                "missing_text_field",
+                path,
+                number,
+                f"no text field '{self.text_field}' (fields: {keys}); set --text-field",
+            )
+            return None
+        doc_id = record.get(self.id_field)
+        return Document(
+            str(doc_id) if doc_id is not None else f"{Path(path).name}:{number}", text, path, number
+        )
 
     def describe(self) -> str:
         return type(self).__name__
@@ -196,7 +223,7 @@ class FileSource(DataSourceConnector):
         line = 0
         try:
             with _open(path) as raw:
-                head = raw.peek(8192)[:8192] if hasattr(raw, "peek") else b""
+                head = raw.peek(8192)[:8192]
                 if b"\x00" in head:
                     self.problems.record("binary_file", path, None, "binary file (NUL bytes), not text")
                     return
@@ -244,29 +271,6 @@ class FileSource(DataSourceConnector):
                     "not_utf8", path, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
                 )
 
-    def to_document(self, record: Any, path: str, number: int) -> Document | None:
-        if isinstance(record, str):
-            return Document(f"{Path(path).name}:{number}", record, path, number)
-        if not isinstance(record, dict):
-            self.problems.record(
-                "not_an_object", path, number, f"expected an object with a '{self.text_field}' field"
-            )
-            return None
-        text = record.get(self.text_field)
-        if not isinstance(text, str):
-            keys = ", ".join(sorted(map(str, record))) or "none"
-            self.problems.record(
-                "missing_text_field",
-                path,
-                number,
-                f"no text field '{self.text_field}' (fields: {keys}); set --text-field",
-            )
-            return None
-        doc_id = record.get(self.id_field)
-        return Document(
-            str(doc_id) if doc_id is not None else f"{Path(path).name}:{number}", text, path, number
-        )
-
 
 class HuggingFaceSource(DataSourceConnector):
     """``hf://NAME[?config=C&split=S]``: a dataset through Hugging Face ``datasets`` (streamed), or a folder
@@ -304,10 +308,8 @@ class HuggingFaceSource(DataSourceConnector):
             raise DataError(f"{self.spec}: cannot load the dataset ({str(exc).splitlines()[0]})") from None
 
     def documents(self) -> Iterator[Document]:
-        helper = FileSource.__new__(FileSource)
-        helper.problems, helper.text_field, helper.id_field = self.problems, self.text_field, self.id_field
         for number, record in enumerate(self._dataset(), 1):
-            doc = helper.to_document(record, self.spec, number)
+            doc = self.to_document(record, self.spec, number)
             if doc is not None:
                 yield doc
 

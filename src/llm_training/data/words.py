@@ -124,6 +124,15 @@ def batch_words(texts: list[str]) -> BatchWords:
     )
 
 
+def _fold(hashes: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """Mixed polynomial hash of the ``width`` word hashes from each of ``starts``."""
+    value = np.zeros(starts.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(width):
+            value = value * _P + hashes[starts + i]
+    return mix64(value)
+
+
 def batch_shingles(words: BatchWords, size: int = SHINGLE_WORDS) -> tuple[np.ndarray, np.ndarray]:
     """(52-bit hashes, document index) of every run of ``size`` consecutive words within a document, sorted
     by document then hash; a document with fewer words has one shingle of all of them. At most 4,096
@@ -131,24 +140,15 @@ def batch_shingles(words: BatchWords, size: int = SHINGLE_WORDS) -> tuple[np.nda
     if words.num_docs > MAX_BATCH_DOCS:
         raise ValueError(f"at most {MAX_BATCH_DOCS} documents a batch, got {words.num_docs}")
     h, doc = words.hashes, words.doc
-    count = max(0, h.size - size + 1)
-    combined = np.zeros(count, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(size):
-            combined = combined * _P + h[i : i + count]
-    valid = doc[:count] == doc[size - 1 : size - 1 + count]
-    shingles, owners = [mix64(combined[valid])], [doc[:count][valid]]
+    starts = np.arange(max(0, h.size - size + 1))
+    valid = doc[starts] == doc[starts + size - 1]  # runs inside one document
+    shingles, owners = [_fold(h, starts[valid], size)], [doc[starts[valid]]]
     per_doc = words.words_per_doc
     first = np.concatenate(([0], np.cumsum(per_doc)[:-1]))
     for width in range(1, size):  # documents with fewer words than a shingle: one shingle of all of them
         short = np.flatnonzero(per_doc == width)
-        if short.size:
-            value = np.zeros(short.size, dtype=np.uint64)
-            with np.errstate(over="ignore"):
-                for i in range(width):
-                    value = value * _P + h[first[short] + i]
-            shingles.append(mix64(value))
-            owners.append(short)
+        shingles.append(_fold(h, first[short], width))
+        owners.append(short)
     # one sort of (document << 52 | top 52 bits of the hash) instead of a slower two-key lexsort
     keys = (np.concatenate(owners).astype(np.uint64) << np.uint64(52)) | (
         np.concatenate(shingles) >> np.uint64(12)

@@ -16,14 +16,14 @@ def train_step(
     """
     device = runtime.device
     counts = [(b["labels"] != -100).sum() for b in micro_batches]  # on the labels' device: no GPU sync
-    total_tokens = torch.stack(counts).sum().clamp(min=1)
+    total_tokens = torch.stack(counts).sum().clamp(min=1).to(device)
     loss_sum = torch.zeros((), device=device)
     for batch, count in zip(micro_batches, counts, strict=True):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with runtime.autocast():
             loss = model(input_ids, labels)
-        weight = count.to(device) / total_tokens.to(device)
+        weight = count.to(device) / total_tokens
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += scaled.detach()
