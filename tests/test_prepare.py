@@ -384,3 +384,27 @@ def test_scripts_prepare_data_accepts_the_guides_flags(tmp_path, plays):
     assert proc.returncode == 0, proc.stderr
     for name in ("train.json", "validation.json", "vocab.json"):
         assert (tmp_path / "prepared_data" / name).is_file()
+
+
+def test_split_threshold_length_and_config_flags(tmp_path):
+    source = str(corpus("fortunes"))
+
+    def prepare(name, *args):
+        out = tmp_path / name
+        proc = run_cli([*PREPARE, "--input", source, "--output", str(out), *SMALL, *args], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return report_of(out)
+
+    half = prepare("half", "--validation-fraction", "0.5", "--seed", "7")
+    share = half["validation_documents"] / (half["train_documents"] + half["validation_documents"])
+    assert 0.45 < share < 0.55
+    reseeded = prepare("reseeded", "--validation-fraction", "0.5", "--seed", "8")
+    assert reseeded["validation_documents"] != half["validation_documents"]
+    loose = prepare("loose", "--deduplicate", "--dedup-threshold", "0.5")
+    strict = prepare("strict", "--deduplicate", "--dedup-threshold", "0.95")
+    assert loose["dropped"]["near_duplicate"] > strict["dropped"].get("near_duplicate", 0)
+    short = prepare("short", "--max-document-bytes", "300")
+    assert short["problems"]["counts"]["line_too_long"] > 100
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  min_quality: 0.9\n")
+    assert prepare("configured", "--config", str(config))["dropped"]["low_quality"] > 1000
