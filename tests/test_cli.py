@@ -85,12 +85,8 @@ def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "out" / "exp1"
-    assert {p.name for p in (run / "checkpoints").iterdir()} == {
-        "model_step_3.pt",
-        "model_step_6.pt",
-        "model_final.pt",
-        "model_best.pt",
-    }
+    names = {"model_step_3.pt", "model_step_6.pt", "model_final.pt", "model_best.pt"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == names | {f"{n}.json" for n in names}
     assert "6 steps" in proc.stdout
     resumed = run_cli([*args, "--resume-from", str(run / "checkpoints" / "model_step_3.pt")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -129,13 +125,14 @@ def test_console_script_is_installed():
 
 @pytest.mark.parametrize("args, flags", [
     (MAIN, ["--input-file", "--output-dir", "--config", "--resume-from", "--max-time", "--device", "--set"]),
-    (TRAIN, ["--config", "--data-dir", "--output-dir", "--num-epochs", "--batch-size", "--learning-rate", "--resume", "--max-steps", "--max-time", "--set"]),
+    (TRAIN, ["--config", "--data-dir", "--output-dir", "--num-epochs", "--batch-size", "--learning-rate", "--resume", "--resume-from", "--max-steps", "--max-time", "--set"]),
+    (["-m", "llm_training.cli.cleanup"], ["--checkpoint-dir", "--keep-last", "--keep-best", "--dry-run"]),
 ])  # fmt: skip
 def test_help_lists_every_flag_with_a_sentence(tmp_path, args, flags):
     proc = run_cli([*args, "--help"], tmp_path)
     assert proc.returncode == 0
     for flag in flags:
-        line = next(line for line in proc.stdout.splitlines() if line.strip().startswith(flag))
+        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(flag) or f", {flag} " in x)
         assert flag in line
     assert proc.stdout.count(".") >= len(flags)
 

@@ -24,12 +24,30 @@ _EXPORTS = {
     "ModelInitializerOutput": "llm_training.api.model",
     "load_config": "llm_training.config",
     "load_checkpoint": "llm_training.train.checkpoint",
+    "ErrorRecovery": "llm_training.train.recovery",
+    "RecoveryExhausted": "llm_training.train.recovery",
+    "ModelCheckpointer": "llm_training.api.training",
+    "DataLoader": "llm_training.api.training",
+    "DataLoaderInput": "llm_training.api.training",
+    "DataLoaderOutput": "llm_training.api.training",
+    "TrainingOrchestrator": "llm_training.api.training",
+    "TrainingOrchestratorInput": "llm_training.api.training",
+    "TrainingOrchestratorOutput": "llm_training.api.training",
     "EventBus": "llm_training.events",
     "UserError": "llm_training.errors",
 }
 
 __all__ = [
     "Config",
+    "DataLoader",
+    "DataLoaderInput",
+    "DataLoaderOutput",
+    "ErrorRecovery",
+    "ModelCheckpointer",
+    "RecoveryExhausted",
+    "TrainingOrchestrator",
+    "TrainingOrchestratorInput",
+    "TrainingOrchestratorOutput",
     "DataPreparationPipeline",
     "DataSourceConnector",
     "DataSourceConnectorOutput",
@@ -48,12 +66,22 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
+    from llm_training.api.training import (
+        DataLoader,
+        DataLoaderInput,
+        DataLoaderOutput,
+        ModelCheckpointer,
+        TrainingOrchestrator,
+        TrainingOrchestratorInput,
+        TrainingOrchestratorOutput,
+    )
     from llm_training.cli.main_job import main
     from llm_training.config import Config, load_config
     from llm_training.data.sources import DataSourceConnector, DataSourceConnectorOutput, Document
     from llm_training.errors import UserError
     from llm_training.events import EventBus
     from llm_training.train.checkpoint import load_checkpoint
+    from llm_training.train.recovery import ErrorRecovery, RecoveryExhausted
 
 
 def __getattr__(name: str):

@@ -126,6 +126,32 @@ class TrainingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """What is saved in <output_dir>/checkpoints, how, and what is kept."""
+
+    resume: str | None = None  # a checkpoint to continue from, or "auto": the newest valid one, if any
+    keep_last: int | None = 3  # model_step_N.pt files kept (the newest); None keeps every one
+    keep_best: int = 1  # also keep this many step checkpoints with the lowest validation loss
+    # write in a background thread after a quick copy to host memory, so steps do not wait for the disk;
+    # "auto": on CUDA
+    async_save: str | bool = "auto"
+    on_save_error: str = "stop"  # a save that fails (disk full...): "stop" training, or "continue" without it
+
+
+@dataclass
+class RecoveryConfig:
+    """What the training loop does about failures (see train/recovery.py)."""
+
+    enabled: bool = (
+        True  # roll back on NaN or spiking loss, shrink the micro-batch on out-of-memory, retry I/O
+    )
+    max_retries: int = 3  # failures of one kind in a row before training stops with a report
+    backup_freq: int = 0  # steps between rollback checkpoints; 0: training.checkpoint_interval
+    loss_spike_factor: float = 3.0  # a logged loss this many times its recent average is a spike; 0: off
+    backoff_seconds: float = 1.0  # first pause before retrying an I/O error; doubles each time
+
+
+@dataclass
 class ResourcesConfig:
     """Devices and processes."""
 
@@ -153,6 +179,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -503,6 +531,24 @@ def validate(cfg: Config) -> None:
     if not isinstance(t.compile, bool):
         _one_of(t.compile, {"auto", "true", "false", "yes", "no"}, "training.compile")
     _one_of(t.optimizer, {"adamw", "muon"}, "training.optimizer")
+
+    c, rec = cfg.checkpoint, cfg.recovery
+    _require(
+        c.keep_last is None or c.keep_last >= 0, "checkpoint.keep_last cannot be negative (null keeps all)"
+    )
+    _require(c.keep_best >= 0, "checkpoint.keep_best cannot be negative")
+    if not isinstance(c.async_save, bool):
+        _one_of(c.async_save, {"auto", "true", "false", "yes", "no"}, "checkpoint.async_save")
+    _one_of(c.on_save_error, {"stop", "continue"}, "checkpoint.on_save_error")
+    _require(rec.max_retries >= 0, "recovery.max_retries cannot be negative")
+    _require(
+        rec.backup_freq >= 0, "recovery.backup_freq cannot be negative (0: training.checkpoint_interval)"
+    )
+    _require(
+        rec.loss_spike_factor == 0 or rec.loss_spike_factor > 1,
+        f"recovery.loss_spike_factor must be above 1, or 0 to turn spike detection off, got {rec.loss_spike_factor}",
+    )
+    _require(rec.backoff_seconds >= 0, "recovery.backoff_seconds cannot be negative")
 
     _require(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,

@@ -21,6 +21,7 @@ RUN_END = "run_end"
 SAMPLE = "sample"
 DATA_PREPARED = "data_prepared"
 ERROR = "error"
+RECOVERY = "recovery"  # the loop rolled back, shrank the batch or retried (train/recovery.py)
 
 
 @dataclass
@@ -62,3 +63,19 @@ class EventBus:
             except Exception:  # a broken sink must not stop training
                 log.exception("event handler %r failed on %s", handler, topic)
         return event
+
+
+class Sink:
+    """A subscriber of several topics that ``close()`` detaches (a bus may outlive a run)."""
+
+    _unsubscribe: list[Callable[[], None]]
+
+    def listen(self, bus: EventBus, topic: str, handler: Handler) -> None:
+        if not hasattr(self, "_unsubscribe"):
+            self._unsubscribe = []
+        self._unsubscribe.append(bus.subscribe(topic, handler))
+
+    def close(self) -> None:
+        for stop in getattr(self, "_unsubscribe", ()):
+            stop()
+        self._unsubscribe = []

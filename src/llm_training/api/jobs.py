@@ -87,6 +87,19 @@ def run_training(
     cfg: Config, resume_from: str | Path | None = None, *, console: bool = True, bus: EventBus | None = None
 ) -> TrainResult:
     """Prepare (if needed) and train with the console, log and metrics sinks attached."""
+    return run_training_on(cfg, None, resume_from, console=console, bus=bus)
+
+
+def run_training_on(
+    cfg: Config,
+    data_dir: str | Path | None,
+    resume_from: str | Path | dict | None = None,
+    *,
+    model=None,
+    console: bool = True,
+    bus: EventBus | None = None,
+) -> TrainResult:
+    """Train on prepared ``data_dir`` (None: prepare the config's input first) with the sinks attached."""
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -94,25 +107,33 @@ def run_training(
             f"started as {world} processes (torchrun/accelerate), but this version trains in one process only; "
             "run it without a launcher"
         )
-    if resume_from and not Path(resume_from).is_file():
-        raise UserError(f"checkpoint not found: {resume_from}")
+    resume = resume_from if resume_from is not None else cfg.checkpoint.resume
+    if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
+        raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
     out.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S")
     handler = setup_logging(out / cfg.logging.log_dir, cfg.logging.level, run_id)
     bus = bus or EventBus()
-    ConsoleSink(bus, enabled=console and cfg.logging.progress_bar)
-    LogSink(bus)
-    MetricsFileSink(bus, out / "metrics.jsonl")
-    bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))
+    sinks = [
+        ConsoleSink(bus, enabled=console and cfg.logging.progress_bar),
+        LogSink(bus),
+        MetricsFileSink(bus, out / "metrics.jsonl"),
+    ]
+    unsubscribe = [bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))]
     try:
         log.info("run %s starting in %s", run_id, out.resolve())
         if cfg.resources.distributed:
             log.warning("resources.distributed is set but training runs in one process in this version")
-        data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
-        return train(cfg, data_dir, bus, resume_from)
+        if data_dir is None:
+            data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
+        return train(cfg, data_dir, bus, resume, model=model)
     except UserError as exc:
         log.error("%s", exc)
         raise
     finally:
+        for sink in sinks:
+            sink.close()
+        for stop in unsubscribe:
+            stop()
         logging.getLogger("llm_training").removeHandler(handler)
         handler.close()

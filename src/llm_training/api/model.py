@@ -11,6 +11,9 @@ from typing import Any
 from llm_training.config import load_config
 from llm_training.errors import ConfigError
 
+# every model built or trained through the API, by model_id (TrainingOrchestratorInput names them)
+MODELS: dict[str, ModelInitializerOutput] = {}
+
 
 @dataclass
 class ModelInitializerInput:
@@ -81,9 +84,22 @@ class ModelInitializer:
             num_parameters=model.num_parameters(),
             flops_per_token=model.flops_per_token(),
         )
-        self.models[output.model_id] = output
+        self.models[output.model_id] = MODELS[output.model_id] = output
         if self.event_bus is not None:
             self.event_bus.publish(
                 "model_initialized", model_id=output.model_id, num_parameters=output.num_parameters
             )
         return output
+
+
+def register_model(model, config) -> str:
+    """Record a trained model under a new id, as ``ModelInitializer`` does for the models it builds."""
+    output = ModelInitializerOutput(
+        model_id=str(uuid.uuid4()),
+        model=model,
+        config=config,
+        num_parameters=model.num_parameters(),
+        flops_per_token=model.flops_per_token(),
+    )
+    MODELS[output.model_id] = output
+    return output.model_id

@@ -28,6 +28,42 @@ def add_set_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_resume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        "--resume-from",
+        dest="resume",
+        metavar="PATH|auto",
+        help="Continue training from a checkpoint (.pt), or 'auto': the newest valid checkpoint in "
+        "<output-dir>/checkpoints (a fresh start when there is none).",
+    )
+
+
+def resume_command(prog: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments with ``--resume auto``."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--resume", "--resume-from"):
+            skip = True
+            continue
+        if arg.startswith(("--resume=", "--resume-from=")):
+            continue
+        kept.append(arg)
+    return shlex.join([*prog.split(), *kept, "--resume", "auto"])
+
+
+def interrupted_message(result, prog: str, argv: list[str]) -> str:
+    return (
+        f"stopped by {result.interrupted_by} at step {result.steps}; saved {result.final_checkpoint}\n"
+        f"resume with: {resume_command(prog, argv)}"
+    )
+
+
 def parse_sets(items: list[str]) -> dict[str, str]:
     values = {}
     for item in items:

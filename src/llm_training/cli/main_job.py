@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import add_set_flag, parse_sets, parser, run
+from llm_training.cli.common import (
+    add_resume_flags,
+    add_set_flag,
+    interrupted_message,
+    parse_sets,
+    parser,
+    run,
+)
 
 DESCRIPTION = """\
 Prepare text, train a language model on it, save checkpoints and logs, and print what it achieved with a
@@ -26,7 +33,7 @@ def build_parser():
     p.add_argument(
         "--config", help="YAML config file, layered over config/default.yaml and under environment and flags."
     )
-    p.add_argument("--resume-from", help="Checkpoint (.pt) to continue training from.")
+    add_resume_flags(p)
     p.add_argument(
         "--max-time", help="Training time budget, e.g. 70s, 15m or 2h; the learning-rate schedule fits it."
     )
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None, **overrides):
     if not cfg.data.input_file and not cfg.data.data_dir:
         # quick-start budget sits just above the hard-coded defaults: any file, variable or flag wins over it
         cfg = load_config(args.config, cli=cli, overrides=overrides, preset=QUICKSTART)
-    return run_training(cfg, resume_from=args.resume_from)
+    return run_training(cfg, resume_from=args.resume)
 
 
 def report(result) -> str:
@@ -74,8 +81,12 @@ def report(result) -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        result = main(sys.argv[1:] if argv is None else argv)
-        print(report(result))
+        arguments = sys.argv[1:] if argv is None else argv
+        result = main(arguments)
+        if result.status == "interrupted":
+            print(interrupted_message(result, "python -m llm_training.main", arguments))
+        else:
+            print(report(result))
         return 0
 
     return run(body)

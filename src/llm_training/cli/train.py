@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from llm_training.cli.common import add_set_flag, parse_sets, parser, run
+from llm_training.cli.common import (
+    add_resume_flags,
+    add_set_flag,
+    interrupted_message,
+    parse_sets,
+    parser,
+    run,
+)
 
 DESCRIPTION = """\
 Train a language model. --data-dir takes prepared data (a folder with train.json, validation.json and
@@ -34,7 +41,7 @@ def build_parser():
         "--max-time", help="Training time budget, e.g. 70s, 15m or 2h; the learning-rate schedule fits it."
     )
     p.add_argument("--device", help="Device to train on: auto (CUDA when present), cpu, cuda or cuda:N.")
-    p.add_argument("--resume", help="Checkpoint (.pt) to continue training from.")
+    add_resume_flags(p)
     add_set_flag(p)
     return p
 
@@ -45,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.cli.main_job import report
         from llm_training.config import load_config
 
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        arguments = sys.argv[1:] if argv is None else argv
+        args = build_parser().parse_args(arguments)
         cli = {
             "data.data_dir": args.data_dir,
             "output_dir": args.output_dir,
@@ -58,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             **parse_sets(args.overrides),
         }
         cfg = load_config(args.config, cli=cli)
-        print(report(run_training(cfg, resume_from=args.resume)))
+        result = run_training(cfg, resume_from=args.resume)
+        if result.status == "interrupted":
+            print(interrupted_message(result, "llm-train", arguments))
+        else:
+            print(report(result))
         return 0
 
     return run(body)

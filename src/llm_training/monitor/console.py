@@ -6,7 +6,7 @@ import sys
 import time
 
 from llm_training import events
-from llm_training.events import Event, EventBus
+from llm_training.events import Event, EventBus, Sink
 
 LOG_LINE_INTERVAL = 10.0  # seconds between progress lines when the stream is not a terminal
 
@@ -15,7 +15,7 @@ def is_tty(stream) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
-class ConsoleSink:
+class ConsoleSink(Sink):
     def __init__(self, bus: EventBus, enabled: bool = True, stream=None) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -30,8 +30,9 @@ class ConsoleSink:
             (events.EVAL_END, self._eval),
             (events.CHECKPOINT_SAVED, self._checkpoint),
             (events.RUN_END, self._end),
+            (events.RECOVERY, self._recovery),
         ):
-            bus.subscribe(topic, handler)
+            self.listen(bus, topic, handler)
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -102,6 +103,16 @@ class ConsoleSink:
 
     def _checkpoint(self, event: Event) -> None:
         self._write(f"saved {event.payload['path']}")
+
+    def _recovery(self, event: Event) -> None:
+        p = event.payload
+        self._write(f"recovery ({p['action']}, attempt {p['attempt']}): {p['error']}; {p['message']}")
+
+    def close(self) -> None:
+        super().close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _end(self, event: Event) -> None:
         if self.bar is not None:

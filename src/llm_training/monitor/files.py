@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from llm_training import events
-from llm_training.events import Event, EventBus
+from llm_training.events import Event, EventBus, Sink
 
 LOGGER = "llm_training"
 
@@ -40,12 +40,12 @@ def _short(value):
     return value if isinstance(value, (int, str, bool, type(None))) else str(value)
 
 
-class LogSink:
+class LogSink(Sink):
     """Every event as one log line (the resolved config at run start is logged as JSON)."""
 
     def __init__(self, bus: EventBus) -> None:
         self.log = logging.getLogger(f"{LOGGER}.run")
-        bus.subscribe("*", self._event)
+        self.listen(bus, "*", self._event)
 
     def _event(self, event: Event) -> None:
         p = event.payload
@@ -57,14 +57,14 @@ class LogSink:
             self.log.debug("config %s", json.dumps(p.get("config")))
 
 
-class MetricsFileSink:
-    """Appends logged steps and validations to ``metrics.jsonl``."""
+class MetricsFileSink(Sink):
+    """Appends logged steps, validations and recoveries to ``metrics.jsonl``."""
 
     def __init__(self, bus: EventBus, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        bus.subscribe(events.STEP_END, self._write)
-        bus.subscribe(events.EVAL_END, self._write)
+        for topic in (events.STEP_END, events.EVAL_END, events.RECOVERY):
+            self.listen(bus, topic, self._write)
 
     def _write(self, event: Event) -> None:
         if event.topic == events.STEP_END and event.payload.get("loss") is None:

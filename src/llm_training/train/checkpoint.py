@@ -1,30 +1,58 @@
-"""Checkpoints: written to a temporary name, flushed and renamed; read with ``weights_only=True``.
+"""The checkpoint format: one ``.pt`` file and a ``.pt.json`` sidecar with its SHA-256.
 
-A checkpoint is a dict of tensors and plain values: model, optimizer, step, epoch, loader position, RNG
-states, the resolved config and the tokenizer (its JSON text, so a checkpoint alone can generate text).
+A checkpoint is a dict of tensors and plain values (model, optimizer, schedule, step, epoch, loader position,
+RNG states, the resolved config and the tokenizer), read with ``weights_only=True`` so that opening one never
+runs code. Writing goes to a hidden temporary name, is flushed to disk and renamed, and the checksum computed
+while writing goes to the sidecar last: a crash at any moment leaves every earlier checkpoint as it was, and a
+file that was damaged afterwards is caught on load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
 import re
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm_training.errors import UserError
 
-CHECKPOINT_VERSION = 1
-_STEP_FILE = re.compile(r"model_step_(\d+)\.pt$")
+CHECKPOINT_VERSION = 2
+_STEP_FILE = re.compile(r"^model_step_(\d+)\.pt$")
+_TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read: missing, truncated, corrupted or not ours."""
+
+
+# --------------------------------------------------------------------------------------------- RNG states
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    """Python, NumPy, torch and CUDA generator states, as values ``weights_only`` loading accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -32,52 +60,259 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": "MT19937",
+                "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+            }
+        )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically: a crash mid-write leaves the previous file untouched."""
+# --------------------------------------------------------------------------------------------- writing
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what passes through, so the checksum costs no second read."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch's zip writer masks it with its own error on the way out
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _open_tmp(path: Path):
+    """The file a checkpoint is first written to (tests replace this to simulate a full disk)."""
+    return open(path, "wb")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` atomically with a checksum sidecar; ``meta`` (step, validation loss...) goes there too.
+
+    A crash mid-write leaves the previous file under ``path`` (if any) untouched; on an error the temporary
+    file is removed and the error raised, so no partial checkpoint is ever left under a real name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    side, side_tmp = sidecar_path(path), path.with_name(f".{path.name}.json.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, handle)
+        with _open_tmp(tmp) as handle:
+            writer = _HashingWriter(handle)
+            try:
+                torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, writer)
+            except Exception:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
+        record = {
+            "format": "llm_training checkpoint",
+            "version": CHECKPOINT_VERSION,
+            "file": path.name,
+            "sha256": writer.sha256.hexdigest(),
+            "bytes": writer.size,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(meta or {}),
+        }
+        with open(side_tmp, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        side.unlink(missing_ok=True)  # never pair new weights with an old checksum
         os.replace(tmp, path)
+        os.replace(side_tmp, side)
+        _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint without running any code from it (``weights_only=True``)."""
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "sha256" in record else None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the file matches its sidecar (or has none); else what is wrong, in a few words."""
     path = Path(path)
+    record = read_sidecar(path)
+    if record is None:
+        return None
+    size = path.stat().st_size
+    if size != record.get("bytes", size):
+        return f"truncated or extended: {size:,} bytes, its checksum file says {record['bytes']:,}"
+    if file_sha256(path) != record["sha256"]:
+        return "corrupted: its SHA-256 does not match its checksum file"
+    return None
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True
+) -> dict[str, Any]:
+    """Read a checkpoint without running any code from it (``weights_only=True``), checking its checksum."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file such as {path}/model_final.pt")
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = verify_checkpoint(path) if verify else None
+    if problem:
+        raise CheckpointError(
+            f"{path}: {problem}; resume from an earlier checkpoint (--resume auto finds one)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"{path}: not an llm_training checkpoint (no model or config inside)")
+        raise CheckpointError(f"{path}: not an llm_training checkpoint (no model or config inside)")
     return state
 
 
+# --------------------------------------------------------------------------------------------- listing
+
+
+@dataclass
+class CheckpointEntry:
+    path: Path
+    step: int
+    meta: dict[str, Any] | None  # the sidecar, None when missing
+
+    @property
+    def val_loss(self) -> float | None:
+        value = (self.meta or {}).get("val_loss")
+        return float(value) if value is not None else None
+
+
+def _entry(path: Path, step: int | None = None) -> CheckpointEntry:
+    meta = read_sidecar(path)
+    if step is None:
+        step = int((meta or {}).get("step", -1))
+    return CheckpointEntry(path, step, meta)
+
+
+def step_checkpoints(checkpoint_dir: str | Path) -> list[CheckpointEntry]:
+    """The ``model_step_N.pt`` files of a folder, oldest first."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = [_entry(p, int(m.group(1))) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return sorted(found, key=lambda e: e.step)
+
+
+def resume_candidates(checkpoint_dir: str | Path) -> list[CheckpointEntry]:
+    """Checkpoints a run can continue from, newest first: step files and ``model_final.pt``."""
+    entries = step_checkpoints(checkpoint_dir)
+    final = Path(checkpoint_dir) / "model_final.pt"
+    if final.is_file():
+        entries.append(_entry(final))
+    return sorted(entries, key=lambda e: e.step, reverse=True)
+
+
+def is_valid(path: str | Path) -> bool:
+    try:
+        return verify_checkpoint(path) is None and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The model_step_N.pt with the largest N, or model_final.pt when no step file exists."""
-    checkpoint_dir = Path(checkpoint_dir)
-    steps = [
-        (int(m.group(1)), p)
-        for p in checkpoint_dir.glob("model_step_*.pt")
-        if (m := _STEP_FILE.search(p.name))
-    ]
-    if steps:
-        return max(steps)[1]
-    final = checkpoint_dir / "model_final.pt"
-    return final if final.is_file() else None
+    """The newest checkpoint that passes its checksum (a damaged newer one is skipped), or None."""
+    for entry in resume_candidates(checkpoint_dir):
+        if is_valid(entry.path):
+            return entry.path
+    return None
+
+
+def stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
+    """Half-written files left by a process that no longer runs (a crash or kill during a save)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    stale = []
+    for p in folder.iterdir():
+        m = _TMP_FILE.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            stale.append(p)
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_resume(resume: str | Path, checkpoint_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """Resolve ``--resume``: a path is loaded (an error if it cannot be); "auto" loads the newest checkpoint
+    of ``checkpoint_dir`` that loads, skipping damaged ones with a warning, or gives (None, None)."""
+    import logging
+
+    if str(resume) != "auto":
+        return Path(resume), load_checkpoint(resume)
+    for entry in resume_candidates(checkpoint_dir):
+        try:
+            return entry.path, load_checkpoint(entry.path)
+        except CheckpointError as exc:
+            logging.getLogger("llm_training.checkpoint").warning("skipping %s", exc)
+    return None, None

@@ -1,14 +1,19 @@
 """The training loop: builds model, optimizer and loader, runs ``train_step``, validates, checkpoints, samples.
 
-It only publishes events; progress bars, log files and metrics files are sinks subscribed to the bus.
+It only publishes events; progress bars, log files and metrics files are sinks subscribed to the bus. It
+resumes exactly from a checkpoint, saves one and stops cleanly on SIGTERM/SIGINT, and recovers from failures
+(train/recovery.py): a non-finite or spiking loss rolls back, out-of-memory halves the micro-batch.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,10 +26,21 @@ from llm_training.events import EventBus
 from llm_training.model.generate import generate
 from llm_training.model.transformer import Transformer
 from llm_training.train.autobatch import resolve_batch
-from llm_training.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from llm_training.train.checkpoint import (
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    stale_temporaries,
+)
+from llm_training.train.checkpointer import Checkpointer, HostSnapshot
 from llm_training.train.device import Runtime, memory_gb, peak_flops, resolve_runtime
 from llm_training.train.optim import build_optimizer, lr_at, set_lr
+from llm_training.train.preempt import PreemptionGuard
+from llm_training.train.recovery import ErrorRecovery, LossMonitor, TrainingAnomaly, is_out_of_memory
 from llm_training.train.step import train_step
+
+log = logging.getLogger("llm_training.train")
 
 
 @dataclass
@@ -44,6 +60,10 @@ class TrainResult:
     device: str
     precision: str
     metrics: dict = field(default_factory=dict)
+    interrupted_by: str | None = None  # the signal that stopped an interrupted run
+    resumed_from: Path | None = None
+    recoveries: int = 0  # rollbacks, batch reductions and retries during the run
+    model: Any = field(default=None, repr=False)  # the trained torch module
 
 
 @torch.no_grad()
@@ -91,214 +111,441 @@ def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
         )
 
 
-def train(
-    cfg: Config, data_dir: str | Path, bus: EventBus | None = None, resume_from: str | Path | None = None
-) -> TrainResult:
-    """Train on the prepared data in ``data_dir``; checkpoints go to ``<output_dir>/checkpoints``."""
-    bus = bus or EventBus()
-    data_dir = Path(data_dir)
-    out_dir = Path(cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    t = cfg.training
+def _split(micro: list[dict], parts: int) -> list[dict]:
+    """Each micro-batch cut into ``parts`` smaller ones (the step weighs them by tokens: same gradient)."""
+    if parts == 1:
+        return micro
+    out = []
+    for batch in micro:
+        rows = batch["input_ids"].shape[0]
+        for i in range(0, rows, max(1, rows // parts)):
+            out.append({k: v[i : i + max(1, rows // parts)] for k, v in batch.items()})
+    return out
 
-    resume_state = load_checkpoint(resume_from) if resume_from else None
-    if resume_state is not None:
-        # a resumed run keeps the architecture it was trained with
-        cfg.model = config_from_dict({"model": resume_state["config"]["model"]}, f"{resume_from}").model
 
-    runtime = resolve_runtime(cfg)
-    torch.manual_seed(t.seed)
-    tokenizer = Tokenizer.load(data_dir / "vocab.json")
-    _resolve_vocab(cfg, tokenizer)
-    train_set = TokenDataset(data_dir / "train.json", cfg.model.max_seq_length)
-    val_set = TokenDataset(data_dir / "validation.json", cfg.model.max_seq_length)
-    model = Transformer(cfg.model).to(runtime.device)
-    micro_batch, accum = resolve_batch(model, t, runtime, train_set.seq_len, cfg.model.vocab_size)
-    loader = BatchLoader(train_set, micro_batch, seed=t.seed)
-    optimizer = build_optimizer(model, t, runtime.device)
-    scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
-    step, tokens_seen, elapsed_before, first_val = 0, 0, 0.0, None
-    if resume_state is not None:
+class Trainer:
+    """One training run: set up in ``__init__``, ``run()`` to train. ``train()`` below is the usual entry."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        data_dir: str | Path,
+        bus: EventBus,
+        *,
+        model: torch.nn.Module | None = None,
+        recovery: ErrorRecovery | None = None,
+    ) -> None:
+        self.cfg, self.bus, t = cfg, bus, cfg.training
+        self.data_dir = Path(data_dir)
+        self.out_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.runtime = runtime = resolve_runtime(cfg)
+        torch.manual_seed(t.seed)
+        self.tokenizer = Tokenizer.load(self.data_dir / "vocab.json")
+        _resolve_vocab(cfg, self.tokenizer)
+        self.train_set = TokenDataset(self.data_dir / "train.json", cfg.model.max_seq_length)
+        self.val_set = TokenDataset(self.data_dir / "validation.json", cfg.model.max_seq_length)
+        self.model = (model if model is not None else Transformer(cfg.model)).to(runtime.device)
+        self.micro_batch, self.accum = resolve_batch(
+            self.model, t, runtime, self.train_set.seq_len, cfg.model.vocab_size
+        )
+        self.loader = BatchLoader(self.train_set, self.micro_batch, seed=t.seed)
+        self.optimizer = build_optimizer(self.model, t, runtime.device)
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
+        self.fwd = torch.compile(self.model) if runtime.compile else self.model
+        rc = cfg.recovery
+        if recovery is None and rc.enabled:
+            recovery = ErrorRecovery(
+                self.ckpt_dir,
+                rc.max_retries,
+                rc.backup_freq or t.checkpoint_interval,
+                bus,
+                rc.backoff_seconds,
+            )
+        self.recovery = recovery
+        if recovery is not None:
+            recovery.event_bus = recovery.event_bus or bus
+            recovery.rollback_target = self._rollback_target
+        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint, runtime.device, bus, recovery)
+        self.monitor = LossMonitor(rc.loss_spike_factor if recovery is not None else 0.0)
+        interval = t.checkpoint_interval
+        if recovery is not None:
+            interval = min(interval, recovery.backup_freq)
+        self.save_interval = interval
+        # counters, all part of a checkpoint
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.first_val: float | None = None
+        self.best_val: float | None = None
+        self.split = 1  # micro-batches are cut into this many after an out-of-memory
+        self.metrics: dict = {}
+        self.resumed_from: Path | None = None
+        self.start_snapshot: dict | None = None  # the rollback point before the first checkpoint
+        self.skip: tuple[int, dict] | None = None  # at step N, jump the loader past batches that failed
+
+    # ------------------------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        t = self.cfg.training
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scheduler": {"name": t.lr_schedule, "warmup_steps": t.warmup_steps, "progress": self.progress()},
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "loader": self.loader.state_dict(),
+            "micro_batch_split": self.split,
+            "rng": rng_state(),
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed(),
+            "first_val_loss": self.first_val,
+            "best_val_loss": self.best_val,
+            "config": self.cfg.to_dict(),
+            "tokenizer_json": self.tokenizer.backend.to_str(),
+            "tokenizer_path": str((self.data_dir / "vocab.json").resolve()),
+            "metrics": self.metrics,
+        }
+
+    def restore(self, state: dict[str, Any], source: str, *, rollback: bool = False) -> None:
         try:
-            model.load_state_dict(resume_state["model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
+            self.model.load_state_dict(state["model"])
+            if state.get("optimizer"):
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
-                f"{resume_from}: does not match this model ({str(exc).splitlines()[0][:200]})"
+                f"{source}: does not match this model ({str(exc).splitlines()[0][:200]})"
             ) from None
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        loader.load_state_dict(resume_state["loader"])
-        set_rng_state(resume_state["rng"])
-        step, tokens_seen = int(resume_state["step"]), int(resume_state["tokens_seen"])
-        elapsed_before, first_val = (
-            float(resume_state.get("elapsed", 0.0)),
-            resume_state.get("first_val_loss"),
-        )
-    fwd = torch.compile(model) if runtime.compile else model
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.split = max(self.split, int(state.get("micro_batch_split", 1)))
+        self.first_val, self.best_val = state.get("first_val_loss"), state.get("best_val_loss")
+        if not rollback:  # a rollback keeps the clock running: the time was spent
+            self.elapsed_before = float(state.get("elapsed", 0.0))
 
-    flops_per_token, peak = model.flops_per_token(), peak_flops(runtime.device)
-    best_val = resume_state.get("best_val_loss") if resume_state else None
-    steps_per_epoch = max(1, len(loader) // accum)
-    budget = t.max_time_seconds
-    epochs = t.epoch_limit
-    total_steps = min(t.max_steps or 10**12, epochs * steps_per_epoch) if epochs else t.max_steps
-    tokens_per_step = micro_batch * accum * train_set.seq_len
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
-    bus.publish(
-        events.RUN_START,
-        output_dir=str(out_dir),
-        device=str(runtime.device),
-        precision=runtime.precision,
-        compile=runtime.compile,
-        num_parameters=model.num_parameters(),
-        train_tokens=train_set.num_tokens,
-        val_tokens=val_set.num_tokens,
-        tokens_per_step=tokens_per_step,
-        total_steps=total_steps,
-        max_time=budget,
-        start_step=step,
-        config=cfg.to_dict(),
-    )
-
-    def batches():
-        while epochs is None or loader.epoch < epochs:
-            yield from loader
-
-    stream = batches()
-    start = time.perf_counter()
-    last_log, last_log_step, loss_value, metrics = start, step, float("nan"), {}
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
-
-    def progress() -> float:
-        by_steps = step / total_steps if total_steps else 0.0
-        by_time = elapsed() / budget if budget else 0.0
+    def progress(self) -> float:
+        by_steps = self.step / self.total_steps if self.total_steps else 0.0
+        by_time = self.elapsed() / self.budget if self.budget else 0.0
         return max(by_steps, by_time)
 
-    def checkpoint_state() -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step,
-            "epoch": loader.epoch,
-            "loader": loader.state_dict(),
-            "rng": rng_state(),
-            "tokens_seen": tokens_seen,
-            "elapsed": elapsed(),
-            "first_val_loss": first_val,
-            "best_val_loss": best_val,
-            "config": cfg.to_dict(),
-            "tokenizer_json": tokenizer.backend.to_str(),
-            "tokenizer_path": str((data_dir / "vocab.json").resolve()),
-            "metrics": metrics,
-        }
+    @property
+    def eval_batch(self) -> int:
+        return max(1, self.micro_batch // self.split)
 
-    def keep_if_best(metrics: dict) -> None:
+    def _batches(self):
+        epochs = self.cfg.training.epoch_limit
+        while epochs is None or self.loader.epoch < epochs:
+            yield from self.loader
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def _save(self, name: str, kind: str, *, val_loss: float | None = None, wait: bool = False) -> None:
+        meta = {"kind": kind, "step": self.step, "epoch": self.loader.epoch, "tokens_seen": self.tokens_seen}
+        if val_loss is not None:
+            meta["val_loss"] = val_loss
+        self.checkpointer.save(name, self.state(), meta, wait=wait)
+
+    def _keep_if_best(self, metrics: dict) -> None:
         """``checkpoints/model_best.pt``: the weights with the lowest validation loss seen so far."""
-        nonlocal best_val
-        if best_val is None or metrics["val_loss"] < best_val:
-            best_val = metrics["val_loss"]
-            path = save_checkpoint(ckpt_dir / "model_best.pt", checkpoint_state())
-            bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(path), best=True)
+        if self.best_val is None or metrics["val_loss"] < self.best_val:
+            self.best_val = metrics["val_loss"]
+            self._save("model_best.pt", "best", val_loss=metrics["val_loss"])
 
-    if first_val is None and t.eval_at_start:
-        metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
-        first_val = metrics["val_loss"]
-        bus.publish(events.EVAL_END, step=step, **metrics)
+    def _rollback_target(self) -> Path | None:
+        self.checkpointer.wait()
+        return self.checkpointer.last_saved or self.resumed_from
 
-    model.train()
-    while (total_steps is None or step < total_steps) and (budget is None or elapsed() < budget):
-        micro = []
-        for _ in range(accum):
-            batch = next(stream, None)
-            if batch is None:
-                break
-            micro.append(batch)
-        if len(micro) < accum:
-            break
-        set_lr(optimizer, lr := lr_at(step, progress(), t), t.learning_rate)
-        loss, grad_norm = train_step(fwd, micro, optimizer, runtime, grad_clip=t.grad_clip, scaler=scaler)
-        step += 1
-        tokens_seen += tokens_per_step
-        logged = step % t.log_interval == 0 or step == total_steps
-        payload = {
-            "step": step,
-            "lr": lr,
-            "epoch": loader.epoch,
-            "progress": progress(),
-            "tokens": tokens_seen,
-        }
-        if logged:
-            now = time.perf_counter()
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                raise UserError(
-                    f"training diverged at step {step} (loss {loss_value}); lower training.learning_rate "
-                    f"(now {t.learning_rate}) or check the data"
+    # ------------------------------------------------------------------------------------ checks
+
+    def _check(self, loss: torch.Tensor) -> float:
+        """A host sync: the loss as a float, or TrainingAnomaly when a step since the last check went bad."""
+        value = float(loss)
+        if bool(self.nonfinite):
+            raise TrainingAnomaly("nan", self.step, value if not math.isfinite(value) else float("nan"))
+        anomaly = self.monitor.check(self.step, value)
+        if anomaly is not None:
+            raise anomaly
+        self.good = (self.step, self.loader.state_dict())
+        return value
+
+    def _rollback(self, anomaly: TrainingAnomaly) -> None:
+        if self.recovery is None:
+            raise UserError(
+                f"training diverged: {anomaly}; lower training.learning_rate (now "
+                f"{self.cfg.training.learning_rate}) or check the data"
+            ) from None
+        action = self.recovery.recover_from_error(anomaly)
+        after = self.loader.state_dict()  # past the batches that led to the bad loss
+        good_step = self.good[0]
+        if action.checkpoint is not None:
+            state = load_checkpoint(action.checkpoint, map_location=self.runtime.device)
+        else:
+            state = self.start_snapshot
+        self.restore(state, str(action.checkpoint or "the start of training"), rollback=True)
+        self.nonfinite.zero_()
+        self.skip = (good_step, after)
+        self.stream = self._batches()
+        self.awaiting_progress = True
+
+    # ------------------------------------------------------------------------------------ one step
+
+    def _run_step(self, micro: list[dict]):
+        t = self.cfg.training
+        while True:
+            try:
+                return train_step(
+                    self.fwd,
+                    _split(micro, self.split),
+                    self.optimizer,
+                    self.runtime,
+                    grad_clip=t.grad_clip,
+                    scaler=self.scaler,
                 )
-            speed = (step - last_log_step) * tokens_per_step / max(now - last_log, 1e-9)
-            payload.update(
-                loss=loss_value,
-                grad_norm=float(grad_norm),
-                tokens_per_second=speed,
-                memory_gb=round(memory_gb(runtime.device), 3),
-            )
-            if peak:
-                payload["mfu"] = speed * flops_per_token / peak
-            last_log, last_log_step = now, step
-        bus.publish(events.STEP_END, **payload)
-        if step % t.eval_interval == 0:
-            metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
-            bus.publish(events.EVAL_END, step=step, **metrics)
-            keep_if_best(metrics)
-        if step % t.checkpoint_interval == 0:
-            path = save_checkpoint(ckpt_dir / f"model_step_{step}.pt", checkpoint_state())
-            bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(path))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                if self.runtime.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rows = self.micro_batch // self.split
+                if self.recovery is None or rows < 2:
+                    raise UserError(
+                        f"out of memory at {rows} sequence(s) of {self.train_set.seq_len} tokens per micro-batch; "
+                        "lower training.batch_size (or use --batch-size auto), model.max_seq_length or the model "
+                        "size, or set model.activation_checkpointing: true"
+                    ) from None
+                self.recovery.recover_from_error(exc, self.step + 1)
+                self.split *= 2
 
-    if step == 0:
-        raise UserError("no training step ran: the time budget or step limit is too small for one step")
-    if not math.isfinite(loss_value) or step != last_log_step:
-        loss_value = float(loss)
-    seconds = elapsed()  # training time: the final validation below is not part of the budget
-    metrics = evaluate_loss(model, val_set, runtime, micro_batch, t.eval_batches)
-    bus.publish(events.EVAL_END, step=step, final=True, **metrics)
-    keep_if_best(metrics)
-    final = save_checkpoint(ckpt_dir / "model_final.pt", checkpoint_state())
-    bus.publish(events.CHECKPOINT_SAVED, step=step, path=str(final), final=True)
+    # ------------------------------------------------------------------------------------ the run
 
-    sample = sample_text(
-        model,
-        tokenizer,
-        runtime,
-        t.sample_prompt,
-        t.sample_tokens,
-        t.sample_temperature,
-        t.sample_top_k,
-        t.seed,
-    )
-    bus.publish(events.SAMPLE, step=step, prompt=t.sample_prompt, text=sample)
-    result = TrainResult(
-        status="completed",
-        steps=step,
-        tokens=tokens_seen,
-        seconds=seconds,
-        final_checkpoint=final,
-        train_loss=loss_value,
-        first_val_loss=first_val,
-        val_loss=metrics["val_loss"],
-        val_perplexity=metrics["val_perplexity"],
-        val_bpb=metrics["val_bpb"],
-        sample=sample,
-        num_parameters=model.num_parameters(),
-        device=str(runtime.device),
-        precision=runtime.precision,
-        metrics=metrics,
-    )
-    bus.publish(events.RUN_END, **{k: v for k, v in result.__dict__.items() if k not in ("metrics",)})
-    return result
+    def run(
+        self, resume: dict | None = None, resumed_from: Path | None = None, handle_signals: bool = True
+    ) -> TrainResult:
+        """Train, continuing from the checkpoint ``resume`` when given (loaded from ``resumed_from``)."""
+        try:
+            with PreemptionGuard(handle_signals) as guard:
+                return self._run(resume, resumed_from, guard)
+        finally:
+            try:
+                self.checkpointer.close()
+            except Exception as exc:  # already failing: the first error is the one to report
+                log.error("checkpoint writer: %s", exc)
+
+    def _run(self, resume: dict | None, resumed_from: Path | None, guard: PreemptionGuard) -> TrainResult:
+        cfg, t, bus, runtime = self.cfg, self.cfg.training, self.bus, self.runtime
+        self.started = time.perf_counter()
+        self.budget = t.max_time_seconds
+        epochs = t.epoch_limit
+        steps_per_epoch = max(1, len(self.loader) // self.accum)
+        self.total_steps = min(t.max_steps or 10**12, epochs * steps_per_epoch) if epochs else t.max_steps
+        if resume is not None:
+            self.restore(resume, str(resumed_from or "the given checkpoint"))
+            self.resumed_from = resumed_from
+            log.info("resuming from %s at step %d", resumed_from or "the given checkpoint", self.step)
+        for stale in stale_temporaries(self.ckpt_dir):
+            stale.unlink(missing_ok=True)
+        if self.recovery is not None and self.resumed_from is None:
+            self.start_snapshot = HostSnapshot()(self.state())
+        flops_per_token, peak = self.model.flops_per_token(), peak_flops(runtime.device)
+        tokens_per_step = self.micro_batch * self.accum * self.train_set.seq_len
+        bus.publish(
+            events.RUN_START,
+            output_dir=str(self.out_dir),
+            device=str(runtime.device),
+            precision=runtime.precision,
+            compile=runtime.compile,
+            num_parameters=self.model.num_parameters(),
+            train_tokens=self.train_set.num_tokens,
+            val_tokens=self.val_set.num_tokens,
+            tokens_per_step=tokens_per_step,
+            total_steps=self.total_steps,
+            max_time=self.budget,
+            start_step=self.step,
+            resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            config=cfg.to_dict(),
+        )
+        self.started = time.perf_counter()
+        if self.first_val is None and t.eval_at_start:
+            self.metrics = evaluate_loss(self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split)
+            self.first_val = self.metrics["val_loss"]
+            bus.publish(events.EVAL_END, step=self.step, **self.metrics)
+
+        self.stream = self._batches()
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
+        self.good = (self.step, self.loader.state_dict())
+        self.awaiting_progress = False
+        last_log, last_log_step, loss_value, loss = time.perf_counter(), self.step, float("nan"), None
+        checked_step = self.step
+        self.model.train()
+        while True:
+            try:
+                done = (self.total_steps is not None and self.step >= self.total_steps) or (
+                    self.budget is not None and self.elapsed() >= self.budget
+                )
+                if guard.requested or done:
+                    if loss is not None and checked_step != self.step:
+                        loss_value, checked_step = self._check(loss), self.step
+                    break
+                if self.skip is not None and self.step == self.skip[0]:
+                    self.loader.load_state_dict(self.skip[1])
+                    self.stream, self.skip = self._batches(), None
+                micro = []
+                for _ in range(self.accum):
+                    batch = next(self.stream, None)
+                    if batch is None:
+                        break
+                    micro.append(batch)
+                if len(micro) < self.accum:
+                    break
+                set_lr(self.optimizer, lr := lr_at(self.step, self.progress(), t), t.learning_rate)
+                loss, grad_norm = self._run_step(micro)
+                self.nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                self.checkpointer.poll()
+                payload = {
+                    "step": self.step,
+                    "lr": lr,
+                    "epoch": self.loader.epoch,
+                    "progress": self.progress(),
+                    "tokens": self.tokens_seen,
+                }
+                if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    loss_value, checked_step = self._check(loss), self.step
+                    speed = (self.step - last_log_step) * tokens_per_step / max(now - last_log, 1e-9)
+                    payload.update(
+                        loss=loss_value,
+                        grad_norm=float(grad_norm),
+                        tokens_per_second=speed,
+                        memory_gb=round(memory_gb(runtime.device), 3),
+                    )
+                    if peak:
+                        payload["mfu"] = speed * flops_per_token / peak
+                    last_log, last_log_step = now, self.step
+                bus.publish(events.STEP_END, **payload)
+                evaluated = None
+                if self.step % t.eval_interval == 0:
+                    loss_value, checked_step = self._check(loss), self.step  # never keep a diverged model
+                    self.metrics = evaluate_loss(
+                        self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+                    )
+                    bus.publish(events.EVAL_END, step=self.step, **self.metrics)
+                    self._keep_if_best(self.metrics)
+                    evaluated = self.metrics["val_loss"]
+                if self.step % self.save_interval == 0:
+                    loss_value, checked_step = self._check(loss), self.step
+                    self._save(f"model_step_{self.step}.pt", "step", val_loss=evaluated)
+                    if self.awaiting_progress and self.recovery is not None:
+                        self.recovery.succeeded("anomaly")
+                        self.awaiting_progress = False
+            except TrainingAnomaly as anomaly:
+                self._rollback(anomaly)
+                loss, checked_step = None, self.step
+                last_log, last_log_step = time.perf_counter(), self.step
+
+        if self.step == 0:
+            raise UserError("no training step ran: the time budget or step limit is too small for one step")
+        if guard.requested:
+            return self._interrupted(guard.requested, loss_value)
+        seconds = self.elapsed()  # training time: the final validation below is not part of the budget
+        self.metrics = evaluate_loss(self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split)
+        bus.publish(events.EVAL_END, step=self.step, final=True, **self.metrics)
+        self._keep_if_best(self.metrics)
+        self._save("model_final.pt", "final", val_loss=self.metrics["val_loss"], wait=True)
+        final = self.ckpt_dir / "model_final.pt"
+        sample = sample_text(
+            self.model,
+            self.tokenizer,
+            runtime,
+            t.sample_prompt,
+            t.sample_tokens,
+            t.sample_temperature,
+            t.sample_top_k,
+            t.seed,
+        )
+        bus.publish(events.SAMPLE, step=self.step, prompt=t.sample_prompt, text=sample)
+        return self._result("completed", seconds, final, loss_value, sample)
+
+    def _interrupted(self, signal_name: str, loss_value: float) -> TrainResult:
+        seconds = self.elapsed()
+        name = f"model_step_{self.step}.pt"
+        if self.checkpointer.last_saved != self.ckpt_dir / name:
+            self._save(name, "step", wait=True)
+        self.checkpointer.wait()
+        log.warning("stopped by %s at step %d; saved %s", signal_name, self.step, self.ckpt_dir / name)
+        result = self._result("interrupted", seconds, self.ckpt_dir / name, loss_value, "")
+        result.interrupted_by = signal_name
+        return result
+
+    def _result(
+        self, status: str, seconds: float, final: Path, loss_value: float, sample: str
+    ) -> TrainResult:
+        m = self.metrics or {
+            "val_loss": float("nan"),
+            "val_perplexity": float("nan"),
+            "val_bpb": float("nan"),
+        }
+        result = TrainResult(
+            status=status,
+            steps=self.step,
+            tokens=self.tokens_seen,
+            seconds=seconds,
+            final_checkpoint=final,
+            train_loss=loss_value,
+            first_val_loss=self.first_val,
+            val_loss=m["val_loss"],
+            val_perplexity=m["val_perplexity"],
+            val_bpb=m["val_bpb"],
+            sample=sample,
+            num_parameters=self.model.num_parameters(),
+            device=str(self.runtime.device),
+            precision=self.runtime.precision,
+            metrics=m,
+            resumed_from=self.resumed_from,
+            recoveries=len(self.recovery.history) if self.recovery is not None else 0,
+        )
+        result.model = self.model
+        skip = ("metrics", "resumed_from", "model")
+        self.bus.publish(events.RUN_END, **{k: v for k, v in result.__dict__.items() if k not in skip})
+        return result
+
+
+def train(
+    cfg: Config,
+    data_dir: str | Path,
+    bus: EventBus | None = None,
+    resume_from: str | Path | dict | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    recovery: ErrorRecovery | None = None,
+    handle_signals: bool = True,
+) -> TrainResult:
+    """Train on the prepared data in ``data_dir``; checkpoints go to ``<output_dir>/checkpoints``.
+
+    ``resume_from``: a checkpoint path, "auto" (the newest valid one in that folder, if any) or a loaded
+    checkpoint dict. A resumed run keeps the architecture it was trained with.
+    """
+    bus = bus or EventBus()
+    resume = resume_from if resume_from is not None else cfg.checkpoint.resume
+    path, state = None, None
+    if isinstance(resume, dict):
+        state = resume
+    elif resume is not None:
+        path, state = find_resume(resume, Path(cfg.output_dir) / "checkpoints")
+        if state is None:
+            log.info("resume auto: no checkpoint in %s yet, starting from the beginning", cfg.output_dir)
+    if state is not None:  # the architecture comes from the checkpoint: the model is built before restoring
+        cfg.model = config_from_dict({"model": state["config"]["model"]}, str(path or "checkpoint")).model
+    trainer = Trainer(cfg, data_dir, bus, model=model, recovery=recovery)
+    return trainer.run(state, path, handle_signals=handle_signals)
 
 
 def sample_text(
