@@ -71,7 +71,7 @@ class Checkpointer:
         self._snapshot = HostSnapshot()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.background else None
         self._pending: Future | None = None
-        self.stall_seconds: list[float] = []  # how long each save held up the loop
+        self.stall_seconds: list[tuple[str, float]] = []  # (name, how long its save held up the loop)
         self.last_saved: Path | None = None
 
     # ----------------------------------------------------------------------------------------- saving
@@ -87,7 +87,7 @@ class Checkpointer:
             if any(t.is_cuda for t in _tensors(state)):
                 torch.cuda.current_stream().synchronize()  # the pinned copies are complete
             self._pending = self._pool.submit(self._write, name, host, meta)
-        self.stall_seconds.append(time.perf_counter() - start)
+        self.stall_seconds.append((name, time.perf_counter() - start))
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is on disk; raise its error."""

@@ -373,7 +373,9 @@ class Trainer:
         )
         self.started = time.perf_counter()
         if self.first_val is None and t.eval_at_start:
-            self.metrics = evaluate_loss(self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split)
+            self.metrics = evaluate_loss(
+                self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+            )
             self.first_val = self.metrics["val_loss"]
             bus.publish(events.EVAL_END, step=self.step, **self.metrics)
 
@@ -456,7 +458,9 @@ class Trainer:
         if guard.requested:
             return self._interrupted(guard.requested, loss_value)
         seconds = self.elapsed()  # training time: the final validation below is not part of the budget
-        self.metrics = evaluate_loss(self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split)
+        self.metrics = evaluate_loss(
+            self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+        )
         bus.publish(events.EVAL_END, step=self.step, final=True, **self.metrics)
         self._keep_if_best(self.metrics)
         self._save("model_final.pt", "final", val_loss=self.metrics["val_loss"], wait=True)
