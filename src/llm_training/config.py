@@ -159,6 +159,10 @@ class ResourcesConfig:
     gpu_count: int | None = None  # None means every visible GPU; 0 trains on the CPU
     distributed: bool = False
     distributed_backend: str = "auto"  # "auto" (nccl on GPU, else gloo), "nccl", "gloo"
+    # with several processes: "ddp" (a full replica on each, gradients all-reduced) or "fsdp" (FSDP2:
+    # parameters, gradients and optimizer state sharded across processes)
+    strategy: str = "ddp"
+    timeout: str | float = "10m"  # how long a collective waits for a silent process before failing
     num_threads: int | None = None  # CPU threads for PyTorch; None keeps PyTorch's choice
 
 
@@ -557,6 +561,8 @@ def validate(cfg: Config) -> None:
     _require(r.gpu_count is None or r.gpu_count >= 0, "resources.gpu_count cannot be negative")
     _require(r.num_threads is None or r.num_threads >= 1, "resources.num_threads must be at least 1")
     _one_of(r.distributed_backend, BACKENDS, "resources.distributed_backend")
+    _one_of(r.strategy, {"ddp", "fsdp"}, "resources.strategy")
+    _require((parse_duration(r.timeout, "resources.timeout") or 0) > 0, "resources.timeout must be positive")
     _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
 
 

@@ -17,6 +17,7 @@ from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
 from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
+from llm_training.train.distributed import barrier, broadcast_object
 from llm_training.train.loop import TrainResult, train
 
 log = logging.getLogger("llm_training.jobs")
@@ -99,41 +100,49 @@ def run_training_on(
     console: bool = True,
     bus: EventBus | None = None,
 ) -> TrainResult:
-    """Train on prepared ``data_dir`` (None: prepare the config's input first) with the sinks attached."""
-    out = Path(cfg.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise UserError(
-            f"started as {world} processes (torchrun/accelerate), but this version trains in one process only; "
-            "run it without a launcher"
-        )
+    """Train on prepared ``data_dir`` (None: prepare the config's input first) with the sinks attached.
+
+    Under a launcher (several processes) rank 0 prepares the data while the others wait, and rank 0 alone
+    prints, logs and writes files."""
+    from llm_training.api.resources import ComputeResourceManager
+
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    handler = setup_logging(out / cfg.logging.log_dir, cfg.logging.level, run_id)
     bus = bus or EventBus()
-    sinks = [
-        ConsoleSink(bus, enabled=console and cfg.logging.progress_bar),
-        LogSink(bus),
-        MetricsFileSink(bus, out / "metrics.jsonl"),
-    ]
-    unsubscribe = [bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))]
-    try:
-        log.info("run %s starting in %s", run_id, out.resolve())
-        if cfg.resources.distributed:
-            log.warning("resources.distributed is set but training runs in one process in this version")
-        if data_dir is None:
-            data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
-        return train(cfg, data_dir, bus, resume, model=model)
-    except UserError as exc:
-        log.error("%s", exc)
-        raise
-    finally:
-        for sink in sinks:
-            sink.close()
-        for stop in unsubscribe:
-            stop()
-        logging.getLogger("llm_training").removeHandler(handler)
-        handler.close()
+    with ComputeResourceManager(bus, cfg.resources) as env:
+        if not env.enabled and cfg.resources.distributed:
+            log.warning("resources.distributed is set but this is one process: start several with torchrun, "
+                        "accelerate launch or llm-train --num-gpus N")  # fmt: skip
+        if not env.is_main:  # the other ranks train silently and write nothing
+            barrier(env)
+            data_dir = broadcast_object(None, env)
+            return train(cfg, data_dir, bus, resume, model=model, env=env)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        run_id = time.strftime("%Y%m%d-%H%M%S")
+        handler = setup_logging(out / cfg.logging.log_dir, cfg.logging.level, run_id)
+        sinks = [
+            ConsoleSink(bus, enabled=console and cfg.logging.progress_bar),
+            LogSink(bus),
+            MetricsFileSink(bus, out / "metrics.jsonl"),
+        ]
+        unsubscribe = [bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))]
+        try:
+            log.info("run %s starting in %s (%d process(es))", run_id, out.resolve(), env.world_size)
+            if data_dir is None:
+                data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
+            if env.enabled:
+                barrier(env)
+                broadcast_object(str(data_dir), env)
+            return train(cfg, data_dir, bus, resume, model=model, env=env)
+        except UserError as exc:
+            log.error("%s", exc)
+            raise
+        finally:
+            for sink in sinks:
+                sink.close()
+            for stop in unsubscribe:
+                stop()
+            logging.getLogger("llm_training").removeHandler(handler)
+            handler.close()

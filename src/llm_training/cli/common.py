@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from llm_training.errors import ConfigError, UserError
 
@@ -57,11 +58,35 @@ def resume_command(prog: str, argv: list[str]) -> str:
     return shlex.join([*prog.split(), *kept, "--resume", "auto"])
 
 
-def interrupted_message(result, prog: str, argv: list[str]) -> str:
-    return (
-        f"stopped by {result.interrupted_by} at step {result.steps}; saved {result.final_checkpoint}\n"
-        f"resume with: {resume_command(prog, argv)}"
+def report(result) -> str:
+    first = f"{result.first_val_loss:.3f} -> " if result.first_val_loss is not None else ""
+    return "\n".join(
+        [
+            "",
+            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s on {result.device} "
+            f"({result.precision}), {result.num_parameters / 1e6:.2f}M parameters",
+            f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
+            f"{result.val_bpb:.3f} bits per byte",
+            f"final checkpoint: {Path(result.final_checkpoint)}",
+            "sample:",
+            "  " + result.sample.strip().replace("\n", "\n  "),
+        ]
     )
+
+
+def print_result(result, prog: str, argv: list[str]) -> None:
+    """The run's summary (rank 0 only when several processes trained), or how to resume an interrupted one."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if result.status == "interrupted":
+        print(
+            f"stopped by {result.interrupted_by} at step {result.steps}; saved {result.final_checkpoint}\n"
+            f"resume with: {resume_command(prog, argv)}"
+        )
+    else:
+        print(report(result))
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
@@ -81,6 +106,19 @@ def run(fn: Callable[[], int | None]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:
+        import os
+
+        rank = os.environ.get("RANK")
+        if (
+            rank in (None, "0")
+            or "closed by peer" not in str(exc)
+            and "DistBackendError" not in type(exc).__name__
+        ):
+            raise
+        # another process of the run failed: it reports why; this one stops with a line, not a traceback
+        print(f"error: process {rank} stopped because another process of the run failed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

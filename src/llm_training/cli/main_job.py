@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from llm_training.cli.common import (
     add_resume_flags,
     add_set_flag,
-    interrupted_message,
     parse_sets,
     parser,
+    print_result,
     run,
 )
 
@@ -63,30 +62,10 @@ def main(argv: list[str] | None = None, **overrides):
     return run_training(cfg, resume_from=args.resume)
 
 
-def report(result) -> str:
-    first = f"{result.first_val_loss:.3f} -> " if result.first_val_loss is not None else ""
-    return "\n".join(
-        [
-            "",
-            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s on {result.device} "
-            f"({result.precision}), {result.num_parameters / 1e6:.2f}M parameters",
-            f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
-            f"{result.val_bpb:.3f} bits per byte",
-            f"final checkpoint: {Path(result.final_checkpoint)}",
-            "sample:",
-            "  " + result.sample.strip().replace("\n", "\n  "),
-        ]
-    )
-
-
 def cli_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         arguments = sys.argv[1:] if argv is None else argv
-        result = main(arguments)
-        if result.status == "interrupted":
-            print(interrupted_message(result, "python -m llm_training.main", arguments))
-        else:
-            print(report(result))
+        print_result(main(arguments), "python -m llm_training.main", arguments)
         return 0
 
     return run(body)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from llm_training.cli.common import (
     add_resume_flags,
     add_set_flag,
-    interrupted_message,
     parse_sets,
     parser,
+    print_result,
     run,
 )
+from llm_training.cli.launch import add_launch_flags, launch, should_launch
+from llm_training.errors import DataError
 
 DESCRIPTION = """\
 Train a language model. --data-dir takes prepared data (a folder with train.json, validation.json and
@@ -42,6 +45,7 @@ def build_parser():
     )
     p.add_argument("--device", help="Device to train on: auto (CUDA when present), cpu, cuda or cuda:N.")
     add_resume_flags(p)
+    add_launch_flags(p)
     add_set_flag(p)
     return p
 
@@ -49,11 +53,17 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.api.jobs import run_training
-        from llm_training.cli.main_job import report
         from llm_training.config import load_config
 
         arguments = sys.argv[1:] if argv is None else argv
         args = build_parser().parse_args(arguments)
+        if should_launch(args):  # a bad config or a missing folder fails once, here, not in every worker
+            checked = load_config(
+                args.config, cli={"data.data_dir": args.data_dir, **parse_sets(args.overrides)}
+            )
+            if checked.data.data_dir and not Path(checked.data.data_dir).exists():
+                raise DataError(f"data directory not found: {checked.data.data_dir}")
+            return launch(args, arguments, "llm_training.cli.train")
         cli = {
             "data.data_dir": args.data_dir,
             "output_dir": args.output_dir,
@@ -63,14 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             "training.max_steps": args.max_steps,
             "training.max_time": args.max_time,
             "resources.device": args.device,
+            "resources.distributed_backend": args.distributed_backend,
             **parse_sets(args.overrides),
         }
         cfg = load_config(args.config, cli=cli)
         result = run_training(cfg, resume_from=args.resume)
-        if result.status == "interrupted":
-            print(interrupted_message(result, "llm-train", arguments))
-        else:
-            print(report(result))
+        print_result(result, "llm-train", arguments)
         return 0
 
     return run(body)

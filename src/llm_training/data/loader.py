@@ -103,17 +103,13 @@ class BatchLoader:
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-        }
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+                "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` stopped; a different batch size continues at the same window of the epoch
-        (to the batch), so only the exact order of later batches changes."""
+        """Continue where ``state`` stopped; with another batch size or number of processes, continue at the
+        same window of the epoch (to the batch), so only the exact order of later batches changes."""
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-        saved = int(state.get("batch_size", self.batch_size))
-        if saved != self.batch_size:
-            self.position = self.position * saved // self.batch_size
+        saved = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
+        if saved != self.batch_size * self.world_size:
+            self.position = self.position * saved // (self.batch_size * self.world_size)

@@ -43,11 +43,22 @@ class ConsoleSink(Sink):
     def _start(self, event: Event) -> None:
         p = event.payload
         budget = f", time budget {p['max_time']:.0f}s" if p["max_time"] else ""
+        world = p.get("world_size", 1)
+        where = (
+            f"{world} processes ({p.get('strategy')}, {p['device'].split(':')[0]})"
+            if world > 1
+            else p["device"]
+        )
         self._write(
-            f"training {p['num_parameters'] / 1e6:.2f}M parameters on {p['device']} ({p['precision']}"
+            f"training {p['num_parameters'] / 1e6:.2f}M parameters on {where} ({p['precision']}"
             f"{', compiled' if p['compile'] else ''}); {p['train_tokens']:,} training tokens, "
             f"{p['tokens_per_step']:,} tokens/step{budget}"
         )
+        if "global_batch" in p:
+            self._write(
+                f"batch: {p['micro_batch']} sequences x {world} process(es) x {p['accumulation']} accumulation "
+                f"step(s) = {p['global_batch']} sequences a step"
+            )
         if not self.enabled:
             return
         from tqdm.auto import tqdm

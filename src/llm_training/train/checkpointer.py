@@ -65,8 +65,11 @@ class Checkpointer:
         device: torch.device,
         bus: EventBus,
         recovery: ErrorRecovery | None = None,
+        writer: bool = True,
     ) -> None:
+        """``writer``: whether this process writes (with several processes, only rank 0 does)."""
         self.directory, self.cfg, self.bus, self.recovery = Path(directory), cfg, bus, recovery
+        self.writer = writer
         self.background = _on(cfg.async_save, device)
         self._snapshot = HostSnapshot()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.background else None
@@ -80,7 +83,9 @@ class Checkpointer:
         """Save ``state`` as ``name``; with ``wait`` (or not in the background) return once it is on disk."""
         start = time.perf_counter()
         self.wait()  # one save at a time: the previous one's errors surface here
-        if self._pool is None or wait:
+        if not self.writer:
+            self.last_saved = self.directory / name
+        elif self._pool is None or wait:
             self._write(name, state, meta)
         else:
             host = self._snapshot(state)

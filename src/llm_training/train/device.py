@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,8 @@ def resolve_runtime(cfg: Config) -> Runtime:
         torch.set_num_threads(r.num_threads)
     device = pick_device(r.device)
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if r.gpu_count is not None:
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a launcher decided the processes and GPUs
+    if r.gpu_count is not None and not launched:
         if r.gpu_count > visible:
             raise ConfigError(
                 f"resources.gpu_count is {r.gpu_count} but {visible} GPU(s) are visible; lower it (0 trains on the CPU)"
@@ -82,6 +84,8 @@ def resolve_runtime(cfg: Config) -> Runtime:
             device = torch.device("cpu") if r.device == "auto" else device
     if r.distributed and r.distributed_backend.lower() == "nccl" and not visible:
         raise ConfigError("resources.distributed_backend 'nccl' needs CUDA GPUs; use 'gloo' on the CPU")
+    if device.type == "cuda" and launched and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -25,8 +25,9 @@ from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.model.generate import generate
 from llm_training.model.transformer import Transformer
-from llm_training.train.autobatch import resolve_batch
+from llm_training.train.autobatch import global_batch, resolve_batch
 from llm_training.train.checkpoint import (
+    CHECKPOINT_VERSION,
     find_resume,
     load_checkpoint,
     rng_state,
@@ -35,12 +36,23 @@ from llm_training.train.checkpoint import (
 )
 from llm_training.train.checkpointer import Checkpointer, HostSnapshot
 from llm_training.train.device import Runtime, memory_gb, peak_flops, resolve_runtime
+from llm_training.train.distributed import (
+    DistEnv,
+    all_reduce,
+    barrier,
+    current_env,
+    gather_objects,
+    get_full_state,
+    set_full_state,
+    wrap_model,
+)
 from llm_training.train.optim import build_optimizer, lr_at, set_lr
 from llm_training.train.preempt import PreemptionGuard
 from llm_training.train.recovery import ErrorRecovery, LossMonitor, TrainingAnomaly, is_out_of_memory
 from llm_training.train.step import train_step
 
 log = logging.getLogger("llm_training.train")
+SINGLE = DistEnv()
 
 
 @dataclass
@@ -68,30 +80,41 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate_loss(
-    model, dataset: TokenDataset, runtime: Runtime, batch_size: int, max_batches: int = 0
+    model,
+    dataset: TokenDataset,
+    runtime: Runtime,
+    batch_size: int,
+    max_batches: int = 0,
+    env: DistEnv = SINGLE,
 ) -> dict:
     """Mean next-token loss over validation windows, with perplexity and bits per byte.
 
     Bits per byte = total NLL in nats / (UTF-8 bytes of the text those tokens encode x ln 2); the bytes of a
-    subset of windows are its tokens times the split's bytes per token.
+    subset of windows are its tokens times the split's bytes per token. With several processes each takes
+    every world_size-th window of the same set and the sums are added up; every process runs the same number
+    of forward passes (a sharded model needs all of them), padding with a window that counts for nothing.
     """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    tokens = 0
     n = dataset.num_windows
-    batches = math.ceil(n / batch_size)
     if max_batches:
-        batches = min(batches, max_batches)
+        n = min(n, max_batches * batch_size * env.world_size)
+    mine = list(range(env.rank, n, env.world_size))
+    batches = math.ceil(math.ceil(n / env.world_size) / batch_size)
+    sums = torch.zeros(2, device=runtime.device, dtype=torch.float64)  # loss x tokens, tokens
     for b in range(batches):
-        batch = dataset.batch(range(b * batch_size, min(n, (b + 1) * batch_size)))
+        indices = mine[b * batch_size : (b + 1) * batch_size]
+        batch = dataset.batch(indices or [0])
         labels = batch["labels"].to(runtime.device)
         with runtime.autocast():
             loss = model(batch["input_ids"].to(runtime.device), labels)
-        loss_sum += loss.double() * labels.numel()
-        tokens += labels.numel()
+        if indices:
+            sums[0] += loss.double() * labels.numel()
+            sums[1] += labels.numel()
     model.train(was_training)
-    mean = float(loss_sum) / tokens
+    all_reduce(sums, env)
+    tokens = int(sums[1])
+    mean = float(sums[0]) / tokens
     return {
         "val_loss": mean,
         "val_perplexity": math.exp(min(mean, 50.0)),
@@ -134,8 +157,10 @@ class Trainer:
         *,
         model: torch.nn.Module | None = None,
         recovery: ErrorRecovery | None = None,
+        env: DistEnv | None = None,
     ) -> None:
         self.cfg, self.bus, t = cfg, bus, cfg.training
+        self.env = env = env or current_env()
         self.data_dir = Path(data_dir)
         self.out_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -146,13 +171,22 @@ class Trainer:
         self.train_set = TokenDataset(self.data_dir / "train.json", cfg.model.max_seq_length)
         self.val_set = TokenDataset(self.data_dir / "validation.json", cfg.model.max_seq_length)
         self.model = (model if model is not None else Transformer(cfg.model)).to(runtime.device)
+        if env.enabled:  # the same initial weights everywhere, then a different dropout stream per process
+            torch.manual_seed(t.seed + 1_000_003 * env.rank)
         self.micro_batch, self.accum = resolve_batch(
             self.model, t, runtime, self.train_set.seq_len, cfg.model.vocab_size
         )
-        self.loader = BatchLoader(self.train_set, self.micro_batch, seed=t.seed)
-        self.optimizer = build_optimizer(self.model, t, runtime.device)
+        if env.enabled and not isinstance(t.batch_size, int):  # "auto": the size every process can hold
+            smallest = all_reduce(torch.tensor([-self.micro_batch], device=runtime.device), env, "max")
+            self.micro_batch = -int(smallest)
+            self.accum = max(1, round(global_batch(t) / (self.micro_batch * env.world_size)))
+        self.loader = BatchLoader(
+            self.train_set, self.micro_batch, seed=t.seed, rank=env.rank, world_size=env.world_size
+        )
+        self.wrapped = wrap_model(self.model, cfg.resources.strategy, env, runtime.precision)
+        self.optimizer = build_optimizer(self.model, t, runtime.device)  # after sharding: over the shards
         self.scaler = torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None
-        self.fwd = torch.compile(self.model) if runtime.compile else self.model
+        self.fwd = torch.compile(self.wrapped) if runtime.compile else self.wrapped
         rc = cfg.recovery
         if recovery is None and rc.enabled:
             recovery = ErrorRecovery(
@@ -166,7 +200,9 @@ class Trainer:
         if recovery is not None:
             recovery.event_bus = recovery.event_bus or bus
             recovery.rollback_target = self._rollback_target
-        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint, runtime.device, bus, recovery)
+        self.checkpointer = Checkpointer(
+            self.ckpt_dir, cfg.checkpoint, runtime.device, bus, recovery, writer=env.is_main
+        )
         self.monitor = LossMonitor(rc.loss_spike_factor if recovery is not None else 0.0)
         interval = t.checkpoint_interval
         if recovery is not None:
@@ -186,16 +222,20 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         t = self.cfg.training
+        model_state, optim_state = get_full_state(self.model, self.optimizer)
+        rngs = gather_objects(rng_state(), self.env)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
+            "world_size": self.env.world_size,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "scheduler": {"name": t.lr_schedule, "warmup_steps": t.warmup_steps, "progress": self.progress()},
             "step": self.step,
             "epoch": self.loader.epoch,
             "loader": self.loader.state_dict(),
             "micro_batch_split": self.split,
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed(),
             "first_val_loss": self.first_val,
@@ -208,9 +248,12 @@ class Trainer:
 
     def restore(self, state: dict[str, Any], source: str, *, rollback: bool = False) -> None:
         try:
-            self.model.load_state_dict(state["model"])
-            if state.get("optimizer"):
-                self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("checkpoint_version", CHECKPOINT_VERSION) >= 2:  # name-keyed, any process count
+                set_full_state(self.model, self.optimizer, state["model"], state.get("optimizer"))
+            else:
+                self.model.load_state_dict(state["model"])
+                if state.get("optimizer"):
+                    self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"{source}: does not match this model ({str(exc).splitlines()[0][:200]})"
@@ -218,7 +261,13 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == self.env.world_size:
+            set_rng_state(ranks[self.env.rank])
+        else:  # another number of processes: rank 0's generators, then a stream of each process's own
+            set_rng_state(ranks[0])
+            if self.env.enabled:
+                torch.manual_seed(self.cfg.training.seed + 1_000_003 * self.env.rank + int(state["step"]))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.split = max(self.split, int(state.get("micro_batch_split", 1)))
         self.first_val, self.best_val = state.get("first_val_loss"), state.get("best_val_loss")
@@ -264,6 +313,10 @@ class Trainer:
 
     def _check(self, loss: torch.Tensor) -> float:
         """A host sync: the loss as a float, or TrainingAnomaly when a step since the last check went bad."""
+        if self.env.enabled:  # every process decides on the same numbers
+            both = torch.stack([loss.detach().float(), self.nonfinite.float()])
+            all_reduce(both, self.env)
+            loss, self.nonfinite = both[0] / self.env.world_size, both[1] > 0
         value = float(loss)
         if bool(self.nonfinite):
             raise TrainingAnomaly("nan", self.step, value if not math.isfinite(value) else float("nan"))
@@ -272,6 +325,19 @@ class Trainer:
             raise anomaly
         self.good = (self.step, self.loader.state_dict())
         return value
+
+    def _agree(self, done: bool, guard: PreemptionGuard) -> tuple[bool, str | None]:
+        """Several processes stop together: a step limit is the same everywhere, but a time budget or a
+        signal is seen at different moments, so they are compared (at log intervals, not every step)."""
+        if self.step % self.cfg.training.log_interval and not (
+            self.total_steps and self.step >= self.total_steps
+        ):
+            return False, None
+        flags = torch.tensor([float(done), float(guard.requested is not None)], device=self.runtime.device)
+        all_reduce(flags, self.env, "max")
+        if flags[1] and guard.requested is None:
+            guard.requested = "a signal to another process"
+        return bool(flags[0]), guard.requested if flags[1] else None
 
     def _rollback(self, anomaly: TrainingAnomaly) -> None:
         if self.recovery is None:
@@ -282,6 +348,7 @@ class Trainer:
         action = self.recovery.recover_from_error(anomaly)
         after = self.loader.state_dict()  # past the batches that led to the bad loss
         good_step = self.good[0]
+        barrier(self.env)  # rank 0 has finished writing the checkpoint the others are about to read
         if action.checkpoint is not None:
             state = load_checkpoint(action.checkpoint, map_location=self.runtime.device)
         else:
@@ -314,11 +381,12 @@ class Trainer:
                 if self.runtime.device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows = self.micro_batch // self.split
-                if self.recovery is None or rows < 2:
+                if self.recovery is None or rows < 2 or self.env.enabled:
                     raise UserError(
                         f"out of memory at {rows} sequence(s) of {self.train_set.seq_len} tokens per micro-batch; "
                         "lower training.batch_size (or use --batch-size auto), model.max_seq_length or the model "
-                        "size, or set model.activation_checkpointing: true"
+                        "size, or set model.activation_checkpointing: true (with several processes the "
+                        "micro-batch is not reduced automatically)"
                     ) from None
                 self.recovery.recover_from_error(exc, self.step + 1)
                 self.split *= 2
@@ -349,12 +417,12 @@ class Trainer:
             self.restore(resume, str(resumed_from or "the given checkpoint"))
             self.resumed_from = resumed_from
             log.info("resuming from %s at step %d", resumed_from or "the given checkpoint", self.step)
-        for stale in stale_temporaries(self.ckpt_dir):
+        for stale in stale_temporaries(self.ckpt_dir) if self.env.is_main else ():
             stale.unlink(missing_ok=True)
         if self.recovery is not None and self.resumed_from is None:
             self.start_snapshot = HostSnapshot()(self.state())
         flops_per_token, peak = self.model.flops_per_token(), peak_flops(runtime.device)
-        tokens_per_step = self.micro_batch * self.accum * self.train_set.seq_len
+        tokens_per_step = self.micro_batch * self.accum * self.env.world_size * self.train_set.seq_len
         bus.publish(
             events.RUN_START,
             output_dir=str(self.out_dir),
@@ -365,6 +433,11 @@ class Trainer:
             train_tokens=self.train_set.num_tokens,
             val_tokens=self.val_set.num_tokens,
             tokens_per_step=tokens_per_step,
+            world_size=self.env.world_size,
+            strategy=cfg.resources.strategy if self.env.enabled else None,
+            micro_batch=self.micro_batch,
+            accumulation=self.accum,
+            global_batch=self.micro_batch * self.accum * self.env.world_size,
             total_steps=self.total_steps,
             max_time=self.budget,
             start_step=self.step,
@@ -374,7 +447,7 @@ class Trainer:
         self.started = time.perf_counter()
         if self.first_val is None and t.eval_at_start:
             self.metrics = evaluate_loss(
-                self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+                self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split, self.env
             )
             self.first_val = self.metrics["val_loss"]
             bus.publish(events.EVAL_END, step=self.step, **self.metrics)
@@ -384,16 +457,20 @@ class Trainer:
         self.good = (self.step, self.loader.state_dict())
         self.awaiting_progress = False
         last_log, last_log_step, loss_value, loss = time.perf_counter(), self.step, float("nan"), None
-        checked_step = self.step
+        checked_step, stopped_by = self.step, None
         self.model.train()
         while True:
             try:
                 done = (self.total_steps is not None and self.step >= self.total_steps) or (
                     self.budget is not None and self.elapsed() >= self.budget
                 )
-                if guard.requested or done:
+                stop = guard.requested
+                if self.env.enabled:
+                    done, stop = self._agree(done, guard)
+                if stop or done:
                     if loss is not None and checked_step != self.step:
                         loss_value, checked_step = self._check(loss), self.step
+                    stopped_by = stop
                     break
                 if self.skip is not None and self.step == self.skip[0]:
                     self.loader.load_state_dict(self.skip[1])
@@ -408,6 +485,8 @@ class Trainer:
                     break
                 set_lr(self.optimizer, lr := lr_at(self.step, self.progress(), t), t.learning_rate)
                 loss, grad_norm = self._run_step(micro)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a distributed tensor
+                    grad_norm = grad_norm.full_tensor()
                 self.nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
                 self.step += 1
                 self.tokens_seen += tokens_per_step
@@ -437,7 +516,12 @@ class Trainer:
                 if self.step % t.eval_interval == 0:
                     loss_value, checked_step = self._check(loss), self.step  # never keep a diverged model
                     self.metrics = evaluate_loss(
-                        self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+                        self.model,
+                        self.val_set,
+                        runtime,
+                        self.eval_batch,
+                        t.eval_batches * self.split,
+                        self.env,
                     )
                     bus.publish(events.EVAL_END, step=self.step, **self.metrics)
                     self._keep_if_best(self.metrics)
@@ -455,11 +539,11 @@ class Trainer:
 
         if self.step == 0:
             raise UserError("no training step ran: the time budget or step limit is too small for one step")
-        if guard.requested:
-            return self._interrupted(guard.requested, loss_value)
+        if stopped_by:
+            return self._interrupted(stopped_by, loss_value)
         seconds = self.elapsed()  # training time: the final validation below is not part of the budget
         self.metrics = evaluate_loss(
-            self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split
+            self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split, self.env
         )
         bus.publish(events.EVAL_END, step=self.step, final=True, **self.metrics)
         self._keep_if_best(self.metrics)
@@ -531,6 +615,7 @@ def train(
     model: torch.nn.Module | None = None,
     recovery: ErrorRecovery | None = None,
     handle_signals: bool = True,
+    env: DistEnv | None = None,
 ) -> TrainResult:
     """Train on the prepared data in ``data_dir``; checkpoints go to ``<output_dir>/checkpoints``.
 
@@ -548,7 +633,7 @@ def train(
             log.info("resume auto: no checkpoint in %s yet, starting from the beginning", cfg.output_dir)
     if state is not None:  # the architecture comes from the checkpoint: the model is built before restoring
         cfg.model = config_from_dict({"model": state["config"]["model"]}, str(path or "checkpoint")).model
-    trainer = Trainer(cfg, data_dir, bus, model=model, recovery=recovery)
+    trainer = Trainer(cfg, data_dir, bus, model=model, recovery=recovery, env=env)
     return trainer.run(state, path, handle_signals=handle_signals)
 
 

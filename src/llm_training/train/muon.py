@@ -2,7 +2,8 @@
 
 ``torch.optim.Muon`` orthogonalises in bfloat16, which is fast on GPUs and slow on most CPUs (about 15x
 slower per step in our 2-core measurements); on CUDA the loop uses PyTorch's class, on CPUs (and with
-PyTorch before 2.9, which has no Muon) this one.
+PyTorch before 2.9, which has no Muon) this one; also under FSDP2, where it gathers each sharded matrix to
+orthogonalise it whole and applies this process's rows.
 Update: momentum (Nesterov), orthogonalise with the quintic Newton-Schulz iteration of Keller Jordan's Muon,
 scale to match AdamW's update RMS (0.2 * sqrt(max(rows, cols))), decoupled weight decay.
 """
@@ -52,7 +53,13 @@ class CPUMuon(torch.optim.Optimizer):
                 buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalise(update)
                 scale = 0.2 * math.sqrt(max(p.size(0), p.size(1)))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                if hasattr(update, "full_tensor"):  # an FSDP2 shard: orthogonalise the whole matrix
+                    whole = orthogonalise(update.full_tensor())
+                    local = p.to_local()
+                    mesh = p.device_mesh
+                    mine = whole.chunk(mesh.size(), dim=0)[mesh.get_local_rank()] if whole.size(0) else whole
+                    local.add_(mine[: local.size(0)].to(local.dtype), alpha=-group["lr"] * scale)
+                    continue
+                p.add_(orthogonalise(update).to(p.dtype), alpha=-group["lr"] * scale)

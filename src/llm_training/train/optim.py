@@ -68,9 +68,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
-        if device.type == "cuda" and hasattr(
-            torch.optim, "Muon"
-        ):  # PyTorch 2.9+; bf16 Newton-Schulz suits GPUs
+        sharded = any(type(p).__name__ == "DTensor" for p in hidden)  # FSDP2: whole matrices needed
+        if device.type == "cuda" and hasattr(torch.optim, "Muon") and not sharded:
+            # PyTorch 2.9+; bf16 Newton-Schulz suits GPUs
             muon = torch.optim.Muon(
                 hidden,
                 lr=cfg.learning_rate,

@@ -1,0 +1,194 @@
+"""Several processes: the process group, the model's data-parallel (DDP) or fully sharded (FSDP2) wrapping,
+full-state checkpoints that load on any number of processes, and the few collectives the loop needs.
+
+A process belongs to a distributed run when a launcher (``torchrun``, ``accelerate launch``, ``llm-train
+--num-gpus``) set ``WORLD_SIZE`` above 1. With one process nothing here wraps or communicates, so a plain run
+and ``torchrun --nproc_per_node=1`` cost the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llm_training.errors import ConfigError
+
+log = logging.getLogger("llm_training.distributed")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_launcher() -> DistEnv:
+    """Rank and world size set by torchrun / accelerate / the elastic launcher (or a single process)."""
+    try:
+        return DistEnv(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"launcher environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})"
+        ) from None
+
+
+def current_env() -> DistEnv:
+    """The process group this process already belongs to, or a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
+    return DistEnv()
+
+
+def pick_backend(setting: str, device_type: str) -> str:
+    setting = setting.lower()
+    if setting == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if setting == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ConfigError(
+            "resources.distributed_backend 'nccl' needs CUDA GPUs and an NCCL build; use 'gloo'"
+        )
+    if setting == "gloo" and not dist.is_gloo_available():
+        raise ConfigError("resources.distributed_backend 'gloo' is not available in this PyTorch build")
+    return setting
+
+
+def init_process_group(env: DistEnv, backend_setting: str, device_type: str, timeout_s: float) -> DistEnv:
+    """Join the process group (once); on CUDA, bind this process to GPU ``LOCAL_RANK``."""
+    if not env.enabled:
+        return env
+    backend = pick_backend(backend_setting, device_type)
+    if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if env.local_rank >= visible:
+            raise ConfigError(
+                f"process {env.rank} has LOCAL_RANK {env.local_rank} but this node has {visible} GPU(s); "
+                f"start at most {visible} processes per node"
+            )
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(env.rank, env.world_size, env.local_rank, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """In place across processes; a no-op for one process."""
+    if env.enabled:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def gather_objects(value, env: DistEnv) -> list:
+    """Every process's ``value``, in rank order, on every process (one for a single process)."""
+    if not env.enabled:
+        return [value]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value, env: DistEnv):
+    """Rank 0's ``value`` on every rank."""
+    if not env.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------- wrapping
+
+
+def fully_shard_fn():
+    try:  # PyTorch 2.6+
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # 2.4 and 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: str) -> torch.nn.Module:
+    """DDP or FSDP2 around ``model`` (applied from outside: the model class knows nothing of it)."""
+    if not env.enabled:
+        return model
+    if strategy == "fsdp":
+        fully_shard, MixedPrecisionPolicy = fully_shard_fn()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else None
+        kwargs = {"mp_policy": policy} if policy else {}
+        for block in model.blocks:  # one all-gather per block, freed after use
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.local_rank] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def get_full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state keyed by parameter name, whole (not sharded), as CPU tensors on rank 0:
+    the same checkpoint whatever the number of processes that wrote it. A collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    sharded = is_sharded(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    return get_state_dict(model, _optimizers(optimizer), options=options)
+
+
+def set_full_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict | None) -> None:
+    """Load a full (name-keyed) state into a plain, DDP or FSDP2 model on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    optimizers = _optimizers(optimizer)
+    if optim_state:
+        set_state_dict(
+            model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state, options=options
+        )
+    else:
+        set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict={}, options=options)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

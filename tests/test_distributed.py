@@ -1,0 +1,213 @@
+"""Several processes on the CPU with gloo: DDP and FSDP2 against one process, checkpoints across process
+counts, two nodes on loopback, every launcher of the usage guide, and the failures a cluster produces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, assert_user_error, run_cli
+from llm_training.data.prepare import prepare_documents
+from llm_training.data.sources import read_documents
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+TRAIN = ["-m", "llm_training.cli.train"]
+TORCHRUN = ["-m", "torch.distributed.run"]
+ACCELERATE = ["-m", "accelerate.commands.launch"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import corpus_records
+
+    folder = tmp_path_factory.mktemp("distdata")
+    records = corpus_records("shakespeare", 3, lambda r: r["id"].endswith("_gut"))
+    src = folder / "plays.jsonl"
+    src.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:30_000]}) + "\n" for r in records))
+    return prepare_documents(
+        read_documents(src), folder / "data", vocab_size=400, validation_fraction=0.2
+    ).output_dir
+
+
+def settings(batch: int, **extra) -> list[str]:
+    values = {
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4, "model.max_seq_length": 32,
+        "model.vocab_size": 448, "training.batch_size": batch, "training.learning_rate": 3e-3,
+        "training.warmup_steps": 2, "training.log_interval": 1, "training.eval_interval": 3,
+        "training.eval_batches": 2, "training.checkpoint_interval": 3, "training.sample_tokens": 0,
+        "training.max_steps": STEPS, "logging.progress_bar": False, "resources.distributed_backend": "gloo",
+        "checkpoint.keep_last": 100, **extra,
+    }  # fmt: skip
+    return [x for k, v in values.items() for x in ("--set", f"{k}={v}")]
+
+
+def losses(out: Path) -> dict[int, float]:
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == "step_end":
+            found[record["step"]] = record["loss"]
+    return found
+
+
+def close(a: dict, b: dict, tol: float = 2e-4) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory):
+    """One process, 8 sequences a step: the reference."""
+    out = tmp_path_factory.mktemp("single")
+    ok(run_cli([*TRAIN, "--data-dir", str(data), "--output-dir", str(out), *settings(8)], out))
+    return out, losses(out)
+
+
+def test_ddp_and_fsdp2_match_one_process_with_the_same_global_batch(tmp_path, data, single):
+    ddp = tmp_path / "ddp"
+    proc = ok(run_cli([*TRAIN, "--num-gpus", "2", "--distributed-backend", "gloo", "--data-dir", str(data),
+                       "--output-dir", str(ddp), *settings(4)], tmp_path))  # fmt: skip
+    assert "4 sequences x 2 process(es) x 1 accumulation step(s) = 8 sequences" in proc.stderr + proc.stdout
+    assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
+    fsdp = tmp_path / "fsdp"
+    ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *TRAIN, "--data-dir", str(data), "--output-dir", str(fsdp),
+                *settings(4, **{"resources.strategy": "fsdp"})], tmp_path))  # fmt: skip
+    assert close(losses(ddp), single[1]) and close(losses(fsdp), single[1])
+    # rank 0 alone writes: one metrics file, one log, checkpoints in the full (not sharded) format
+    assert len(list((fsdp / "logs").iterdir())) == 1
+    state = torch.load(fsdp / "checkpoints" / "model_final.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["model"]["embed.weight"].shape == (448, 32)
+
+
+def test_checkpoints_resume_on_another_number_of_processes(tmp_path, data, single):
+    two = tmp_path / "two"
+    ok(
+        run_cli(
+            [*TRAIN, "--num-gpus", "2", "--data-dir", str(data), "--output-dir", str(two), *settings(4)],
+            tmp_path,
+        )
+    )
+    one = tmp_path / "one"  # written by 2 processes, resumed on 1
+    ok(run_cli([*TRAIN, "--data-dir", str(data), "--output-dir", str(one), *settings(8),
+                "--resume", str(two / "checkpoints" / "model_step_3.pt")], tmp_path))  # fmt: skip
+    assert close(losses(one), {s: v for s, v in single[1].items() if s > 3})
+    back = tmp_path / "back"  # written by 1 process, resumed on 2 (sharded)
+    ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *TRAIN, "--data-dir", str(data), "--output-dir", str(back),
+                *settings(4, **{"resources.strategy": "fsdp"}),
+                "--resume", str(single[0] / "checkpoints" / "model_step_3.pt")], tmp_path))  # fmt: skip
+    assert close(losses(back), {s: v for s, v in single[1].items() if s > 3})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_to_the_end(tmp_path, data, single):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *TRAIN,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--num-gpus",
+                "1",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *settings(4),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "done: 6 steps" in outputs[0][0] and "done:" not in outputs[1][0]
+    assert close(losses(tmp_path / "run"), single[1])
+
+
+def test_guide_launchers_torchrun_and_accelerate_run_the_main_job(tmp_path, shakespeare_jsonl):
+    common = ["-m", "llm_training.main", "--config", str(REPO / "config" / "distributed.yaml"), "--input-file",
+              str(shakespeare_jsonl), *TINY, "--set", "resources.distributed_backend=gloo", "--max-time", "3s",
+              "--set", "training.gradient_accumulation_steps=1"]  # fmt: skip
+    first = ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *common, "--output-dir", "a"], tmp_path))
+    assert (
+        "2 processes (ddp, cpu)" in first.stderr + first.stdout and (tmp_path / "a" / "checkpoints").is_dir()
+    )
+    second = ok(
+        run_cli([*ACCELERATE, "--multi_gpu", "--num_processes=2", *common, "--output-dir", "b"], tmp_path)
+    )
+    assert "2 processes (ddp, cpu)" in second.stderr + second.stdout
+    assert (tmp_path / "b" / "checkpoints" / "model_final.pt").is_file()
+
+
+def test_clear_errors_for_impossible_launches(tmp_path, data):
+    base = [*TRAIN, "--data-dir", str(data), "--output-dir", str(tmp_path / "x"), *settings(4)]
+    if not torch.cuda.is_available():
+        assert_user_error(run_cli([*base, "--num-gpus", "2", "--distributed-backend", "nccl"], tmp_path),
+                          "--num-gpus 2 but 0 GPU(s) are visible", "gloo")  # fmt: skip
+    assert_user_error(run_cli([*base, "--nnodes", "2"], tmp_path), "--node-rank and --rdzv-endpoint")
+    start = time.time()
+    unreachable = run_cli([*base, "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                           "--rdzv-timeout", "5"], tmp_path, timeout=120)  # fmt: skip
+    assert_user_error(unreachable, "could not meet the other nodes", "within 5s")
+    assert time.time() - start < 90
+
+
+def test_a_rank_that_dies_stops_the_others(tmp_path, data):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, *TRAIN, "--num-gpus", "2", "--data-dir", str(data), "--output-dir", str(out),
+         *settings(4, **{"training.max_steps": 100000})],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and losses(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "llm_training.cli.train"], capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "failed" in stderr and "the other processes were stopped" in stderr
+    assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout == b""
+
+
+def test_compute_resource_manager_reports_and_manages_the_group():
+    from llm_training.api.resources import ComputeResourceManager
+    from llm_training.config import ResourcesConfig
+
+    manager = ComputeResourceManager(resources=ResourcesConfig(device="cpu"))
+    report = manager.report()
+    assert report["cpu_cores"] >= 1 and report["backend"] == "gloo" and report["world_size"] == 1
+    with manager as env:  # one process: nothing to join
+        assert not env.enabled and env.is_main
