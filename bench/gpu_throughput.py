@@ -18,6 +18,7 @@ import contextlib
 import time
 
 import torch
+import torch._inductor.config
 
 from llm_training.config import load_config
 from llm_training.model.transformer import Transformer
@@ -91,7 +92,8 @@ def measure(
     torch._dynamo.reset()
     return (
         f"{style:5s} batch {batch:3d} attention {attention:6s} compile {compile_mode:8s} "
-        f"loss {'fp32' if fp32_loss else 'bf16'}{f' in chunks of {loss_chunk}' if loss_chunk else ''}: "
+        f"loss {'fp32' if fp32_loss else 'bf16'}{f' in chunks of {loss_chunk}' if loss_chunk else ''}"
+        f"{' coordinate-descent' if torch._inductor.config.coordinate_descent_tuning else ''}: "
         f"{tokens_per_second:9,.0f} tokens/s, MFU {mfu:.1%}, peak memory {peak:.1f} GiB, "
         f"loss {loss.item():.2f}, warm-up+compile {compile_seconds:.0f} s"
     )
@@ -107,9 +109,16 @@ def main() -> None:
     parser.add_argument("--compile-mode", nargs="+", default=["default"])
     parser.add_argument("--bf16-loss", action="store_true", help="cross-entropy on bf16 logits (no upcast)")
     parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk_tokens")
+    parser.add_argument(
+        "--coordinate-descent",
+        action="store_true",
+        help="inductor's coordinate-descent tuning of its kernels",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
+    if args.coordinate_descent:
+        torch._inductor.config.coordinate_descent_tuning = True
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(__doc__.split("\n\n")[1].strip())

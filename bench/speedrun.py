@@ -51,6 +51,7 @@ def train(configs: list[str]) -> None:
         out = Path("/tmp/speedrun") / Path(config).stem
         command = [sys.executable, "-m", "llm_training.cli.train", "--config", config,
                    "--data-dir", str(DATA), "--output-dir", str(out), "--set", "logging.progress_bar=false"]  # fmt: skip
+        (out / "metrics.jsonl").unlink(missing_ok=True)
         started = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         final = out / "checkpoints" / "model_final.pt"
@@ -65,6 +66,12 @@ def train(configs: list[str]) -> None:
         print(f"== {config}: final checkpoint {seconds:.1f} s after the process started (target <= 218 s)")
         for line in evals:
             print("  " + line)
+        steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        if steps:  # the train loss against the validation loss shows how far the epochs overfit
+            speeds = sorted(r["tokens_per_second"] for r in steps)
+            last = steps[-1]
+            print(f"  last logged train loss {last['loss']:.4f} at step {last['step']} (epoch {last['epoch']}), "
+                  f"median {speeds[len(speeds) // 2]:,.0f} tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":

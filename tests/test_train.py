@@ -218,3 +218,29 @@ def test_cpu_muon_matches_torch_muon():
         theirs.step()
     # theirs orthogonalises in bfloat16: equal up to its rounding
     assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch 2.9+")
+def test_batched_muon_matches_torch_muon_and_shares_its_state():
+    from llm_training.train.muon import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(48, 32), (32, 48), (48, 32), (32, 32), (32, 48)]  # wide, tall and square, shapes repeated
+    ours = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = BatchedMuon(ours, lr=0.01, weight_decay=0.1)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for a, b in zip(ours, theirs, strict=True):
+            grad = torch.randn_like(a)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    state = opt_theirs.state_dict()
+    assert opt_ours.state_dict()["param_groups"][0].keys() == state["param_groups"][0].keys()
+    opt_ours.load_state_dict(state)  # checkpoints move between the two
+    assert torch.equal(
+        opt_ours.state[ours[0]]["momentum_buffer"], opt_theirs.state[theirs[0]]["momentum_buffer"]
+    )

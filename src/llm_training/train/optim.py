@@ -8,7 +8,7 @@ import torch
 
 from llm_training.config import TrainingConfig
 from llm_training.errors import ConfigError
-from llm_training.train.muon import CPUMuon
+from llm_training.train.muon import BatchedMuon, CPUMuon
 
 
 class CombinedOptimizer:
@@ -69,15 +69,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
         sharded = any(type(p).__name__ == "DTensor" for p in hidden)  # FSDP2: whole matrices needed
-        if device.type == "cuda" and hasattr(torch.optim, "Muon") and not sharded:
-            # PyTorch 2.9+; bf16 Newton-Schulz suits GPUs
-            muon = torch.optim.Muon(
-                hidden,
-                lr=cfg.learning_rate,
-                weight_decay=cfg.weight_decay,
-                momentum=0.95,
-                adjust_lr_fn="match_rms_adamw",
-            )
+        if device.type == "cuda" and not sharded:  # bf16 Newton-Schulz, batched by shape: few kernels
+            muon = BatchedMuon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95)
         else:
             muon = CPUMuon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95)
         adamw = _adamw(
