@@ -179,7 +179,10 @@ def test_clear_errors_for_impossible_launches(tmp_path, data):
     start = time.time()
     unreachable = run_cli([*base, "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                            "--rdzv-timeout", "5"], tmp_path, timeout=120)  # fmt: skip
-    assert_user_error(unreachable, "could not meet the other nodes", "within 5s")
+    # PyTorch's C++ store logs its connection retries above; the command's own answer is one line, last
+    assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr
+    last = unreachable.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not meet the other nodes") and "within 5s" in last
     assert time.time() - start < 90
 
 

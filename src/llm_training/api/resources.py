@@ -53,13 +53,13 @@ class ComputeResourceManager:
             memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         env = self.env if self.env.enabled else env_from_launcher()
         return {
+            **asdict(env),
             "gpus": self.devices(),
             "cpu_cores": os.cpu_count(),
             "memory_gb": memory,
             "device_type": self.device_type(),
             "backend": pick_backend(self.resources.distributed_backend, self.device_type()),
             "strategy": self.resources.strategy,
-            **asdict(env),
         }
 
     def init(self) -> DistEnv:
