@@ -5,8 +5,9 @@ killed with SIGKILL and resumed with ``--resume auto`` gives the same losses as 
     python bench/checkpoint_gpu.py [--steps 60]
 
 Stall: the GPT-2 124M shape (bf16, fused AdamW, no compile), micro-batch 16 x 1,024 tokens, a checkpoint
-every 20 steps (model + optimizer state: about 1.5 GB); the loop's own timer around each save, and the
-wall time of the whole run against a run without checkpoints. Resume: a small Llama-style model trained
+every 100 steps (model + optimizer state: about 1.2 GB; longer apart than one write takes, else a save
+waits for the one before); the loop's own timer around each save (the first background save also pins
+its host buffers), and the wall time of the whole run against a run without checkpoints. Resume: a small Llama-style model trained
 for 40 steps by the CLI; a second run is killed with SIGKILL after step 25 and resumed from its step-20
 checkpoint; the per-step losses of both are compared.
 """
@@ -39,7 +40,7 @@ GPT2_SMALL = {
 }  # fmt: skip
 
 
-def stall(steps: int, mode: str | None, out: Path) -> dict:
+def stall(steps: int, mode: str | None, out: Path, interval: int = 100) -> dict:
     from llm_training.config import load_config
     from llm_training.events import EventBus
     from llm_training.train.loop import Trainer
@@ -48,7 +49,7 @@ def stall(steps: int, mode: str | None, out: Path) -> dict:
     if mode is None:
         values["training.checkpoint_interval"] = 10**6
     else:
-        values["training.checkpoint_interval"] = 20
+        values["training.checkpoint_interval"] = interval
         values["checkpoint.async_save"] = mode == "background"
     cfg = load_config(cli=values, environ={}, default_file=None)
     trainer = Trainer(cfg, DATA, EventBus())
@@ -115,7 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--interval", type=int, default=100, help="steps between checkpoints (longer than a write)"
+    )
     args = parser.parse_args()
     if not (DATA / "train.json").is_file():
         sys.exit(f"{DATA}: no prepared data; run python bench/speedrun.py prepare first")
@@ -123,7 +127,7 @@ def main() -> None:
           f"python {platform.python_version()}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for mode in (None, "synchronous", "background"):
-            print(json.dumps(stall(args.steps, mode, Path(tmp) / str(mode))), flush=True)
+            print(json.dumps(stall(args.steps, mode, Path(tmp) / str(mode), args.interval)), flush=True)
         print(json.dumps({"resume": resume_check(Path(tmp) / "resume")}), flush=True)
 
 
