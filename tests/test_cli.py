@@ -215,7 +215,7 @@ def test_bad_config_file_and_environment(tmp_path):
         run_cli(MAIN, tmp_path, {"LLM_TRAINING__TRAINING__NUM_EPOCHS": "-1"}),
         "training.num_epochs must be at least 1",
     )
-    assert_user_error(run_cli(MAIN, tmp_path, {"WORLD_SIZE": "2"}), "one process only")
+    assert_user_error(run_cli(MAIN, tmp_path, {"WORLD_SIZE": "2"}), "WORLD_SIZE is 2 but RANK", "torchrun")
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -214,3 +214,11 @@ def test_compute_resource_manager_reports_and_manages_the_group():
     assert report["cpu_cores"] >= 1 and report["backend"] == "gloo" and report["world_size"] == 1
     with manager as env:  # one process: nothing to join
         assert not env.enabled and env.is_main
+
+
+def test_fsdp2_composes_with_activation_checkpointing_and_compile(tmp_path, data, single):
+    out = tmp_path / "fsdp_ac_compiled"
+    extra = {"resources.strategy": "fsdp", "model.activation_checkpointing": True, "training.compile": True}
+    ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *TRAIN, "--data-dir", str(data), "--output-dir", str(out),
+                *settings(4, **extra)], tmp_path, timeout=600))  # fmt: skip
+    assert close(losses(out), single[1], tol=2e-3)  # compiled kernels round differently

@@ -76,6 +76,12 @@ def init_process_group(env: DistEnv, backend_setting: str, device_type: str, tim
     """Join the process group (once); on CUDA, bind this process to GPU ``LOCAL_RANK``."""
     if not env.enabled:
         return env
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE is {env.world_size} but {', '.join(missing)} not set: start several processes with "
+            "torchrun, accelerate launch or llm-train --num-gpus N, or unset WORLD_SIZE"
+        )
     backend = pick_backend(backend_setting, device_type)
     if device_type == "cuda":
         visible = torch.cuda.device_count()
