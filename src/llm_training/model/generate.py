@@ -1,8 +1,176 @@
-"""Sampling text from a model: temperature and top-k, context cropped to the model's window."""
+"""Generating tokens: a KV cache, batched prompts of different lengths, and the usual sampling controls.
+
+``generate_tokens`` is the core: prompts (lists of ids, any lengths) are left-padded into one batch; the
+first forward pass fills the cache with every prompt token, then each step feeds one new token per row.
+Sampling, per row: repetition penalty (CTRL / Hugging Face convention: a seen token's logit is divided by
+the penalty when positive, multiplied when negative), then greedy (temperature 0) or temperature, top-k and
+top-p (nucleus) sampling from a seeded generator. A row ends at the end-of-text id or a stop sequence
+(neither is returned). ``use_cache=False`` recomputes the whole sequence every step (the baseline of the
+benchmark).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
+
+from llm_training.model.transformer import KVCache
+
+log = logging.getLogger("llm_training.generate")
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
+            raise ValueError("max_new_tokens, temperature and top_k cannot be negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+
+def fit_prompt(prompt: list[int], max_new: int, context: int, truncate: bool = True) -> list[int]:
+    """Keep the end of a prompt that leaves room for ``max_new`` tokens; raise instead when not truncating."""
+    room = max(1, context - max_new)
+    if len(prompt) <= room:
+        return prompt
+    if not truncate:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens + {max_new} new tokens exceeds the context of {context} tokens"
+        )
+    log.warning(
+        "prompt of %d tokens cut to its last %d (context %d, %d new)", len(prompt), room, context, max_new
+    )
+    return prompt[-room:]
+
+
+def pick_next(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
+    """One token id per row from ``logits`` (B, V) float; ``seen`` (B, V) bool marks tokens so far."""
+    if s.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        before = torch.softmax(ordered, dim=-1).cumsum(dim=-1) - torch.softmax(ordered, dim=-1)
+        ordered = ordered.masked_fill(before >= s.top_p, float("-inf"))  # the first token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def _ends_with(seq: list[int], stops: Sequence[Sequence[int]]) -> int:
+    for stop in stops:
+        if stop and len(seq) >= len(stop) and seq[-len(stop) :] == list(stop):
+            return len(stop)
+    return 0
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling | None = None,
+    *,
+    eos_id: int | None = None,
+    stop_ids: Sequence[Sequence[int]] = (),
+    stop_check: Callable[[list[int]], int] | None = None,
+    autocast=None,
+    use_cache: bool = True,
+    truncate: bool = True,
+) -> list[list[int]]:
+    """The new tokens of each prompt (without a final end-of-text or stop sequence).
+
+    ``stop_check(new_tokens)`` may return how many trailing tokens to drop to end that row (0: go on); the
+    text layer uses it for stop strings. ``autocast``: a context manager factory for mixed precision.
+    """
+    s = sampling or Sampling()
+    s.check()
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    context = model.cfg.max_seq_length
+    max_new = s.max_new_tokens
+    # a prompt keeps at most context - 1 tokens (room for one new); past the context, generation slides
+    history = [fit_prompt(list(p) or [eos_id or 0], 1, context, truncate) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+    seen = torch.zeros(len(history), model.cfg.vocab_size, dtype=torch.bool, device=device)
+    for i, row in enumerate(history):
+        seen[i, torch.tensor(row, device=device)] = True
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = [[] for _ in history]
+    done = [max_new == 0] * len(history)
+    cache, next_ids = None, None
+    try:
+        while not all(done):
+            with autocast() if autocast else _null():
+                if not use_cache:  # recompute the last context tokens of every row
+                    logits = _prefill(model, [h[-context:] for h in history], context, device)[1]
+                elif cache is None or cache.length + 1 > cache.max_len:  # first step, or the cache is full:
+                    keep = context if cache is None else context // 2  # start again from the recent half
+                    cache, logits = _prefill(model, [h[-keep:] for h in history], context, device)
+                else:
+                    cache.step(torch.ones(len(history), 1, dtype=torch.bool, device=device))
+                    logits = model(next_ids[:, None], cache=cache)[:, -1, :].float()
+                    cache.advance()
+            next_ids = pick_next(logits, seen, s, generator)
+            seen.scatter_(1, next_ids[:, None], True)
+            for i, token in enumerate(next_ids.tolist()):
+                history[i].append(token)
+                if done[i]:
+                    continue
+                if token == eos_id:
+                    done[i] = True
+                    continue
+                out[i].append(token)
+                cut = _ends_with(out[i], stop_ids) or (stop_check(out[i]) if stop_check else 0)
+                if cut:
+                    del out[i][len(out[i]) - cut :]
+                    done[i] = True
+                elif len(out[i]) >= max_new:
+                    done[i] = True
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _prefill(model, rows: list[list[int]], context: int, device) -> tuple[KVCache, torch.Tensor]:
+    """A new cache holding ``rows`` (left-padded), and the logits after each row's last token."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        valid[i, width - len(row) :] = True
+    cache = KVCache(model, len(rows), context, device)
+    cache.step(valid.to(device))
+    logits = model(ids.to(device), cache=cache)[:, -1, :].float()
+    cache.advance()
+    return cache, logits
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 @torch.no_grad()
@@ -13,26 +181,21 @@ def generate(
     *,
     temperature: float = 0.8,
     top_k: int = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Extend ``input_ids`` (B, T) by up to ``max_new_tokens``; temperature 0 is greedy."""
-    was_training = model.training
-    model.eval()
-    context = model.cfg.max_seq_length
-    out = input_ids
-    for _ in range(max_new_tokens):
-        logits = model(out[:, -context:])[:, -1, :].float()
-        if temperature <= 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        out = torch.cat([out, next_id], dim=1)
-        if eos_id is not None and bool((next_id == eos_id).all()):
-            break
-    model.train(was_training)
-    return out
+    """``input_ids`` (B, T) followed by the new tokens, as one tensor (rows that ended early are padded with
+    ``eos_id`` or 0). A ``generator`` is used for its seed."""
+    if generator is not None and seed is None:
+        seed = generator.initial_seed()
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    new = generate_tokens(model, input_ids.tolist(), sampling, eos_id=eos_id)
+    longest = max((len(n) for n in new), default=0)
+    pad = eos_id if eos_id is not None else 0
+    tail = torch.full((input_ids.size(0), longest), pad, dtype=input_ids.dtype)
+    for i, n in enumerate(new):
+        tail[i, : len(n)] = torch.tensor(n, dtype=input_ids.dtype)
+    return torch.cat([input_ids, tail.to(input_ids.device)], dim=1)

@@ -38,9 +38,10 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate pairs (first half, second half) as in Llama
+    # x: (B, H, T, D); rotate pairs (first half, second half) as in Llama. cos/sin: (T, D/2) shared by the
+    # batch, or (B, T, D/2) when each row has its own positions (left-padded generation)
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -57,7 +58,9 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, self.head_dim, style) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1
@@ -69,11 +72,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, True
+        if cache is not None:  # generation: attend to every earlier token kept in the cache
+            k, v = cache.append(k, v)
+            mask, causal = cache.mask, False
         if self.n_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -108,8 +115,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, style)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope))
+    def forward(self, x: torch.Tensor, rope, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -194,19 +201,31 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Loss (with ``labels``) or logits. With a ``cache`` (generation), ``input_ids`` continue the cached
+        tokens: their keys and values are added to it and they attend to everything before them."""
         B, T = input_ids.shape
-        if self.cfg.max_seq_length < T:
+        if cache is None and self.cfg.max_seq_length < T:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_length})")
         x = self.embed(input_ids)
         rope = None
-        if self.pos_embed is not None:
+        if cache is not None:  # each row's own positions (left padding does not count)
+            positions = cache.positions
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(positions)
+            else:
+                rope = (self.rope_cos[positions], self.rope_sin[positions])
+        elif self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
         else:
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.drop(x)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, rope, cache.layers[i])
+            elif self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
@@ -236,3 +255,64 @@ class Transformer(nn.Module):
             6 * (self.num_parameters(non_embedding=True) + head)
             + 12 * c.num_layers * c.hidden_size * c.max_seq_length
         )
+
+
+class LayerCache:
+    """One layer's keys and values, (B, kv heads, max_len, head dim), filled left to right."""
+
+    def __init__(self, owner: KVCache) -> None:
+        self.owner = owner
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.owner.mask
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, T = self.owner.length, k.size(2)
+        if self.k is None:  # allocated on first use, in the dtype the layer computes in (bf16 under autocast)
+            shape = (k.size(0), k.size(1), self.owner.max_len, k.size(3))
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.k[:, :, start : start + T] = k
+        self.v[:, :, start : start + T] = v
+        return self.k[:, :, : start + T], self.v[:, :, : start + T]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences being generated.
+
+    Prompts of different lengths are left-padded: ``step(valid)`` takes which new tokens are real, gives each
+    real token the next position of its own row (so padding does not shift RoPE or learned positions), and
+    builds the attention mask: causal, padding hidden, and each padding position seeing itself so that no
+    row of the softmax is empty.
+    """
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, device: torch.device) -> None:
+        if max_len > model.cfg.max_seq_length:
+            raise ValueError(f"{max_len} tokens do not fit the context ({model.cfg.max_seq_length})")
+        self.max_len, self.length = max_len, 0
+        self.layers = [LayerCache(self) for _ in range(model.cfg.num_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def step(self, valid: torch.Tensor) -> None:
+        """Prepare the forward pass of the next ``valid.shape[1]`` tokens (``valid``: (B, T) bool)."""
+        start, T = self.length, valid.size(1)
+        if start + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; {start + T} asked for")
+        end = start + T
+        self.valid[:, start:end] = valid
+        counts = torch.cumsum(valid.long(), dim=1)
+        self.positions = (self.next_position[:, None] + counts - 1).clamp(min=0)
+        self.next_position += counts[:, -1]
+        queries = torch.arange(start, end, device=valid.device)[:, None]
+        keys = torch.arange(end, device=valid.device)[None, :]
+        allowed = (keys <= queries)[None] & self.valid[:, None, :end]
+        self.mask = (allowed | (keys == queries)[None])[:, None]  # (B, 1, T, end)
+
+    def advance(self) -> None:
+        self.length += self.positions.size(1)
