@@ -168,6 +168,13 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
+    def from_json(cls, text: str) -> Tokenizer:
+        """A tokenizer from the JSON text of ``backend.to_str()`` (as stored in checkpoints)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(text))
+
+    @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load a Hugging Face tokenizer.json, a GPT-2 vocabulary with its merges, or a folder of either."""
         path = Path(path)

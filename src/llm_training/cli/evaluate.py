@@ -1,0 +1,85 @@
+"""``llm-evaluate``: metrics of a trained model on test data, printed and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from llm_training.cli.common import parser, run
+from llm_training.eval.metrics import METRICS
+
+DESCRIPTION = """\
+Score a checkpoint on test data and write the metrics as JSON.
+
+Test data: a .txt file (plain text), or JSON Lines / a JSON list of records, all of one kind:
+  {"text": ...}                                   plain text
+  {"prompt": ..., "choices": [...], "answer": i}  multiple choice (answer: an index or the choice's text)
+  {"text": ..., "label": ...}                     classification (the choices are all labels in the file)
+Labelled items are answered by the choice whose tokens have the highest total log-probability after the
+prompt. Metrics:
+""" + "\n".join(f"  {name:<14}{text}" for name, text in METRICS.items())
+
+
+def build_parser():
+    p = parser("llm-evaluate", DESCRIPTION)
+    p.add_argument("--model-path", required=True, help="Checkpoint (.pt) to evaluate.")
+    p.add_argument("--test-data", required=True, help="Test file: .txt, .jsonl or .json (formats above).")
+    p.add_argument(
+        "--metrics", default="loss,perplexity,bits_per_byte,accuracy", help="Comma-separated metric names."
+    )
+    p.add_argument("--output", help="Write the results here as JSON (folders are created).")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    return p
+
+
+def evaluate_checkpoint(model_path, test_data, metrics, batch_size: int = 16, device: str = "auto") -> dict:
+    """What ``llm-evaluate`` computes, as a dict (also used by ``llm-compare`` and ``Trainer.evaluate``)."""
+    import torch
+
+    from llm_training.eval.data import read_test_data
+    from llm_training.eval.metrics import evaluate_model, parse_metrics
+    from llm_training.train.artifacts import load_trained
+    from llm_training.train.device import pick_device, pick_precision
+
+    names = parse_metrics(metrics)
+    data = read_test_data(test_data)  # bad data fails before the model is loaded
+    target = pick_device(device)
+    trained = load_trained(model_path, target)
+    precision = pick_precision("auto", target)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else None
+    start = time.perf_counter()
+    results = evaluate_model(trained.model, trained.tokenizer, data, names, batch_size, autocast)
+    return {"model": str(model_path), "step": trained.step, "test_data": str(test_data), **results,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from llm_training.errors import UserError
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        results = evaluate_checkpoint(
+            args.model_path, args.test_data, args.metrics, args.batch_size, args.device
+        )
+        for key, value in results.items():
+            if isinstance(value, float):
+                print(f"{key:<14} {value:.4f}")
+            elif key not in ("labels",):
+                print(f"{key:<14} {value}")
+        if args.output:
+            out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {out}")
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: test data formats, metrics, and the comparison report."""

@@ -1,0 +1,162 @@
+"""Metrics of a model on test data (the definitions are also printed by ``llm-evaluate --help``).
+
+Plain text: every document is tokenized and followed by end-of-text, the stream is cut into non-overlapping
+windows of the model's context, and each next token is scored. Labelled data: each choice is scored by the
+sum of the log-probabilities of its tokens after the prompt; the highest-scoring choice is the prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llm_training.errors import ConfigError
+from llm_training.eval.data import ChoiceSet, TextSet
+
+METRICS = {
+    "loss": "mean next-token cross-entropy, nats per token (labelled data: over the prompt + correct answer)",
+    "perplexity": "exp(loss)",
+    "bits_per_byte": "total negative log-likelihood in bits / UTF-8 bytes of the scored text",
+    "accuracy": "plain text: share of next tokens that are the model's top prediction; labelled data: share "
+    "of items whose highest-scoring choice is the answer",
+    "f1": "labelled data: macro F1, the unweighted mean over answer classes of 2PR/(P+R)",
+}
+TEXT_ONLY: set[str] = set()
+LABELLED_ONLY = {"f1"}
+
+
+def parse_metrics(spec: str | list[str] | None) -> list[str]:
+    names = (
+        spec.split(",")
+        if isinstance(spec, str)
+        else list(spec or ["loss", "perplexity", "bits_per_byte", "accuracy"])
+    )
+    names = [n.strip().lower().replace("-", "_") for n in names if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ConfigError(
+            f"--metrics: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(METRICS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
+    device = next(model.parameters()).device
+    context = model.cfg.max_seq_length
+    stream: list[int] = []
+    for ids in tokenizer.encode_batch(documents):
+        stream += ids + [tokenizer.eot_id]
+    if len(stream) < 2:
+        raise ConfigError("the test text is too short to score (fewer than 2 tokens)")
+    tokens = torch.tensor(stream)
+    starts = list(range(0, len(stream) - 1, context))
+    nll, correct, counted = 0.0, 0, 0
+    for b in range(0, len(starts), batch_size):
+        rows = [tokens[s : s + context + 1] for s in starts[b : b + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width - 1, dtype=torch.long)
+        labels = torch.full((len(rows), width - 1), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r) - 1], labels[i, : len(r) - 1] = r[:-1], r[1:]
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast():
+            logits = model(ids).float()
+        mask = labels != -100
+        nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+        counted += int(mask.sum())
+    return {
+        "nll": nll,
+        "tokens": counted,
+        "correct": correct,
+        "bytes": sum(len(d.encode()) for d in documents),
+    }
+
+
+@torch.no_grad()
+def _choice_logprobs(model, tokenizer, items, batch_size: int, autocast) -> list[list[float]]:
+    """Sum of log-probabilities of each choice's tokens after its prompt (the prompt cut from the left)."""
+    device = next(model.parameters()).device
+    context = model.cfg.max_seq_length
+    pairs = []
+    for item in items:
+        prompt = tokenizer.encode(item.prompt) or [tokenizer.eot_id]
+        for choice in item.choices:
+            tail = tokenizer.encode(choice if item.prompt[-1:].isspace() else " " + choice)[: context - 1]
+            pairs.append((prompt[-(context + 1 - len(tail)) :], tail))
+    scores = []
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b : b + batch_size]
+        width = max(len(p) + len(t) for p, t in chunk) - 1
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for i, (p, t) in enumerate(chunk):
+            seq = torch.tensor(p + t)
+            ids[i, : len(seq) - 1] = seq[:-1]
+            labels[i, len(p) - 1 : len(seq) - 1] = seq[len(p) :]
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast():
+            logp = torch.log_softmax(model(ids).float(), dim=-1)
+        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+        scores += picked.sum(-1).tolist()
+    out, k = [], 0
+    for item in items:
+        out.append(scores[k : k + len(item.choices)])
+        k += len(item.choices)
+    return out
+
+
+def macro_f1(truth: list[int], predicted: list[int], classes: int) -> float:
+    values = []
+    for c in range(classes):
+        tp = sum(1 for t, p in zip(truth, predicted, strict=True) if t == c and p == c)
+        fp = sum(1 for t, p in zip(truth, predicted, strict=True) if t != c and p == c)
+        fn = sum(1 for t, p in zip(truth, predicted, strict=True) if t == c and p != c)
+        if tp + fp + fn:  # a class absent from both truth and predictions does not count
+            values.append(2 * tp / (2 * tp + fp + fn))
+    return sum(values) / len(values) if values else 0.0
+
+
+def evaluate_model(
+    model, tokenizer, data: TextSet | ChoiceSet, metrics: list[str], batch_size: int = 16, autocast=None
+) -> dict:
+    """The requested metrics (and counts) of ``model`` on ``data``, as a flat dict."""
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(data, TextSet):
+            bad = [m for m in metrics if m in LABELLED_ONLY]
+            if bad:
+                raise ConfigError(
+                    f"--metrics {', '.join(bad)} needs labelled test data (see llm-evaluate --help)"
+                )
+            s = _text_scores(model, tokenizer, data.documents, batch_size, autocast)
+            results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
+            accuracy = s["correct"] / s["tokens"]
+        else:
+            gold = [item.prompt + (" " if not item.prompt[-1:].isspace() else "") + item.choices[item.answer]
+                    for item in data.items]  # fmt: skip
+            s = _text_scores(model, tokenizer, gold, batch_size, autocast)
+            scores = _choice_logprobs(model, tokenizer, data.items, batch_size, autocast)
+            predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
+            truth = [item.answer for item in data.items]
+            accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+            classes = max(len(item.choices) for item in data.items)
+            results = {"data_kind": data.kind, "items": len(truth), "tokens": s["tokens"],
+                       "f1": macro_f1(truth, predicted, classes)}  # fmt: skip
+            if data.labels:
+                results["labels"] = data.labels
+        loss = s["nll"] / s["tokens"]
+        values = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                  "bits_per_byte": s["nll"] / math.log(2) / max(1, s["bytes"]), "accuracy": accuracy}  # fmt: skip
+        results.update({m: values[m] for m in metrics if m in values})
+        if "f1" not in metrics:
+            results.pop("f1", None)
+        return results
+    finally:
+        model.train(was_training)

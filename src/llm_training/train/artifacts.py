@@ -1,0 +1,42 @@
+"""A trained model back from a checkpoint: the transformer with its weights and the tokenizer it was trained
+with (both are inside every checkpoint), ready for evaluation, generation or export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llm_training.config import Config, config_from_dict
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import UserError
+from llm_training.model.transformer import Transformer
+from llm_training.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class TrainedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: Config
+    step: int
+    path: Path
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """The model of checkpoint ``path`` in eval mode on ``device``, with its tokenizer."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    cfg = config_from_dict({"model": state["config"]["model"]}, str(path))
+    if not state.get("tokenizer_json"):
+        raise UserError(f"{path}: holds no tokenizer (saved by another tool?); it cannot be evaluated alone")
+    tokenizer = Tokenizer.from_json(state["tokenizer_json"])
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(
+            f"{path}: weights do not match its config ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    return TrainedModel(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path)

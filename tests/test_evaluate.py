@@ -1,0 +1,131 @@
+"""``llm-evaluate`` on real text and on labelled files built here: every metric, every format, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import assert_user_error, corpus_records, run_cli
+from llm_training.config import load_config
+from llm_training.data.prepare import prepare_documents
+from llm_training.data.sources import Document
+from llm_training.errors import DataError
+from llm_training.eval.data import read_test_data
+from llm_training.eval.metrics import macro_f1, parse_metrics
+from llm_training.train.loop import train
+
+EVALUATE = ["-m", "llm_training.cli.evaluate"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained for 60 steps on four Shakespeare plays; a fifth play is the test text."""
+    root = tmp_path_factory.mktemp("evaluate")
+    plays = corpus_records("shakespeare", 5, lambda r: r["id"].endswith("_gut"))
+    docs = [Document(r["id"], r["text"][:60_000]) for r in plays[:4]]
+    data = prepare_documents(docs, root / "data", vocab_size=512, validation_fraction=0.1).output_dir
+    cfg = load_config(
+        cli={"output_dir": str(root / "run"), "model.num_layers": 2, "model.hidden_size": 64,
+             "model.num_attention_heads": 4, "model.max_seq_length": 64, "training.batch_size": 16,
+             "training.max_steps": 60, "training.sample_tokens": 0, "training.eval_interval": 1000,
+             "logging.progress_bar": False},
+        environ={}, default_file=None,
+    )  # fmt: skip
+    result = train(cfg, data, handle_signals=False)
+    test_text = root / "play.txt"
+    test_text.write_text(plays[4]["text"][:20_000], encoding="utf-8")
+    return root, result.final_checkpoint, test_text, plays
+
+
+def evaluate(args, cwd):
+    return run_cli([*EVALUATE, *args], cwd)
+
+
+def test_plain_text_metrics_agree_with_their_definitions(trained, tmp_path):
+    root, checkpoint, text, _ = trained
+    out = tmp_path / "results" / "eval.json"
+    proc = evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics",
+                     "loss,perplexity,bits_per_byte,accuracy", "--output", str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["data_kind"] == "text" and r["tokens"] > 1000
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+    bytes_ = len(text.read_text(encoding="utf-8").encode())
+    assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / bytes_, rel=1e-9)
+    assert 0.05 < r["accuracy"] < 1 and r["loss"] < math.log(512)  # it learned something
+    assert "perplexity" in proc.stdout
+
+
+def test_multiple_choice_and_classification(trained, tmp_path):
+    _, checkpoint, _, plays = trained
+    lines = [ln.strip() for ln in plays[4]["text"].splitlines() if len(ln.strip()) > 40][:12]
+    choices = tmp_path / "choices.jsonl"
+    with open(choices, "w", encoding="utf-8") as handle:
+        for i, line in enumerate(lines):  # the real line against two strings no play contains
+            options = [line[20:], "qzxv jjkw vvqp xxzq kkjw", "Zx9 #q@ 7Qv !! zz"]
+            handle.write(json.dumps({"prompt": line[:20], "choices": options, "answer": 0 if i % 2 else options[0]}) + "\n")  # fmt: skip
+    proc = evaluate(["--model-path", str(checkpoint), "--test-data", str(choices), "--metrics", "perplexity,accuracy,f1",
+                     "--output", str(tmp_path / "mc.json")], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "mc.json").read_text())
+    assert r["data_kind"] == "choices" and r["items"] == 12 and r["accuracy"] >= 0.9
+    assert 0 <= r["f1"] <= 1 and r["perplexity"] > 1
+    labelled = tmp_path / "labels.jsonl"
+    bible = corpus_records("kjv_bible", 6)
+    with open(labelled, "w", encoding="utf-8") as handle:
+        for line in lines[:6]:
+            handle.write(json.dumps({"text": line, "label": "play"}) + "\n")
+        for record in bible:
+            handle.write(json.dumps({"text": record["text"][:200], "label": "scripture"}) + "\n")
+    proc = evaluate(["--model-path", str(checkpoint), "--test-data", str(labelled), "--metrics", "accuracy,f1",
+                     "--output", str(tmp_path / "lab.json")], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "lab.json").read_text())
+    assert r["data_kind"] == "labels" and r["labels"] == ["play", "scripture"] and r["items"] == 12
+    assert 0 <= r["accuracy"] <= 1 and 0 <= r["f1"] <= 1
+
+
+def test_macro_f1_and_metric_names():
+    assert macro_f1([0, 0, 1, 1], [0, 0, 1, 1], 2) == 1.0
+    # class 0: P=1/2, R=1/2 -> 0.5; class 1: P=1/2, R=1/2 -> 0.5
+    assert macro_f1([0, 0, 1, 1], [0, 1, 0, 1], 2) == pytest.approx(0.5)
+    assert macro_f1([0, 0, 0, 1], [0, 0, 0, 0], 2) == pytest.approx((6 / 7 + 0) / 2)
+    assert parse_metrics("Perplexity, accuracy,f1") == ["perplexity", "accuracy", "f1"]
+    with pytest.raises(Exception, match="unknown bleu; valid: loss, perplexity"):
+        parse_metrics("perplexity,bleu")
+
+
+def test_bad_test_data_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
+        read_test_data(bad)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a", "choices": ["b", "c"], "answer": 0}\n{"text": "x", "label": "y"}\n')
+    with pytest.raises(DataError, match=r"mixed.jsonl: line 2: a labels record in a file of choices records"):
+        read_test_data(mixed)
+    answer = tmp_path / "answer.jsonl"
+    answer.write_text('{"prompt": "a", "choices": ["b", "c"], "answer": 5}\n')
+    with pytest.raises(DataError, match=r"answer.jsonl: line 1: 'answer' 5 is neither"):
+        read_test_data(answer)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match="empty test file"):
+        read_test_data(tmp_path / "empty.txt")
+
+
+def test_command_line_errors(trained, tmp_path):
+    _, checkpoint, text, _ = trained
+    assert_user_error(evaluate(["--model-path", str(tmp_path / "none.pt"), "--test-data", str(text)], tmp_path),
+                      "checkpoint not found")  # fmt: skip
+    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "none.jsonl")], tmp_path),
+                      "test data not found")  # fmt: skip
+    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "bleu"], tmp_path),
+                      "unknown bleu")  # fmt: skip
+    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "f1"], tmp_path),
+                      "needs labelled test data")  # fmt: skip
+    not_a_checkpoint = tmp_path / "x.pt"
+    not_a_checkpoint.write_text("hello")
+    assert_user_error(evaluate(["--model-path", str(not_a_checkpoint), "--test-data", str(text)], tmp_path),
+                      "not a readable checkpoint")  # fmt: skip
