@@ -129,3 +129,85 @@ def test_command_line_errors(trained, tmp_path):
     not_a_checkpoint.write_text("hello")
     assert_user_error(evaluate(["--model-path", str(not_a_checkpoint), "--test-data", str(text)], tmp_path),
                       "not a readable checkpoint")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- llm-infer
+
+INFER = ["-m", "llm_training.cli.infer"]
+
+
+def prompts_file(path, plays, n=9):
+    lines = [ln.strip() for ln in plays[4]["text"].splitlines() if len(ln.strip()) > 30][:n]
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, line in enumerate(lines):
+            record = {"prompt": line[:30], "id": f"p{i}"}
+            if i == 2:
+                record["max_new_tokens"] = 3
+            handle.write(json.dumps(record) + "\n")
+    return lines
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_llm_infer_keeps_order_and_resumes_a_half_written_output(trained, tmp_path):
+    _, checkpoint, _, plays = trained
+    lines = prompts_file(tmp_path / "prompts.jsonl", plays)
+    base = [
+        *INFER,
+        "--model",
+        str(checkpoint),
+        "--input",
+        str(tmp_path / "prompts.jsonl"),
+        "--max-new-tokens",
+        "12",
+    ]
+    full = run_cli([*base, "--output", str(tmp_path / "all.jsonl"), "--batch-size", "4"], tmp_path)
+    assert full.returncode == 0, full.stderr
+    rows = read_jsonl(tmp_path / "all.jsonl")
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(lines))]
+    assert [r["prompt"] for r in rows] == [ln[:30] for ln in lines]
+    assert rows[2]["new_tokens"] <= 3 and all(r["new_tokens"] <= 12 for r in rows)
+    one_by_one = run_cli([*base, "--output", str(tmp_path / "single.jsonl"), "--batch-size", "1"], tmp_path)
+    assert (
+        one_by_one.returncode == 0 and read_jsonl(tmp_path / "single.jsonl") == rows
+    )  # batching changes nothing
+    # an interrupted run: 4 complete lines and a torn fifth
+    partial = tmp_path / "partial.jsonl"
+    text = (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    partial.write_text("".join(text[:4]) + text[4][:10], encoding="utf-8")
+    resumed = run_cli([*base, "--output", str(partial), "--batch-size", "4"], tmp_path)
+    assert resumed.returncode == 0 and "(4 were already there)" in resumed.stdout
+    assert partial.read_text(encoding="utf-8") == (tmp_path / "all.jsonl").read_text(encoding="utf-8")
+
+
+def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
+    _, checkpoint, _, plays = trained
+    prompts_file(tmp_path / "prompts.jsonl", plays, 3)
+    base = [*INFER, "--model", str(checkpoint), "--input", str(tmp_path / "prompts.jsonl")]
+    plain = run_cli([*base, "--output", str(tmp_path / "a.jsonl"), "--max-new-tokens", "20"], tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    first = read_jsonl(tmp_path / "a.jsonl")[0]["completion"]
+    stop = first.strip()[:2]
+    stopped = run_cli(
+        [*base, "--output", str(tmp_path / "b.jsonl"), "--max-new-tokens", "20", "--stop", stop], tmp_path
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    assert stop not in read_jsonl(tmp_path / "b.jsonl")[0]["completion"]
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": plays[4]["text"][:5000]}) + "\n", encoding="utf-8")
+    cut = run_cli([*INFER, "--model", str(checkpoint), "--input", str(long), "--output", str(tmp_path / "c.jsonl"),
+                   "--max-new-tokens", "4"], tmp_path)  # fmt: skip
+    assert cut.returncode == 0 and "cut to its last" in cut.stderr
+    refused = run_cli([*INFER, "--model", str(checkpoint), "--input", str(long), "--output", str(tmp_path / "d.jsonl"),
+                       "--no-truncate"], tmp_path)  # fmt: skip
+    assert_user_error(refused, "exceeds the context")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / "empty.jsonl"),
+                               "--output", str(tmp_path / "e.jsonl")], tmp_path), "empty input")  # fmt: skip
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / "bad.jsonl"),
+                               "--output", str(tmp_path / "f.jsonl")], tmp_path), "bad.jsonl: line 2")  # fmt: skip
+    assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
+                               "--output", str(tmp_path / "g.jsonl")], tmp_path), "checkpoint not found")  # fmt: skip

@@ -1,0 +1,186 @@
+"""``llm-infer``: completions for a file of prompts, streamed in batches, in input order, resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from llm_training.cli.common import parser, run
+from llm_training.errors import DataError, UserError
+
+DESCRIPTION = """\
+Generate a completion for every prompt of a JSON Lines file. Each input line is {"prompt": "..."} (or
+{"text": ...}, or a JSON string), optionally with "id" and "max_new_tokens"; each output line is
+{"id", "prompt", "completion", "new_tokens"} in the input's order. The input is read in batches, never
+whole. If the output already holds some lines (an interrupted run), those prompts are skipped and a
+half-written last line is replaced, so running the same command again finishes the job."""
+
+
+def build_parser():
+    p = parser("llm-infer", DESCRIPTION)
+    p.add_argument("--model", required=True, help="Checkpoint (.pt) to generate with.")
+    p.add_argument("--input", required=True, help="JSON Lines file of prompts.")
+    p.add_argument(
+        "--output", required=True, help="JSON Lines file of completions (appended to when resuming)."
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="Prompts generated together.")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="New tokens per prompt (unless the line says)."
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher samples more freely.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens (0: all).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Sample within this probability mass (1: all).")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="Above 1 discourages repeats.")
+    p.add_argument("--stop", action="append", default=[], help="A text that ends a completion (repeatable).")
+    p.add_argument("--seed", type=int, default=0, help="Random seed of sampling.")
+    p.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="Fail on a prompt longer than the context instead of cutting it.",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    return p
+
+
+def _prompt(record, where: str) -> tuple[str, dict]:
+    if isinstance(record, str):
+        return record, {}
+    if isinstance(record, dict):
+        text = record.get("prompt", record.get("text"))
+        if isinstance(text, str):
+            return text, record
+    raise DataError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
+
+
+def read_prompts(path: Path, skip: int):
+    """(line number, prompt, record) from ``path`` after the first ``skip`` prompts, lazily."""
+    with open(path, encoding="utf-8") as handle:
+        seen = 0
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+            text, record = _prompt(record, f"{path}: line {number}")
+            yield number, text, record
+
+
+def completed_lines(path: Path) -> int:
+    """Complete JSON lines already in ``path``; a torn last line (a crash mid-write) is cut off."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+    return sum(1 for line in data[:keep].splitlines() if line.strip())
+
+
+def count_prompts(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        import torch
+        from tqdm.auto import tqdm
+
+        from llm_training.model.generate import Sampling, generate_tokens
+        from llm_training.train.artifacts import load_trained
+        from llm_training.train.device import pick_device, pick_precision
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        source, target = Path(args.input), Path(args.output)
+        if not source.is_file():
+            raise DataError(f"input not found: {source}")
+        if args.batch_size < 1 or args.max_new_tokens < 0:
+            raise UserError("--batch-size must be at least 1 and --max-new-tokens at least 0")
+        total = count_prompts(source)
+        if total == 0:
+            raise DataError(f"{source}: empty input (no prompts)")
+        done = completed_lines(target)
+        if done > total:
+            raise UserError(
+                f"{target} has {done} lines but {source} only {total} prompts: a different input?"
+            )
+        device = pick_device(args.device)
+        trained = load_trained(args.model, device)
+        tok = trained.tokenizer
+        autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if pick_precision("auto", device) == "bf16"
+            else None
+        )
+        stops = [s for s in args.stop if s]
+
+        def stop_check(new: list[int]) -> int:
+            """Tokens to drop when a stop text has appeared at the end of ``new`` (0: go on)."""
+            if not any(stop in tok.decode(new[-32:]) for stop in stops):
+                return 0
+            return next(
+                k for k in range(1, len(new) + 1) if not any(s in tok.decode(new[:-k]) for s in stops)
+            )
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=total, initial=done, unit="prompt", desc="infer", file=sys.stderr, disable=None)
+        batch: list = []
+        index = done
+        with open(target, "a", encoding="utf-8") as out:
+
+            def flush() -> None:
+                nonlocal index
+                groups: dict[int, list] = {}
+                for item in batch:
+                    groups.setdefault(int(item[2].get("max_new_tokens", args.max_new_tokens)), []).append(
+                        item
+                    )
+                results = {}
+                for max_new, items in groups.items():
+                    sampling = Sampling(
+                        max_new, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
+                    )
+                    try:
+                        new = generate_tokens(trained.model, [tok.encode(t) for _, t, _ in items], sampling,
+                                              eos_id=tok.eot_id, stop_check=stop_check if stops else None,
+                                              autocast=autocast, truncate=not args.no_truncate)  # fmt: skip
+                    except ValueError as exc:
+                        raise UserError(f"{source}: {exc} (drop --no-truncate to cut long prompts)") from None
+                    for (number, text, record), ids in zip(items, new, strict=True):
+                        completion = tok.decode(ids)
+                        for stop in stops:
+                            completion = completion.split(stop)[0]
+                        results[number] = {"id": record.get("id", index + len(results)), "prompt": text,
+                                           "completion": completion, "new_tokens": len(ids)}  # fmt: skip
+                for number, _, _ in batch:  # input order
+                    out.write(json.dumps(results[number], ensure_ascii=False) + "\n")
+                out.flush()
+                index += len(batch)
+                bar.update(len(batch))
+                batch.clear()
+
+            for item in read_prompts(source, done):
+                batch.append(item)
+                if len(batch) == args.batch_size:
+                    flush()
+            if batch:
+                flush()
+        bar.close()
+        print(
+            f"wrote {total - done} completions to {target}"
+            + (f" ({done} were already there)" if done else "")
+        )
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
