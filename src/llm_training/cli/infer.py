@@ -113,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         device = pick_device(args.device)
         trained = load_trained(args.model, device)
+        if pick_precision("auto", device) == "bf16":  # bf16 weights: autocast would recast them every token
+            trained.model.to(torch.bfloat16)
         tok = trained.tokenizer
-        autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if pick_precision("auto", device) == "bf16"
-            else None
-        )
+        autocast = None
         stops = [s for s in args.stop if s]
 
         def stop_check(new: list[int]) -> int:
