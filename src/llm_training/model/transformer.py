@@ -273,11 +273,13 @@ class LayerCache:
         start, T = self.owner.length, k.size(2)
         if self.k is None:  # allocated on first use, in the dtype the layer computes in (bf16 under autocast)
             shape = (k.size(0), k.size(1), self.owner.max_len, k.size(3))
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)  # zeros: masked slots must not be NaN
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
         self.k[:, :, start : start + T] = k
         self.v[:, :, start : start + T] = v
-        return self.k[:, :, : start + T], self.v[:, :, : start + T]
+        # the whole buffer, unfilled slots masked: one shape for every step, so attention kernels that plan
+        # per shape (cuDNN) plan once, not at every token
+        return self.k, self.v
 
 
 class KVCache:
@@ -310,9 +312,9 @@ class KVCache:
         self.positions = (self.next_position[:, None] + counts - 1).clamp(min=0)
         self.next_position += counts[:, -1]
         queries = torch.arange(start, end, device=valid.device)[:, None]
-        keys = torch.arange(end, device=valid.device)[None, :]
-        allowed = (keys <= queries)[None] & self.valid[:, None, :end]
-        self.mask = (allowed | (keys == queries)[None])[:, None]  # (B, 1, T, end)
+        keys = torch.arange(self.max_len, device=valid.device)[None, :]
+        allowed = (keys <= queries)[None] & self.valid[:, None, :]
+        self.mask = (allowed | (keys == queries)[None])[:, None]  # (B, 1, T, max_len)
 
     def advance(self) -> None:
         self.length += self.positions.size(1)
