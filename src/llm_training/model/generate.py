@@ -121,7 +121,11 @@ def generate_tokens(
         while not all(done):
             with autocast() if autocast else _null():
                 if not use_cache:  # recompute the last context tokens of every row
-                    logits = _prefill(model, [h[-context:] for h in history], context, device)[1]
+                    rows = [h[-context:] for h in history]
+                    if len({len(r) for r in rows}) == 1:  # no padding: the plain causal forward pass
+                        logits = model(torch.tensor(rows, device=device))[:, -1, :].float()
+                    else:
+                        logits = _prefill(model, rows, context, device)[1]
                 elif cache is None or cache.length + 1 > cache.max_len:  # first step, or the cache is full:
                     keep = context if cache is None else context // 2  # start again from the recent half
                     cache, logits = _prefill(model, [h[-keep:] for h in history], context, device)
