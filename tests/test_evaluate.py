@@ -211,3 +211,58 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
                                "--output", str(tmp_path / "f.jsonl")], tmp_path), "bad.jsonl: line 2")  # fmt: skip
     assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
                                "--output", str(tmp_path / "g.jsonl")], tmp_path), "checkpoint not found")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- llm-compare, Trainer
+
+
+def test_llm_compare_writes_an_offline_report_checked_in_a_browser(trained, tmp_path):
+    import torch
+    from test_data_tools import _browser
+
+    from llm_training.model.transformer import Transformer
+    from llm_training.train.artifacts import load_trained
+    from llm_training.train.checkpoint import load_checkpoint, save_checkpoint
+
+    _, checkpoint, text, _ = trained
+    state = load_checkpoint(checkpoint)
+    torch.manual_seed(1)
+    state["model"] = Transformer(
+        load_trained(checkpoint).config.model
+    ).state_dict()  # the same model untrained
+    untrained = save_checkpoint(tmp_path / "untrained.pt", state)
+    out = tmp_path / "report" / "comparison.html"
+    proc = run_cli(["-m", "llm_training.cli.compare", "--models", str(checkpoint), str(untrained), "--test-data",
+                    str(text), "--output", str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    numbers = json.loads(out.with_name("comparison.html.json").read_text())
+    trained_r, untrained_r = numbers["models"]
+    assert (
+        trained_r["perplexity"] < untrained_r["perplexity"]
+        and trained_r["accuracy"] > untrained_r["accuracy"]
+    )
+    page = out.read_text(encoding="utf-8")
+    assert not any(ref in page for ref in ('src="http', "src='http", 'href="http', "url(http"))  # nothing fetched
+    assert page.count("<svg") == 4
+    dom = _browser(tmp_path, "--dump-dom", out.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Model comparison" in dom.stdout and "untrained.pt" in dom.stdout and "perplexity" in dom.stdout
+    assert f"{trained_r['perplexity']:.4f}" in dom.stdout
+    assert "lower is better" in dom.stdout
+    missing = run_cli(["-m", "llm_training.cli.compare", "--models", str(tmp_path / "x.pt"), "--test-data", str(text),
+                       "--output", str(out)], tmp_path)  # fmt: skip
+    assert_user_error(missing, "checkpoint not found")
+
+
+def test_trainer_evaluate_returns_the_same_dictionary(trained, tmp_path):
+    from llm_training import Trainer
+
+    root, checkpoint, text, _ = trained
+    trainer = Trainer(output_dir=str(root / "run"))
+    results = trainer.evaluate(test_data=str(text))
+    cli = run_cli([*EVALUATE, "--model-path", str(checkpoint), "--test-data", str(text), "--output",
+                   str(tmp_path / "r.json")], tmp_path)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads((tmp_path / "r.json").read_text())
+    for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "tokens"):
+        assert results[key] == pytest.approx(expected[key], rel=1e-6)

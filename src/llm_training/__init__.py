@@ -27,6 +27,7 @@ _EXPORTS = {
     "ErrorRecovery": "llm_training.train.recovery",
     "RecoveryExhausted": "llm_training.train.recovery",
     "ModelCheckpointer": "llm_training.api.training",
+    "Trainer": "llm_training.api.trainer",
     "DataLoader": "llm_training.api.training",
     "DataLoaderInput": "llm_training.api.training",
     "DataLoaderOutput": "llm_training.api.training",
@@ -45,6 +46,7 @@ __all__ = [
     "ErrorRecovery",
     "ModelCheckpointer",
     "RecoveryExhausted",
+    "Trainer",
     "TrainingOrchestrator",
     "TrainingOrchestratorInput",
     "TrainingOrchestratorOutput",
@@ -66,6 +68,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
+    from llm_training.api.trainer import Trainer
     from llm_training.api.training import (
         DataLoader,
         DataLoaderInput,

@@ -7,13 +7,18 @@ a URL. Every string that comes from the data (token texts, document ids, snippet
 
 from __future__ import annotations
 
-import html
-import io
-import re
-
 import numpy as np
 
 from llm_training.data.inspect import Analysis
+from llm_training.report.page import BLUE as _BLUE
+from llm_training.report.page import GREY as _GREY
+from llm_training.report.page import RED as _RED
+from llm_training.report.page import esc as _esc
+from llm_training.report.page import figure as _figure
+from llm_training.report.page import num as _num
+from llm_training.report.page import page
+from llm_training.report.page import svg as _svg
+from llm_training.report.page import table as _table
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -22,69 +27,6 @@ SECTIONS = (
     ("quality", "Quality scores"),
     ("filtering", "Deduplication and filtering"),
 )
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1100px;
-       padding: 1.5rem; color: #1d232a; background: #fff; line-height: 1.45; }
-h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
-h2 { font-size: 1.25rem; border-bottom: 2px solid #d9e1ea; padding-bottom: 0.25rem; margin-top: 2.2rem; }
-.sub { color: #5a6572; margin-top: 0; }
-nav a { margin-right: 1rem; color: #1f5fa8; text-decoration: none; }
-table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.92rem; }
-th, td { border: 1px solid #d9e1ea; padding: 0.25rem 0.6rem; text-align: right; vertical-align: top; }
-th { background: #f1f5f9; }
-td.l, th.l { text-align: left; }
-code, td.tok { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; white-space: pre; }
-.plot svg { max-width: 100%; height: auto; }
-.plots { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
-.note { color: #5a6572; font-size: 0.9rem; }
-.fail { color: #b3261e; font-weight: 600; }
-.ok { color: #1e7b34; font-weight: 600; }
-"""
-
-_BLUE, _GREY, _RED = "#1f77b4", "#b8c2cc", "#d62728"
-
-
-# ------------------------------------------------------------------------------------------ plumbing
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: float, digits: int = 0) -> str:
-    if isinstance(value, (int, np.integer)) or digits == 0:
-        return f"{int(round(float(value))):,}"
-    return f"{float(value):,.{digits}f}"
-
-
-def _figure(width: float = 7.0, height: float = 3.6):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _svg(fig, salt: str) -> str:
-    """The figure as an inline ``<svg>`` element: no XML prolog, DOCTYPE or metadata (they name URLs)."""
-    import matplotlib
-
-    buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "path"}):
-        fig.savefig(buffer, format="svg", metadata={"Date": None})
-    text = buffer.getvalue()
-    text = text[text.index("<svg") :]
-    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
-
-
-def _table(
-    header: list[str], rows: list[list[object]], left: tuple[int, ...] = (0,), raw: bool = False
-) -> str:
-    def cell(tag: str, i: int, value: object) -> str:
-        cls = ' class="l"' if i in left else ""
-        return f"<{tag}{cls}>{value if raw else _esc(value)}</{tag}>"
-
-    head = "".join(cell("th", i, h) for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -366,15 +308,10 @@ def render(a: Analysis) -> str:
         "quality": _quality(a),
         "filtering": _filtering(a),
     }
-    nav = "".join(f"<a href='#{key}'>{_esc(title)}</a>" for key, title in SECTIONS)
-    sections = "".join(
-        f"<section id='{key}'><h2>{_esc(title)}</h2>{bodies[key]}</section>" for key, title in SECTIONS
-    )
-    title = f"Prepared data: {a.folder} ({a.split})"
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>Prepared data analysis</h1><p class='sub'><code>{_esc(a.folder)}</code>, split "
-        f"<b>{_esc(a.split)}</b></p><nav>{nav}</nav>{sections}</body></html>\n"
+    subtitle = f"<code>{_esc(a.folder)}</code>, split <b>{_esc(a.split)}</b>"
+    return page(
+        f"Prepared data: {a.folder} ({a.split})",
+        "Prepared data analysis",
+        subtitle,
+        [(key, title, bodies[key]) for key, title in SECTIONS],
     )

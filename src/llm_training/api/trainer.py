@@ -1,0 +1,60 @@
+"""``Trainer``: the usage guide's high-level API, over the same jobs as the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm_training.config import Config, load_config
+
+
+class Trainer:
+    """``Trainer(config_file=..., data_dir=..., output_dir=...)``, then ``train(**training keys)`` and
+    ``evaluate(test_data=...)``. Keyword arguments are ``training.*`` keys, or dotted ``section.key`` names."""
+
+    def __init__(
+        self,
+        config_file: str | None = None,
+        data_dir: str | None = None,
+        output_dir: str | None = None,
+        event_bus=None,
+        **overrides: Any,
+    ) -> None:
+        self.config_file, self.data_dir, self.output_dir = config_file, data_dir, output_dir
+        self.event_bus = event_bus
+        self.overrides = overrides
+        self.result = None
+
+    def config(self, **more: Any) -> Config:
+        values = {"data.data_dir": self.data_dir, "output_dir": self.output_dir}
+        for key, value in {**self.overrides, **more}.items():
+            values[key if "." in key else f"training.{key}"] = value
+        return load_config(self.config_file, cli=values)
+
+    def train(self, resume: str | None = None, **training: Any):
+        """Train (preparing raw data first if ``data_dir`` holds text); returns the run's result."""
+        from llm_training.api.jobs import run_training
+
+        self.result = run_training(self.config(**training), resume_from=resume, bus=self.event_bus)
+        return self.result
+
+    def final_checkpoint(self) -> Path:
+        if self.result is not None:
+            return Path(self.result.final_checkpoint)
+        return Path(self.config().output_dir) / "checkpoints" / "model_final.pt"
+
+    def evaluate(
+        self,
+        test_data: str,
+        metrics: str | list[str] | None = None,
+        checkpoint: str | None = None,
+        batch_size: int = 16,
+    ) -> dict:
+        """The dictionary of ``llm-evaluate`` (``results['perplexity']``...) for the trained model."""
+        from llm_training.cli.evaluate import evaluate_checkpoint
+        from llm_training.eval.data import TextSet, read_test_data
+
+        if metrics is None:
+            labelled = not isinstance(read_test_data(test_data), TextSet)
+            metrics = "loss,perplexity,bits_per_byte,accuracy" + (",f1" if labelled else "")
+        return evaluate_checkpoint(checkpoint or self.final_checkpoint(), test_data, metrics, batch_size)

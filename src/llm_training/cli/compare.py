@@ -1,0 +1,62 @@
+"""``llm-compare``: several checkpoints on the same test data, as an offline HTML report and JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from llm_training.cli.common import parser, run
+from llm_training.errors import UserError
+
+DESCRIPTION = """\
+Evaluate every model on the same test data (formats and metrics as in llm-evaluate) and write a
+self-contained HTML report (a table and a bar chart per metric; no network needed to view it) to --output,
+with the same numbers as JSON beside it (<output>.json)."""
+
+
+def build_parser():
+    p = parser("llm-compare", DESCRIPTION)
+    p.add_argument("--models", nargs="+", required=True, help="Checkpoints (.pt) to compare.")
+    p.add_argument("--test-data", required=True, help="Test file: .txt, .jsonl or .json.")
+    p.add_argument("--metrics", help="Comma-separated metrics (default: loss, perplexity, bits_per_byte, accuracy; "
+                   "plus f1 on labelled data).")  # fmt: skip
+    p.add_argument("--output", required=True, help="The HTML report to write (folders are created).")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from llm_training.cli.evaluate import evaluate_checkpoint
+        from llm_training.eval.data import TextSet, read_test_data
+        from llm_training.eval.metrics import parse_metrics
+        from llm_training.report.compare import render
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        missing = [m for m in args.models if not Path(m).is_file()]
+        if missing:
+            raise UserError(f"checkpoint not found: {', '.join(missing)}")
+        labelled = not isinstance(read_test_data(args.test_data), TextSet)
+        default = "loss,perplexity,bits_per_byte,accuracy" + (",f1" if labelled else "")
+        metrics = parse_metrics(args.metrics or default)
+        results = []
+        for model in args.models:
+            results.append(evaluate_checkpoint(model, args.test_data, metrics, args.batch_size, args.device))
+            print(f"{model}: " + ", ".join(f"{m} {results[-1][m]:.4f}" for m in metrics))
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(results, metrics, args.test_data), encoding="utf-8")
+        data = out.with_name(out.name + ".json")
+        data.write_text(
+            json.dumps({"test_data": args.test_data, "metrics": metrics, "models": results}, indent=2) + "\n"
+        )
+        print(f"wrote {out} and {data}")
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
