@@ -242,7 +242,9 @@ def test_llm_compare_writes_an_offline_report_checked_in_a_browser(trained, tmp_
         and trained_r["accuracy"] > untrained_r["accuracy"]
     )
     page = out.read_text(encoding="utf-8")
-    assert not any(ref in page for ref in ('src="http', "src='http", 'href="http', "url(http"))  # nothing fetched
+    assert not any(
+        ref in page for ref in ('src="http', "src='http", 'href="http', "url(http")
+    )  # nothing fetched
     assert page.count("<svg") == 4
     dom = _browser(tmp_path, "--dump-dom", out.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
