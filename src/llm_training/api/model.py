@@ -19,7 +19,8 @@ MODELS: dict[str, ModelInitializerOutput] = {}
 class ModelInitializerInput:
     """``architecture``: ``model`` config keys (model_type, num_layers, hidden_size, num_attention_heads,
     vocab_size, ...). ``initialization``: ``{"method": "random", "seed": 42}`` or
-    ``{"method": "checkpoint", "path": "checkpoints/model_final.pt"}``."""
+    ``{"method": "checkpoint", "path": "checkpoints/model_final.pt"}`` or ``{"method": "pretrained", "path":
+    "<Hugging Face GPT-2 or Llama folder>"}``."""
 
     architecture: dict = field(default_factory=dict)
     initialization: dict = field(default_factory=lambda: {"method": "random", "seed": 42})
@@ -68,8 +69,17 @@ class ModelInitializer:
             state = load_checkpoint(Path(init["path"]))
             saved = {f"model.{k}": v for k, v in state["config"]["model"].items()}
             overrides = saved | overrides
+        elif method == "pretrained":  # a Hugging Face GPT-2 or Llama folder (ours or another's)
+            from llm_training.export.hf import load_hf
+
+            if "path" not in init:
+                raise ConfigError("initialization 'pretrained' needs a 'path' to a Hugging Face model folder")
+            pretrained, _ = load_hf(init["path"])
+            overrides = {f"model.{k}": v for k, v in vars(pretrained.cfg).items()} | overrides
         elif method != "random":
-            raise ConfigError(f"initialization method {method!r} is not one of random, checkpoint")
+            raise ConfigError(
+                f"initialization method {method!r} is not one of random, checkpoint, pretrained"
+            )
         cfg = load_config(cli=overrides, environ={}, default_file=None)
         if cfg.model.vocab_size is None:
             raise ConfigError("architecture needs 'vocab_size' (the tokenizer's size), e.g. vocab_size=50304")
@@ -77,6 +87,13 @@ class ModelInitializer:
         model = Transformer(cfg.model)
         if state is not None:
             model.load_state_dict(state["model"])
+        if method == "pretrained":
+            try:
+                model.load_state_dict(pretrained.state_dict())
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"architecture keys do not fit the pretrained weights ({str(exc).splitlines()[0][:150]})"
+                ) from None
         output = ModelInitializerOutput(
             model_id=str(uuid.uuid4()),
             model=model,

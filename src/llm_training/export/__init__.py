@@ -1,0 +1,1 @@
+"""Exported formats of a trained model."""
