@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from llm_training.monitor.files import step_losses
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".bench_data" / "speedrun"
 
@@ -81,12 +83,7 @@ SMALL = ["--set", "model.num_layers=4", "--set", "model.hidden_size=256", "--set
 
 
 def losses(out: Path) -> dict[int, float]:
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "step_end":
-            found[record["step"]] = record["loss"]
-    return found
+    return step_losses(out / "metrics.jsonl")
 
 
 def resume_check(root: Path) -> dict:

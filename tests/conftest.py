@@ -75,3 +75,21 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def prepared_plays(folder: Path, count: int, chars: int = 30_000) -> Path:
+    """``count`` modern-spelling plays (cut to ``chars``) prepared with a 400-token BPE, 20% validation."""
+    from llm_training.data.prepare import prepare_documents
+    from llm_training.data.sources import read_documents
+
+    records = corpus_records("shakespeare", count, lambda r: r["id"].endswith("_gut"))
+    src = folder / "plays.jsonl"
+    src.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:chars]}) + "\n" for r in records))
+    return prepare_documents(
+        read_documents(src), folder / "data", vocab_size=400, validation_fraction=0.2
+    ).output_dir
+
+
+def set_flags(values: dict) -> list[str]:
+    """``--set key=value`` for each config value (None as null)."""
+    return [x for k, v in values.items() for x in ("--set", f"{k}={'null' if v is None else v}")]

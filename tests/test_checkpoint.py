@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, prepared_plays, run_cli, set_flags
 from llm_training.config import load_config
-from llm_training.data.prepare import prepare_documents
-from llm_training.data.sources import read_documents
 from llm_training.errors import UserError
 from llm_training.events import EventBus
 from llm_training.model.transformer import Transformer
+from llm_training.monitor.files import step_losses as read_step_losses
 from llm_training.train import checkpoint as ckpt
 from llm_training.train.checkpoint import load_checkpoint, save_checkpoint
 from llm_training.train.loop import train
@@ -34,15 +33,7 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import corpus_records
-
-    folder = tmp_path_factory.mktemp("ckdata")
-    records = corpus_records("shakespeare", 4, lambda r: r["id"].endswith("_gut"))
-    src = folder / "plays.jsonl"
-    src.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:30_000]}) + "\n" for r in records))
-    return prepare_documents(
-        read_documents(src), folder / "data", vocab_size=400, validation_fraction=0.2
-    ).output_dir
+    return prepared_plays(tmp_path_factory.mktemp("ckdata"), 4)
 
 
 # dropout on, so the RNG state matters for exactness; one step checkpoint every 3 steps
@@ -61,19 +52,11 @@ def config(out: Path, **extra):
 
 
 def cli_args(data: Path, out: Path, **extra) -> list[str]:
-    values = {**SETTINGS, **extra}
-    sets = [x for k, v in values.items() for x in ("--set", f"{k}={'null' if v is None else v}")]
-    return [*TRAIN, "--data-dir", str(data), "--output-dir", str(out), *sets]
+    return [*TRAIN, "--data-dir", str(data), "--output-dir", str(out), *set_flags({**SETTINGS, **extra})]
 
 
 def step_losses(out: Path) -> dict[int, float]:
-    """Loss by step from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
-    losses = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "step_end":
-            losses[record["step"]] = record["loss"]
-    return losses
+    return read_step_losses(out / "metrics.jsonl")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@ counts, two nodes on loopback, every launcher of the usage guide, and the failur
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, run_cli
-from llm_training.data.prepare import prepare_documents
-from llm_training.data.sources import read_documents
+from conftest import REPO, TINY, assert_user_error, prepared_plays, run_cli, set_flags
+from llm_training.monitor.files import step_losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
@@ -29,15 +27,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import corpus_records
-
-    folder = tmp_path_factory.mktemp("distdata")
-    records = corpus_records("shakespeare", 3, lambda r: r["id"].endswith("_gut"))
-    src = folder / "plays.jsonl"
-    src.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:30_000]}) + "\n" for r in records))
-    return prepare_documents(
-        read_documents(src), folder / "data", vocab_size=400, validation_fraction=0.2
-    ).output_dir
+    return prepared_plays(tmp_path_factory.mktemp("distdata"), 3)
 
 
 def settings(batch: int, **extra) -> list[str]:
@@ -49,16 +39,11 @@ def settings(batch: int, **extra) -> list[str]:
         "training.max_steps": STEPS, "logging.progress_bar": False, "resources.distributed_backend": "gloo",
         "checkpoint.keep_last": 100, **extra,
     }  # fmt: skip
-    return [x for k, v in values.items() for x in ("--set", f"{k}={v}")]
+    return set_flags(values)
 
 
 def losses(out: Path) -> dict[int, float]:
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "step_end":
-            found[record["step"]] = record["loss"]
-    return found
+    return step_losses(out / "metrics.jsonl")
 
 
 def close(a: dict, b: dict, tol: float = 2e-4) -> bool:

@@ -17,7 +17,7 @@ from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
 from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
-from llm_training.train.distributed import barrier, broadcast_object
+from llm_training.train.distributed import broadcast_object
 from llm_training.train.loop import TrainResult, train
 
 log = logging.getLogger("llm_training.jobs")
@@ -115,8 +115,7 @@ def run_training_on(
             log.warning("resources.distributed is set but this is one process: start several with torchrun, "
                         "accelerate launch or llm-train --num-gpus N")  # fmt: skip
         if not env.is_main:  # the other ranks train silently and write nothing
-            barrier(env)
-            data_dir = broadcast_object(None, env)
+            data_dir = broadcast_object(None, env)  # waits for rank 0 to have the data ready
             return train(cfg, data_dir, bus, resume, model=model, env=env)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +132,6 @@ def run_training_on(
             if data_dir is None:
                 data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
             if env.enabled:
-                barrier(env)
                 broadcast_object(str(data_dir), env)
             return train(cfg, data_dir, bus, resume, model=model, env=env)
         except UserError as exc:

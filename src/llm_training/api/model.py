@@ -94,14 +94,8 @@ class ModelInitializer:
                 raise ConfigError(
                     f"architecture keys do not fit the pretrained weights ({str(exc).splitlines()[0][:150]})"
                 ) from None
-        output = ModelInitializerOutput(
-            model_id=str(uuid.uuid4()),
-            model=model,
-            config=cfg.model,
-            num_parameters=model.num_parameters(),
-            flops_per_token=model.flops_per_token(),
-        )
-        self.models[output.model_id] = MODELS[output.model_id] = output
+        output = MODELS[register_model(model, cfg.model)]
+        self.models[output.model_id] = output
         if self.event_bus is not None:
             self.event_bus.publish(
                 "model_initialized", model_id=output.model_id, num_parameters=output.num_parameters

@@ -51,10 +51,6 @@ class Trainer:
         batch_size: int = 16,
     ) -> dict:
         """The dictionary of ``llm-evaluate`` (``results['perplexity']``...) for the trained model."""
-        from llm_training.cli.evaluate import evaluate_checkpoint
-        from llm_training.eval.data import TextSet, read_test_data
+        from llm_training.eval.runner import evaluate_checkpoint
 
-        if metrics is None:
-            labelled = not isinstance(read_test_data(test_data), TextSet)
-            metrics = "loss,perplexity,bits_per_byte,accuracy" + (",f1" if labelled else "")
         return evaluate_checkpoint(checkpoint or self.final_checkpoint(), test_data, metrics, batch_size)

@@ -29,30 +29,29 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        from llm_training.cli.evaluate import evaluate_checkpoint
-        from llm_training.eval.data import TextSet, read_test_data
+        from llm_training.eval.data import read_test_data
         from llm_training.eval.metrics import parse_metrics
+        from llm_training.eval.runner import default_metrics, evaluate_checkpoint
         from llm_training.report.compare import render
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         missing = [m for m in args.models if not Path(m).is_file()]
         if missing:
             raise UserError(f"checkpoint not found: {', '.join(missing)}")
-        labelled = not isinstance(read_test_data(args.test_data), TextSet)
-        default = "loss,perplexity,bits_per_byte,accuracy" + (",f1" if labelled else "")
-        metrics = parse_metrics(args.metrics or default)
+        data = read_test_data(args.test_data)  # once, for every model
+        metrics = parse_metrics(args.metrics) if args.metrics else default_metrics(data)
         results = []
         for model in args.models:
-            results.append(evaluate_checkpoint(model, args.test_data, metrics, args.batch_size, args.device))
+            results.append(evaluate_checkpoint(model, data, metrics, args.batch_size, args.device))
             print(f"{model}: " + ", ".join(f"{m} {results[-1][m]:.4f}" for m in metrics))
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(results, metrics, args.test_data), encoding="utf-8")
-        data = out.with_name(out.name + ".json")
-        data.write_text(
+        numbers = out.with_name(out.name + ".json")
+        numbers.write_text(
             json.dumps({"test_data": args.test_data, "metrics": metrics, "models": results}, indent=2) + "\n"
         )
-        print(f"wrote {out} and {data}")
+        print(f"wrote {out} and {numbers}")
         return 0
 
     return run(body)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from llm_training.cli.common import parser, run
@@ -35,30 +34,10 @@ def build_parser():
     return p
 
 
-def evaluate_checkpoint(model_path, test_data, metrics, batch_size: int = 16, device: str = "auto") -> dict:
-    """What ``llm-evaluate`` computes, as a dict (also used by ``llm-compare`` and ``Trainer.evaluate``)."""
-    import torch
-
-    from llm_training.eval.data import read_test_data
-    from llm_training.eval.metrics import evaluate_model, parse_metrics
-    from llm_training.train.artifacts import load_trained
-    from llm_training.train.device import pick_device, pick_precision
-
-    names = parse_metrics(metrics)
-    data = read_test_data(test_data)  # bad data fails before the model is loaded
-    target = pick_device(device)
-    trained = load_trained(model_path, target)
-    precision = pick_precision("auto", target)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else None
-    start = time.perf_counter()
-    results = evaluate_model(trained.model, trained.tokenizer, data, names, batch_size, autocast)
-    return {"model": str(model_path), "step": trained.step, "test_data": str(test_data), **results,
-            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.errors import UserError
+        from llm_training.eval.runner import evaluate_checkpoint
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         if args.batch_size < 1:

@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         if pick_precision("auto", device) == "bf16":  # bf16 weights: autocast would recast them every token
             trained.model.to(torch.bfloat16)
         tok = trained.tokenizer
-        autocast = None
         stops = [s for s in args.stop if s]
 
         def stop_check(new: list[int]) -> int:
@@ -148,17 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         new = generate_tokens(trained.model, [tok.encode(t) for _, t, _ in items], sampling,
                                               eos_id=tok.eot_id, stop_check=stop_check if stops else None,
-                                              autocast=autocast, truncate=not args.no_truncate)  # fmt: skip
+                                              truncate=not args.no_truncate)  # fmt: skip
                     except ValueError as exc:
                         raise UserError(f"{source}: {exc} (drop --no-truncate to cut long prompts)") from None
-                    for (number, text, record), ids in zip(items, new, strict=True):
+                    for (number, text, _), ids in zip(items, new, strict=True):
                         completion = tok.decode(ids)
                         for stop in stops:
                             completion = completion.split(stop)[0]
-                        results[number] = {"id": record.get("id", index + len(results)), "prompt": text,
-                                           "completion": completion, "new_tokens": len(ids)}  # fmt: skip
-                for number, _, _ in batch:  # input order
-                    out.write(json.dumps(results[number], ensure_ascii=False) + "\n")
+                        results[number] = {"prompt": text, "completion": completion, "new_tokens": len(ids)}
+                for position, (number, _, record) in enumerate(batch):  # input order; ids default to it
+                    row = {"id": record.get("id", index + position), **results[number]}
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
                 index += len(batch)
                 bar.update(len(batch))

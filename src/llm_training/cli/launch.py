@@ -10,8 +10,7 @@ import uuid
 
 from llm_training.errors import ConfigError, UserError
 
-LAUNCH_FLAGS = {"--num-gpus": True, "--nnodes": True, "--node-rank": True, "--rdzv-endpoint": True,
-                "--rdzv-timeout": True}  # fmt: skip
+LAUNCH_FLAGS = {"--num-gpus", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-timeout"}
 
 
 def add_launch_flags(p: argparse.ArgumentParser) -> None:

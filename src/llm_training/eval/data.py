@@ -22,6 +22,7 @@ from llm_training.errors import DataError
 class TextSet:
     documents: list[str]
     kind: str = "text"
+    source: str = ""  # the file it was read from
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ChoiceSet:
     items: list[ChoiceItem]
     kind: str  # "choices" or "labels"
     labels: list[str] = field(default_factory=list)  # classification: the classes, in order
+    source: str = ""  # the file it was read from
 
 
 def _records(path: Path):
@@ -77,7 +79,12 @@ def _kind(record, where: str) -> str:
 
 
 def read_test_data(path: str | Path) -> TextSet | ChoiceSet:
-    path = Path(path)
+    data = _read(Path(path))
+    data.source = str(path)
+    return data
+
+
+def _read(path: Path) -> TextSet | ChoiceSet:
     if not path.is_file():
         raise DataError(f"test data not found: {path}")
     if path.name.removesuffix(".gz").endswith((".txt", ".md")):

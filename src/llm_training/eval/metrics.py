@@ -24,7 +24,6 @@ METRICS = {
     "of items whose highest-scoring choice is the answer",
     "f1": "labelled data: macro F1, the unweighted mean over answer classes of 2PR/(P+R)",
 }
-TEXT_ONLY: set[str] = set()
 LABELLED_ONLY = {"f1"}
 
 
@@ -137,26 +136,27 @@ def evaluate_model(
                 )
             s = _text_scores(model, tokenizer, data.documents, batch_size, autocast)
             results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
-            accuracy = s["correct"] / s["tokens"]
+            values = {"accuracy": s["correct"] / s["tokens"]}
         else:
-            gold = [item.prompt + (" " if not item.prompt[-1:].isspace() else "") + item.choices[item.answer]
-                    for item in data.items]  # fmt: skip
-            s = _text_scores(model, tokenizer, gold, batch_size, autocast)
             scores = _choice_logprobs(model, tokenizer, data.items, batch_size, autocast)
             predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
             truth = [item.answer for item in data.items]
-            accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
             classes = max(len(item.choices) for item in data.items)
-            results = {"data_kind": data.kind, "items": len(truth), "tokens": s["tokens"],
-                       "f1": macro_f1(truth, predicted, classes)}  # fmt: skip
+            values = {"accuracy": sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth),
+                      "f1": macro_f1(truth, predicted, classes)}  # fmt: skip
+            results = {"data_kind": data.kind, "items": len(truth)}
             if data.labels:
                 results["labels"] = data.labels
-        loss = s["nll"] / s["tokens"]
-        values = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                  "bits_per_byte": s["nll"] / math.log(2) / max(1, s["bytes"]), "accuracy": accuracy}  # fmt: skip
-        results.update({m: values[m] for m in metrics if m in values})
-        if "f1" not in metrics:
-            results.pop("f1", None)
-        return results
+            s = None
+            if any(m in ("loss", "perplexity", "bits_per_byte") for m in metrics):  # over prompt + answer
+                gold = [item.prompt + ("" if item.prompt[-1:].isspace() else " ") + item.choices[item.answer]
+                        for item in data.items]  # fmt: skip
+                s = _text_scores(model, tokenizer, gold, batch_size, autocast)
+                results["tokens"] = s["tokens"]
+        if s is not None:
+            loss = s["nll"] / s["tokens"]
+            values.update(loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                          bits_per_byte=s["nll"] / math.log(2) / max(1, s["bytes"]))  # fmt: skip
+        return {**results, **{m: values[m] for m in metrics}}
     finally:
         model.train(was_training)

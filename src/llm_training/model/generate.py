@@ -11,6 +11,7 @@ benchmark).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def generate_tokens(
     cache, next_ids = None, None
     try:
         while not all(done):
-            with autocast() if autocast else _null():
+            with (autocast or contextlib.nullcontext)():
                 if not use_cache:  # recompute the last context tokens of every row
                     rows = [h[-context:] for h in history]
                     if len({len(r) for r in rows}) == 1:  # no padding: the plain causal forward pass
@@ -167,14 +168,6 @@ def _prefill(model, rows: list[list[int]], context: int, device) -> tuple[KVCach
     logits = model(ids.to(device), cache=cache)[:, -1, :].float()
     cache.advance()
     return cache, logits
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

@@ -73,3 +73,14 @@ class MetricsFileSink(Sink):
         record.update({k: s for k, v in event.payload.items() if (s := _short(v)) is not None})
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def step_losses(metrics_path: str | Path) -> dict[int, float]:
+    """Training loss by step from a ``metrics.jsonl``; a step logged twice (replayed after a resume or a
+    rollback) keeps its last value."""
+    losses = {}
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["event"] == events.STEP_END and "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses

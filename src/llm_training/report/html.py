@@ -10,15 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from llm_training.data.inspect import Analysis
-from llm_training.report.page import BLUE as _BLUE
-from llm_training.report.page import GREY as _GREY
-from llm_training.report.page import RED as _RED
-from llm_training.report.page import esc as _esc
-from llm_training.report.page import figure as _figure
-from llm_training.report.page import num as _num
-from llm_training.report.page import page
-from llm_training.report.page import svg as _svg
-from llm_training.report.page import table as _table
+from llm_training.report.page import BLUE, GREY, RED, esc, figure, num, page, svg, table
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -37,13 +29,13 @@ def _summary(a: Analysis) -> str:
         rows.append(
             [
                 name,
-                _num(s["documents"]),
-                _num(s["tokens"]),
-                _num(s["bytes"]),
-                _num(s["bytes_per_token"], 3),
-                _num(s["vocab_size"] or 0),
+                num(s["documents"]),
+                num(s["tokens"]),
+                num(s["bytes"]),
+                num(s["bytes_per_token"], 3),
+                num(s["vocab_size"] or 0),
                 s["dtype"],
-                _num(s["shards"]),
+                num(s["shards"]),
             ]
         )
         for key in totals:
@@ -52,16 +44,16 @@ def _summary(a: Analysis) -> str:
     rows.append(
         [
             "total",
-            _num(totals["documents"]),
-            _num(totals["tokens"]),
-            _num(totals["bytes"]),
-            _num(totals["bytes"] / max(1, text_tokens), 3),
-            _num(a.vocab_size),
+            num(totals["documents"]),
+            num(totals["tokens"]),
+            num(totals["bytes"]),
+            num(totals["bytes"] / max(1, text_tokens), 3),
+            num(a.vocab_size),
             "",
             "",
         ]
     )
-    table = _table(
+    grid = table(
         ["split", "documents", "tokens", "bytes", "bytes/token", "vocab size", "dtype", "shards"],
         rows,
         left=(0, 6),
@@ -69,13 +61,13 @@ def _summary(a: Analysis) -> str:
     r = a.report
     facts = []
     if r.get("source"):
-        facts.append(f"source <code>{_esc(r['source'])}</code>")
+        facts.append(f"source <code>{esc(r['source'])}</code>")
     if "documents_read" in r:
-        facts.append(f"{_num(r['documents_read'])} documents ({_num(r.get('bytes_read', 0))} bytes) read")
+        facts.append(f"{num(r['documents_read'])} documents ({num(r.get('bytes_read', 0))} bytes) read")
     if r.get("split"):
-        facts.append(f"split: {_esc(r['split'])}")
+        facts.append(f"split: {esc(r['split'])}")
     if r.get("tokenizer"):
-        facts.append(f"tokenizer {_esc(r['tokenizer'])}")
+        facts.append(f"tokenizer {esc(r['tokenizer'])}")
     if "seconds" in r:
         facts.append(f"prepared in {r['seconds']:.1f} s")
     notes = (
@@ -88,20 +80,20 @@ def _summary(a: Analysis) -> str:
             f"<p>Jensen-Shannon divergence of the train and validation unigram distributions: "
             f"<b>{a.js:.4f}</b> bits (0: identical, 1: disjoint).</p>"
         )
-    return table + notes + js
+    return grid + notes + js
 
 
 def _lengths(a: Analysis) -> str:
     tokens = a.num_tokens
     if tokens.size == 0:
         return "<p>No documents in this split.</p>"
-    fig, ax = _figure()
+    fig, ax = figure()
     low, high = max(1, int(tokens.min())), int(tokens.max())
     wide = high / low > 100
     bins = np.geomspace(low, high + 1, 50) if wide else np.linspace(low, high + 1, 50)
-    ax.hist(tokens, bins=bins, color=_BLUE, edgecolor="white", linewidth=0.4)
+    ax.hist(tokens, bins=bins, color=BLUE, edgecolor="white", linewidth=0.4)
     median = float(np.median(tokens))
-    ax.axvline(median, color=_RED, linestyle="--", linewidth=1.2, label=f"median {median:,.0f}")
+    ax.axvline(median, color=RED, linestyle="--", linewidth=1.2, label=f"median {median:,.0f}")
     if wide:
         ax.set_xscale("log")
     ax.set_xlabel("tokens per document (end-of-text included)" + (", log scale" if wide else ""))
@@ -110,19 +102,19 @@ def _lengths(a: Analysis) -> str:
     ax.legend(frameon=False)
     rows = []
     for key in ("min", "p10", "median", "mean", "p90", "p99", "max"):
-        rows.append([key, _num(a.lengths["tokens"][key]), _num(a.lengths["bytes"][key])])
-    table = _table(["statistic", "tokens", "bytes"], rows)
-    return f"<div class='plots'><div class='plot'>{_svg(fig, 'lengths')}</div>{table}</div>"
+        rows.append([key, num(a.lengths["tokens"][key]), num(a.lengths["bytes"][key])])
+    grid = table(["statistic", "tokens", "bytes"], rows)
+    return f"<div class='plots'><div class='plot'>{svg(fig, 'lengths')}</div>{grid}</div>"
 
 
 def _tokens(a: Analysis) -> str:
     counts = np.sort(a.counts[a.counts > 0])[::-1]
     if counts.size == 0:
         return "<p>No tokens in this split.</p>"
-    fig, ax = _figure(6.5, 3.8)
+    fig, ax = figure(6.5, 3.8)
     ranks = np.arange(1, counts.size + 1)
-    ax.loglog(ranks, counts, color=_BLUE, linewidth=1.5, label="observed")
-    ax.loglog(ranks, counts[0] / ranks, color=_GREY, linestyle="--", linewidth=1, label="Zipf (1/rank)")
+    ax.loglog(ranks, counts, color=BLUE, linewidth=1.5, label="observed")
+    ax.loglog(ranks, counts[0] / ranks, color=GREY, linestyle="--", linewidth=1, label="Zipf (1/rank)")
     ax.set_xlabel("rank")
     ax.set_ylabel("occurrences")
     ax.set_title(f"{a.split}: {int(a.counts.sum()):,} tokens")
@@ -131,8 +123,8 @@ def _tokens(a: Analysis) -> str:
         [
             t["rank"],
             t["id"],
-            f"<td class='tok l'>{_esc(t['text'])}</td>",
-            _num(t["count"]),
+            f"<td class='tok l'>{esc(t['text'])}</td>",
+            num(t["count"]),
             f"{t['share']:.2%}",
         ]
         for t in a.top
@@ -140,7 +132,7 @@ def _tokens(a: Analysis) -> str:
     body = "".join(
         f"<tr><td>{r[0]}</td><td>{r[1]}</td>{r[2]}<td>{r[3]}</td><td>{r[4]}</td></tr>" for r in rows
     )
-    table = (
+    grid = (
         "<table><thead><tr><th>rank</th><th>id</th><th class='l'>token</th><th>count</th><th>share</th>"
         f"</tr></thead><tbody>{body}</tbody></table>"
     )
@@ -150,15 +142,15 @@ def _tokens(a: Analysis) -> str:
         "as ␣ (space), \\n and \\t.</p>"
     )
     return (
-        f"<div class='plots'><div class='plot'>{_svg(fig, 'tokens')}</div>"
-        f"<div><h3>Top {len(a.top)} tokens</h3>{table}</div></div>{note}"
+        f"<div class='plots'><div class='plot'>{svg(fig, 'tokens')}</div>"
+        f"<div><h3>Top {len(a.top)} tokens</h3>{grid}</div></div>{note}"
     )
 
 
 def _quality(a: Analysis) -> str:
     report_hist = a.report.get("quality_histogram") or {}
     min_quality = (a.report.get("settings") or {}).get("min_quality")
-    fig, ax = _figure()
+    fig, ax = figure()
     bins = np.linspace(0.0, 1.0, 11)
     if report_hist.get("counts"):
         edges = np.asarray(report_hist.get("bins") or bins, dtype=float)
@@ -168,7 +160,7 @@ def _quality(a: Analysis) -> str:
             counts,
             width=np.diff(edges),
             align="edge",
-            color=_GREY,
+            color=GREY,
             edgecolor="white",
             label=f"all scored documents ({int(counts.sum()):,}, before filtering)",
         )
@@ -180,14 +172,14 @@ def _quality(a: Analysis) -> str:
         kept,
         width=0.1,
         align="edge",
-        color=_BLUE,
+        color=BLUE,
         edgecolor="white",
         label=f"kept {a.split} documents ({a.quality.size:,})",
     )
     if min_quality:
         ax.axvline(
             float(min_quality),
-            color=_RED,
+            color=RED,
             linestyle="--",
             linewidth=1.5,
             label=f"--min-quality {min_quality}",
@@ -197,12 +189,12 @@ def _quality(a: Analysis) -> str:
     ax.set_ylabel("documents")
     ax.legend(frameon=False, loc="upper left")
     mean = float(a.quality.mean()) if a.quality.size else 0.0
-    note = f"<p>Mean quality of the kept {_esc(a.split)} documents: <b>{mean:.3f}</b>."
+    note = f"<p>Mean quality of the kept {esc(a.split)} documents: <b>{mean:.3f}</b>."
     if not min_quality:
         note += " Prepared without a quality bar (--min-quality 0)."
     if not report_hist.get("counts"):
         note += " The report holds no histogram of all scored documents (e.g. a merged folder)."
-    return f"<div class='plot'>{_svg(fig, 'quality')}</div>{note}</p>"
+    return f"<div class='plot'>{svg(fig, 'quality')}</div>{note}</p>"
 
 
 def _filtering(a: Analysis) -> str:
@@ -215,29 +207,29 @@ def _filtering(a: Analysis) -> str:
     kept = sum(s["documents"] for s in a.summary.values())
     bars = {"kept": kept, **{k.replace("_", " "): v for k, v in dropped.items()}}
     bars.update({f"problem: {k.replace('_', ' ')}": v for k, v in problems.items()})
-    fig, ax = _figure(7.0, 0.6 + 0.42 * len(bars))
+    fig, ax = figure(7.0, 0.6 + 0.42 * len(bars))
     names = list(bars)[::-1]
     values = [bars[n] for n in names]
-    colors = [_BLUE if n == "kept" else _RED if n.startswith("problem") else "#ff7f0e" for n in names]
+    colors = [BLUE if n == "kept" else RED if n.startswith("problem") else "#ff7f0e" for n in names]
     ax.barh(names, values, color=colors)
     for y, value in enumerate(values):
         ax.text(value, y, f" {value:,}", va="center", fontsize=9)
     ax.set_xlabel("documents")
     ax.set_xlim(0, max(values) * 1.15 if max(values) else 1)
     ax.set_title("kept and dropped documents, by reason")
-    parts.append(f"<div class='plot'>{_svg(fig, 'filtering')}</div>")
+    parts.append(f"<div class='plot'>{svg(fig, 'filtering')}</div>")
     settings = r.get("settings") or {}
     if settings:
         parts.append(
-            f"<p class='note'>Settings: deduplicate {_esc(settings.get('deduplicate'))}, near-duplicate "
-            f"threshold {_esc(settings.get('dedup_threshold'))}, min quality {_esc(settings.get('min_quality'))}.</p>"
+            f"<p class='note'>Settings: deduplicate {esc(settings.get('deduplicate'))}, near-duplicate "
+            f"threshold {esc(settings.get('dedup_threshold'))}, min quality {esc(settings.get('min_quality'))}.</p>"
         )
     if problems:
         parts.append("<h3>Problems while reading</h3>")
-        parts.append(_table(["reason", "records"], [[k, _num(v)] for k, v in problems.items()]))
+        parts.append(table(["reason", "records"], [[k, num(v)] for k, v in problems.items()]))
         if examples:
             parts.append(
-                _table(
+                table(
                     ["reason", "where", "detail"],
                     [
                         [e.get("reason"), f"{e.get('source')}:{e.get('line') or ''}", e.get("detail")]
@@ -251,7 +243,7 @@ def _filtering(a: Analysis) -> str:
     if near:
         parts.append("<h3>Near duplicates dropped (examples)</h3>")
         parts.append(
-            _table(
+            table(
                 ["document", "near duplicate of", "estimated similarity"],
                 [[e.get("id"), e.get("duplicate_of"), f"{e.get('similarity', 0):.3f}"] for e in near[:10]],
                 left=(0, 1),
@@ -261,7 +253,7 @@ def _filtering(a: Analysis) -> str:
     if exact:
         parts.append("<h3>Exact duplicates dropped (examples)</h3>")
         parts.append(
-            _table(
+            table(
                 ["document", "duplicate of"],
                 [[e.get("id"), e.get("duplicate_of")] for e in exact[:10]],
                 left=(0, 1),
@@ -269,7 +261,7 @@ def _filtering(a: Analysis) -> str:
         )
     d = a.duplicates
     rows = [
-        [f"{name}: repeats of an earlier document", _num(d[name]["duplicates"]), f"{d[name]['fraction']:.2%}"]
+        [f"{name}: repeats of an earlier document", num(d[name]["duplicates"]), f"{d[name]['fraction']:.2%}"]
         for name in a.summary
         if name in d
     ]
@@ -277,18 +269,18 @@ def _filtering(a: Analysis) -> str:
     rows.append(
         [
             "validation documents also in train",
-            _num(cont.get("documents", 0)),
+            num(cont.get("documents", 0)),
             f"{cont.get('fraction', 0):.2%}",
         ]
     )
     parts.append("<h3>Exact duplicates among the prepared documents (equal token ids)</h3>")
-    parts.append(_table(["", "documents", "share"], rows))
+    parts.append(table(["", "documents", "share"], rows))
     if cont.get("documents"):
         parts.append(
             "<p class='fail'>The validation split shares documents with train: its loss is optimistic.</p>"
         )
         parts.append(
-            _table(
+            table(
                 ["validation document", "train document"],
                 [list(p) for p in a.duplicate_snippets],
                 left=(0, 1),
@@ -308,7 +300,7 @@ def render(a: Analysis) -> str:
         "quality": _quality(a),
         "filtering": _filtering(a),
     }
-    subtitle = f"<code>{_esc(a.folder)}</code>, split <b>{_esc(a.split)}</b>"
+    subtitle = f"<code>{esc(a.folder)}</code>, split <b>{esc(a.split)}</b>"
     return page(
         f"Prepared data: {a.folder} ({a.split})",
         "Prepared data analysis",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from llm_training.errors import UserError
+
+log = logging.getLogger("llm_training.checkpoint")
 
 CHECKPOINT_VERSION = 2
 _STEP_FILE = re.compile(r"^model_step_(\d+)\.pt$")
@@ -305,13 +308,11 @@ def _pid_alive(pid: int) -> bool:
 def find_resume(resume: str | Path, checkpoint_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
     """Resolve ``--resume``: a path is loaded (an error if it cannot be); "auto" loads the newest checkpoint
     of ``checkpoint_dir`` that loads, skipping damaged ones with a warning, or gives (None, None)."""
-    import logging
-
     if str(resume) != "auto":
         return Path(resume), load_checkpoint(resume)
     for entry in resume_candidates(checkpoint_dir):
         try:
             return entry.path, load_checkpoint(entry.path)
         except CheckpointError as exc:
-            logging.getLogger("llm_training.checkpoint").warning("skipping %s", exc)
+            log.warning("skipping %s", exc)
     return None, None

@@ -17,6 +17,7 @@ from llm_training.config import CheckpointConfig
 from llm_training.errors import UserError
 from llm_training.events import EventBus
 from llm_training.train.checkpoint import latest_checkpoint, save_checkpoint
+from llm_training.train.device import on_for_device
 from llm_training.train.recovery import ErrorRecovery, classify
 from llm_training.train.retention import apply_cleanup, plan_cleanup
 
@@ -27,23 +28,21 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written; nothing half-written was left behind."""
 
 
-def _on(value: str | bool, device: torch.device) -> bool:
-    if isinstance(value, bool):
-        return value
-    return value in ("true", "yes") or (value == "auto" and device.type == "cuda")
-
-
 class HostSnapshot:
     """Copies a state dict's tensors to host memory, reusing pinned buffers between saves on CUDA, so the
     training loop waits only for a device-to-host copy and the disk write happens on a thread."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self.copied_from_cuda = False  # the last call queued device-to-host copies (to wait for)
 
     def __call__(self, value: Any, key: tuple = ()) -> Any:
+        if not key:
+            self.copied_from_cuda = False
         if isinstance(value, torch.Tensor):
             if value.device.type != "cuda":
                 return value.detach().clone()
+            self.copied_from_cuda = True
             buf = self._buffers.get(key)
             if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
                 buf = self._buffers[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -70,7 +69,7 @@ class Checkpointer:
         """``writer``: whether this process writes (with several processes, only rank 0 does)."""
         self.directory, self.cfg, self.bus, self.recovery = Path(directory), cfg, bus, recovery
         self.writer = writer
-        self.background = _on(cfg.async_save, device)
+        self.background = on_for_device(cfg.async_save, device)
         self._snapshot = HostSnapshot()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.background else None
         self._pending: Future | None = None
@@ -89,7 +88,7 @@ class Checkpointer:
             self._write(name, state, meta)
         else:
             host = self._snapshot(state)
-            if any(t.is_cuda for t in _tensors(state)):
+            if self._snapshot.copied_from_cuda:
                 torch.cuda.current_stream().synchronize()  # the pinned copies are complete
             self._pending = self._pool.submit(self._write, name, host, meta)
         self.stall_seconds.append((name, time.perf_counter() - start))
@@ -131,7 +130,7 @@ class Checkpointer:
         self.last_saved = path
         self.bus.publish(events.CHECKPOINT_SAVED, path=str(path), **meta)
         if meta.get("kind") == "step":
-            self.retain()
+            self.retain(known_valid=path)
 
     def _failed(self, path: Path, exc: OSError, kind: str) -> None:
         reason = "disk full" if kind == "disk_full" else f"write failed ({exc.strerror or exc})"
@@ -148,8 +147,8 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------- retention
 
-    def retain(self) -> None:
-        plan = plan_cleanup(self.directory, self.cfg.keep_last, self.cfg.keep_best)
+    def retain(self, known_valid: Path | None = None) -> None:
+        plan = plan_cleanup(self.directory, self.cfg.keep_last, self.cfg.keep_best, known_valid)
         for path in apply_cleanup(plan):
             log.info(
                 "removed %s (checkpoint.keep_last=%s, keep_best=%s)",
@@ -157,14 +156,3 @@ class Checkpointer:
                 self.cfg.keep_last,
                 self.cfg.keep_best,
             )
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)

@@ -57,11 +57,15 @@ def pick_precision(setting, device: torch.device) -> str:
     return value
 
 
-def pick_compile(setting, device: torch.device) -> bool:
+def on_for_device(setting, device: torch.device) -> bool:
+    """A true/false/"auto" setting: "auto" means on with CUDA (``training.compile``, ``checkpoint.async_save``)."""
     value = str(setting).lower()
-    if value in ("auto",):
+    if value == "auto":
         return device.type == "cuda"
     return value in ("true", "yes")
+
+
+pick_compile = on_for_device
 
 
 def resolve_runtime(cfg: Config) -> Runtime:

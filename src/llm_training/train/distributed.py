@@ -161,8 +161,13 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """A parameter sharded by FSDP2 (a ``DTensor``; named, not imported, for PyTorch builds without it)."""
+    return type(tensor).__name__ == "DTensor"
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -188,13 +193,6 @@ def set_full_state(model: torch.nn.Module, optimizer, model_state: dict, optim_s
 
     options = StateDictOptions(full_state_dict=True, strict=True)
     optimizers = _optimizers(optimizer)
-    if optim_state:
-        set_state_dict(
-            model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state, options=options
-        )
-    else:
-        set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict={}, options=options)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+    set_state_dict(
+        model, optimizers, model_state_dict=model_state, optim_state_dict=optim_state or {}, options=options
+    )

@@ -23,7 +23,7 @@ from llm_training.data.loader import BatchLoader, TokenDataset
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
-from llm_training.model.generate import generate
+from llm_training.model.generate import Sampling, generate_tokens
 from llm_training.model.transformer import Transformer
 from llm_training.train.autobatch import global_batch, resolve_batch
 from llm_training.train.checkpoint import (
@@ -141,8 +141,8 @@ def _split(micro: list[dict], parts: int) -> list[dict]:
     out = []
     for batch in micro:
         rows = batch["input_ids"].shape[0]
-        for i in range(0, rows, max(1, rows // parts)):
-            out.append({k: v[i : i + max(1, rows // parts)] for k, v in batch.items()})
+        size = max(1, rows // parts)
+        out += [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
     return out
 
 
@@ -299,6 +299,15 @@ class Trainer:
             meta["val_loss"] = val_loss
         self.checkpointer.save(name, self.state(), meta, wait=wait)
 
+    def _validate(self, **extra) -> dict:
+        """Validation loss, perplexity and bits per byte now, kept as ``self.metrics`` and published."""
+        t = self.cfg.training
+        self.metrics = evaluate_loss(
+            self.model, self.val_set, self.runtime, self.eval_batch, t.eval_batches * self.split, self.env
+        )
+        self.bus.publish(events.EVAL_END, step=self.step, **extra, **self.metrics)
+        return self.metrics
+
     def _keep_if_best(self, metrics: dict) -> None:
         """``checkpoints/model_best.pt``: the weights with the lowest validation loss seen so far."""
         if self.best_val is None or metrics["val_loss"] < self.best_val:
@@ -312,7 +321,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checks
 
     def _check(self, loss: torch.Tensor) -> float:
-        """A host sync: the loss as a float, or TrainingAnomaly when a step since the last check went bad."""
+        """A host sync: the loss as a float, or TrainingAnomaly when a step since the last check went bad.
+        Once a step: a step that is logged, validated and saved is checked (and fed to the spike monitor)
+        once."""
+        if self.checked[0] == self.step:
+            return self.checked[1]
         if self.env.enabled:  # every process decides on the same numbers
             both = torch.stack([loss.detach().float(), self.nonfinite.float()])
             all_reduce(both, self.env)
@@ -324,6 +337,7 @@ class Trainer:
         if anomaly is not None:
             raise anomaly
         self.good = (self.step, self.loader.state_dict())
+        self.checked = (self.step, value)
         return value
 
     def _agree(self, done: bool, guard: PreemptionGuard) -> tuple[bool, str | None]:
@@ -446,18 +460,15 @@ class Trainer:
         )
         self.started = time.perf_counter()
         if self.first_val is None and t.eval_at_start:
-            self.metrics = evaluate_loss(
-                self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split, self.env
-            )
-            self.first_val = self.metrics["val_loss"]
-            bus.publish(events.EVAL_END, step=self.step, **self.metrics)
+            self.first_val = self._validate()["val_loss"]
 
         self.stream = self._batches()
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.good = (self.step, self.loader.state_dict())
         self.awaiting_progress = False
         last_log, last_log_step, loss_value, loss = time.perf_counter(), self.step, float("nan"), None
-        checked_step, stopped_by = self.step, None
+        self.checked: tuple[int, float] = (self.step, float("nan"))  # the step last checked, its loss
+        stopped_by = None
         self.model.train()
         while True:
             try:
@@ -468,8 +479,8 @@ class Trainer:
                 if self.env.enabled:
                     done, stop = self._agree(done, guard)
                 if stop or done:
-                    if loss is not None and checked_step != self.step:
-                        loss_value, checked_step = self._check(loss), self.step
+                    if loss is not None:
+                        loss_value = self._check(loss)
                     stopped_by = stop
                     break
                 if self.skip is not None and self.step == self.skip[0]:
@@ -500,7 +511,7 @@ class Trainer:
                 }
                 if self.step % t.log_interval == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    loss_value, checked_step = self._check(loss), self.step
+                    loss_value = self._check(loss)
                     speed = (self.step - last_log_step) * tokens_per_step / max(now - last_log, 1e-9)
                     payload.update(
                         loss=loss_value,
@@ -514,27 +525,18 @@ class Trainer:
                 bus.publish(events.STEP_END, **payload)
                 evaluated = None
                 if self.step % t.eval_interval == 0:
-                    loss_value, checked_step = self._check(loss), self.step  # never keep a diverged model
-                    self.metrics = evaluate_loss(
-                        self.model,
-                        self.val_set,
-                        runtime,
-                        self.eval_batch,
-                        t.eval_batches * self.split,
-                        self.env,
-                    )
-                    bus.publish(events.EVAL_END, step=self.step, **self.metrics)
-                    self._keep_if_best(self.metrics)
+                    loss_value = self._check(loss)  # never keep a diverged model
+                    self._keep_if_best(self._validate())
                     evaluated = self.metrics["val_loss"]
                 if self.step % self.save_interval == 0:
-                    loss_value, checked_step = self._check(loss), self.step
+                    loss_value = self._check(loss)
                     self._save(f"model_step_{self.step}.pt", "step", val_loss=evaluated)
                     if self.awaiting_progress and self.recovery is not None:
                         self.recovery.succeeded("anomaly")
                         self.awaiting_progress = False
             except TrainingAnomaly as anomaly:
                 self._rollback(anomaly)
-                loss, checked_step = None, self.step
+                loss, self.checked = None, (self.step, float("nan"))
                 last_log, last_log_step = time.perf_counter(), self.step
 
         if self.step == 0:
@@ -542,11 +544,7 @@ class Trainer:
         if stopped_by:
             return self._interrupted(stopped_by, loss_value)
         seconds = self.elapsed()  # training time: the final validation below is not part of the budget
-        self.metrics = evaluate_loss(
-            self.model, self.val_set, runtime, self.eval_batch, t.eval_batches * self.split, self.env
-        )
-        bus.publish(events.EVAL_END, step=self.step, final=True, **self.metrics)
-        self._keep_if_best(self.metrics)
+        self._keep_if_best(self._validate(final=True))
         self._save("model_final.pt", "final", val_loss=self.metrics["val_loss"], wait=True)
         final = self.ckpt_dir / "model_final.pt"
         sample = sample_text(
@@ -650,16 +648,6 @@ def sample_text(
     if max_tokens == 0:
         return ""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-    ids = ids[-model.cfg.max_seq_length :]
-    generator = torch.Generator(device=runtime.device).manual_seed(seed)
-    with runtime.autocast():
-        out = generate(
-            model,
-            torch.tensor([ids], device=runtime.device),
-            max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            eos_id=tokenizer.eot_id,
-            generator=generator,
-        )
-    return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+    sampling = Sampling(max_tokens, temperature, top_k, seed=seed)
+    new = generate_tokens(model, [ids], sampling, eos_id=tokenizer.eot_id, autocast=runtime.autocast)
+    return prompt + tokenizer.decode(new[0])

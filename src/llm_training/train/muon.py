@@ -17,17 +17,30 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalise(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    a, b, c = NS_COEFFICIENTS
-    x = grad.float()
-    transposed = x.size(0) > x.size(1)
+def orthogonalise(
+    grad: torch.Tensor,
+    steps: int = 5,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.float32,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration on a matrix or a stack of matrices (..., rows, cols), in ``dtype``
+    (float32 on CPUs, bfloat16 on GPUs as ``torch.optim.Muon`` does)."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    stacked = x.dim() == 3
+    if not stacked:
+        x = x.unsqueeze(0)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if transposed:
+        x = x.mT
+    return x if stacked else x.squeeze(0)
 
 
 class CPUMuon(torch.optim.Optimizer):
@@ -125,17 +138,8 @@ class BatchedMuon(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-        x = torch.stack(updates).bfloat16()  # (N, rows, cols)
-        transposed = shape[0] > shape[1]
-        if transposed:
-            x = x.mT
-        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=group["eps"])
-        a, b, c = group["ns_coefficients"]
-        for _ in range(group["ns_steps"]):
-            gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        if transposed:
-            x = x.mT
+        x = orthogonalise(torch.stack(updates), group["ns_steps"], group["eps"], torch.bfloat16,
+                          group["ns_coefficients"])  # fmt: skip
         adjusted_lr = lr * 0.2 * math.sqrt(max(shape))
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])

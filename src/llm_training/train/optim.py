@@ -8,6 +8,7 @@ import torch
 
 from llm_training.config import TrainingConfig
 from llm_training.errors import ConfigError
+from llm_training.train.distributed import is_dtensor
 from llm_training.train.muon import BatchedMuon, CPUMuon
 
 
@@ -68,7 +69,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]
-        sharded = any(type(p).__name__ == "DTensor" for p in hidden)  # FSDP2: whole matrices needed
+        sharded = any(is_dtensor(p) for p in hidden)  # FSDP2: whole matrices needed
         if device.type == "cuda" and not sharded:  # bf16 Newton-Schulz, batched by shape: few kernels
             muon = BatchedMuon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.95)
         else:

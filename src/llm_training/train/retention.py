@@ -33,8 +33,11 @@ class CleanupPlan:
         )
 
 
-def plan_cleanup(checkpoint_dir: str | Path, keep_last: int | None, keep_best: int = 0) -> CleanupPlan:
-    """Decide without touching anything; ``keep_last=None`` keeps every step checkpoint."""
+def plan_cleanup(
+    checkpoint_dir: str | Path, keep_last: int | None, keep_best: int = 0, known_valid: Path | None = None
+) -> CleanupPlan:
+    """Decide without touching anything; ``keep_last=None`` keeps every step checkpoint. ``known_valid``: a
+    checkpoint the caller has just written, so it is not read back to check its checksum."""
     entries = step_checkpoints(checkpoint_dir)
     plan = CleanupPlan(stale=stale_temporaries(checkpoint_dir))
     if keep_last is None:
@@ -47,7 +50,7 @@ def plan_cleanup(checkpoint_dir: str | Path, keep_last: int | None, keep_best: i
     scored = sorted((e for e in entries if e.val_loss is not None), key=lambda e: (e.val_loss, -e.step))
     for e in scored[:keep_best]:
         plan.reasons.setdefault(e.path, f"among the {keep_best} best (validation loss {e.val_loss:.4f})")
-    newest_valid = next((e for e in newest_first if is_valid(e.path)), None)
+    newest_valid = next((e for e in newest_first if e.path == known_valid or is_valid(e.path)), None)
     if newest_valid is not None:
         plan.reasons.setdefault(newest_valid.path, "newest valid checkpoint")
     plan.keep = [e for e in entries if e.path in plan.reasons]

@@ -1,0 +1,42 @@
+"""Evaluating a checkpoint: what ``llm-evaluate``, ``llm-compare`` and ``Trainer.evaluate`` compute."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from llm_training.eval.data import ChoiceSet, TextSet, read_test_data
+from llm_training.eval.metrics import evaluate_model, parse_metrics
+
+
+def default_metrics(data: TextSet | ChoiceSet) -> list[str]:
+    """Every metric that the kind of data supports."""
+    return parse_metrics(
+        "loss,perplexity,bits_per_byte,accuracy" + ("" if isinstance(data, TextSet) else ",f1")
+    )
+
+
+def evaluate_checkpoint(
+    model_path: str | Path,
+    test_data: str | Path | TextSet | ChoiceSet,
+    metrics: str | list[str] | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> dict:
+    """The metrics of one checkpoint; ``test_data`` a path or data already read (to read a file once for
+    several models); ``metrics`` None: ``default_metrics``."""
+    import torch
+
+    from llm_training.train.artifacts import load_trained
+    from llm_training.train.device import pick_device, pick_precision
+
+    data = read_test_data(test_data) if isinstance(test_data, (str, Path)) else test_data
+    names = parse_metrics(metrics) if metrics is not None else default_metrics(data)
+    target = pick_device(device)  # bad data and metric names fail above, before the model is loaded
+    trained = load_trained(model_path, target)
+    bf16 = pick_precision("auto", target) == "bf16"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
+    start = time.perf_counter()
+    results = evaluate_model(trained.model, trained.tokenizer, data, names, batch_size, autocast)
+    return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
