@@ -9,6 +9,7 @@ from dataclasses import asdict
 from llm_training.config import ResourcesConfig, parse_duration
 from llm_training.train.distributed import (
     DistEnv,
+    barrier,
     env_from_launcher,
     init_process_group,
     pick_backend,
@@ -74,13 +75,17 @@ class ComputeResourceManager:
             self.event_bus.publish("process_group", **asdict(self.env))
         return self.env
 
-    def teardown(self) -> None:
+    def teardown(self, clean: bool = True) -> None:
+        """Leave the group; after a clean run first wait for every process, since destroying a gloo group
+        while a peer still uses it can abort the process ("terminate called without an active exception")."""
         if self._owns_group:
+            if clean:
+                barrier(self.env)
             teardown()
             self._owns_group = False
 
     def __enter__(self) -> DistEnv:
         return self.init()
 
-    def __exit__(self, *exc) -> None:
-        self.teardown()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.teardown(clean=exc_type is None)  # after a failure a barrier could wait for a dead process
