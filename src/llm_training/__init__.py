@@ -36,6 +36,9 @@ _EXPORTS = {
     "TrainingOrchestratorOutput": "llm_training.api.training",
     "EventBus": "llm_training.events",
     "UserError": "llm_training.errors",
+    "ModelExporter": "llm_training.api.export",
+    "ModelExporterInput": "llm_training.api.export",
+    "ModelExporterOutput": "llm_training.api.export",
 }
 
 __all__ = [
@@ -45,6 +48,9 @@ __all__ = [
     "DataLoaderOutput",
     "ErrorRecovery",
     "ModelCheckpointer",
+    "ModelExporter",
+    "ModelExporterInput",
+    "ModelExporterOutput",
     "RecoveryExhausted",
     "Trainer",
     "TrainingOrchestrator",
@@ -67,6 +73,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
+    from llm_training.api.export import ModelExporter, ModelExporterInput, ModelExporterOutput
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
     from llm_training.api.trainer import Trainer
     from llm_training.api.training import (

@@ -54,3 +54,21 @@ class Trainer:
         from llm_training.eval.runner import evaluate_checkpoint
 
         return evaluate_checkpoint(checkpoint or self.final_checkpoint(), test_data, metrics, batch_size)
+
+    def export(
+        self,
+        format: str = "onnx",  # noqa: A002 (the usage guide's keyword)
+        output_path: str | None = None,
+        quantization: str = "none",
+        checkpoint: str | None = None,
+        overwrite: bool = False,
+        **options: Any,
+    ):
+        """``llm-export`` for the trained model: writes, checks and returns the export's result
+        (``.export_path``, ``.size_bytes``, ``.check``). ``options``: past, pruning, validation_data, ..."""
+        from llm_training.export.exporter import ExportOptions, export_checkpoint
+
+        spec = ExportOptions(
+            format=format, output=output_path, quantize=quantization, overwrite=overwrite, **options
+        )
+        return export_checkpoint(checkpoint or self.final_checkpoint(), spec)

@@ -23,7 +23,7 @@ prompt. Metrics:
 
 def build_parser():
     p = parser("llm-evaluate", DESCRIPTION)
-    p.add_argument("--model-path", required=True, help="Checkpoint (.pt) to evaluate.")
+    p.add_argument("--model-path", required=True, help="Checkpoint (.pt) or export (ONNX, TorchScript, ...).")
     p.add_argument("--test-data", required=True, help="Test file: .txt, .jsonl or .json (formats above).")
     p.add_argument(
         "--metrics", default="loss,perplexity,bits_per_byte,accuracy", help="Comma-separated metric names."

@@ -19,7 +19,11 @@ half-written last line is replaced, so running the same command again finishes t
 
 def build_parser():
     p = parser("llm-infer", DESCRIPTION)
-    p.add_argument("--model", required=True, help="Checkpoint (.pt) to generate with.")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Checkpoint (.pt) or export (ONNX, TorchScript, safetensors, Hugging Face folder, GGUF).",
+    )
     p.add_argument("--input", required=True, help="JSON Lines file of prompts.")
     p.add_argument(
         "--output", required=True, help="JSON Lines file of completions (appended to when resuming)."
@@ -93,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from tqdm.auto import tqdm
 
+        from llm_training.export.runtime import load_model
         from llm_training.model.generate import Sampling, generate_tokens
-        from llm_training.train.artifacts import load_trained
         from llm_training.train.device import pick_device, pick_precision
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -112,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{target} has {done} lines but {source} only {total} prompts: a different input?"
             )
         device = pick_device(args.device)
-        trained = load_trained(args.model, device)
-        if pick_precision("auto", device) == "bf16":  # bf16 weights: autocast would recast them every token
-            trained.model.to(torch.bfloat16)
+        trained = load_model(args.model, device)
+        if trained.kind not in ("onnx", "torchscript") and pick_precision("auto", device) == "bf16":
+            trained.module.to(torch.bfloat16)  # bf16 weights: autocast would recast them every token
         tok = trained.tokenizer
         stops = [s for s in args.stop if s]
 
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_new, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
                     )
                     try:
-                        new = generate_tokens(trained.model, [tok.encode(t) for _, t, _ in items], sampling,
+                        new = generate_tokens(trained.module, [tok.encode(t) for _, t, _ in items], sampling,
                                               eos_id=tok.eot_id, stop_check=stop_check if stops else None,
                                               truncate=not args.no_truncate)  # fmt: skip
                     except ValueError as exc:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from llm_training.errors import ConfigError
 from llm_training.eval.data import ChoiceSet, TextSet
+from llm_training.model.transformer import device_of
 
 METRICS = {
     "loss": "mean next-token cross-entropy, nats per token (labelled data: over the prompt + correct answer)",
@@ -43,14 +44,14 @@ def parse_metrics(spec: str | list[str] | None) -> list[str]:
 
 
 @torch.no_grad()
-def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
-    device = next(model.parameters()).device
-    context = model.cfg.max_seq_length
-    stream: list[int] = []
-    for ids in tokenizer.encode_batch(documents):
-        stream += ids + [tokenizer.eot_id]
+def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) -> dict:
+    """Next-token scores of a token stream cut into non-overlapping windows of the model's context:
+    summed negative log-likelihood (nats), tokens scored, and how many were the top prediction."""
     if len(stream) < 2:
         raise ConfigError("the test text is too short to score (fewer than 2 tokens)")
+    autocast = autocast or contextlib.nullcontext
+    device = device_of(model)
+    context = model.cfg.max_seq_length
     tokens = torch.tensor(stream)
     starts = list(range(0, len(stream) - 1, context))
     nll, correct, counted = 0.0, 0, 0
@@ -68,18 +69,21 @@ def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autoca
         nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
         correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
         counted += int(mask.sum())
-    return {
-        "nll": nll,
-        "tokens": counted,
-        "correct": correct,
-        "bytes": sum(len(d.encode()) for d in documents),
-    }
+    return {"nll": nll, "tokens": counted, "correct": correct}
+
+
+def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
+    stream: list[int] = []
+    for ids in tokenizer.encode_batch(documents):
+        stream += ids + [tokenizer.eot_id]
+    scores = score_tokens(model, stream, batch_size, autocast)
+    return {**scores, "bytes": sum(len(d.encode()) for d in documents)}
 
 
 @torch.no_grad()
 def _choice_logprobs(model, tokenizer, items, batch_size: int, autocast) -> list[list[float]]:
     """Sum of log-probabilities of each choice's tokens after its prompt (the prompt cut from the left)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     context = model.cfg.max_seq_length
     pairs = []
     for item in items:

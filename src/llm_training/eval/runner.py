@@ -27,16 +27,16 @@ def evaluate_checkpoint(
     several models); ``metrics`` None: ``default_metrics``."""
     import torch
 
-    from llm_training.train.artifacts import load_trained
+    from llm_training.export.runtime import load_model
     from llm_training.train.device import pick_device, pick_precision
 
     data = read_test_data(test_data) if isinstance(test_data, (str, Path)) else test_data
     names = parse_metrics(metrics) if metrics is not None else default_metrics(data)
     target = pick_device(device)  # bad data and metric names fail above, before the model is loaded
-    trained = load_trained(model_path, target)
-    bf16 = pick_precision("auto", target) == "bf16"
+    trained = load_model(model_path, target)
+    bf16 = trained.kind not in ("onnx", "torchscript") and pick_precision("auto", target) == "bf16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     start = time.perf_counter()
-    results = evaluate_model(trained.model, trained.tokenizer, data, names, batch_size, autocast)
+    results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast)
     return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
             "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip

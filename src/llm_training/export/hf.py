@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -51,55 +52,90 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
             "head_dim": width // heads}  # fmt: skip
 
 
-def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under ``transformers``' names (contiguous fp32 copies)."""
-    cfg, sd = model.cfg, model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    kv = (cfg.num_kv_heads or cfg.num_attention_heads) * hd
+class _Entry(NamedTuple):
+    """One tensor of ``transformers``' state: which of ours it is, which rows of it, and whether it is
+    transposed (GPT-2's Conv1D stores (in, out))."""
+
+    hf: str
+    ours: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+
+def _table(cfg: ModelConfig) -> list[_Entry]:
+    """Every tensor of the ``transformers`` model, mapped to ours: the one table both directions read."""
+    width = cfg.hidden_size
+    kv = (cfg.num_kv_heads or cfg.num_attention_heads) * (width // cfg.num_attention_heads)
+    E = _Entry
     if _style(cfg) == "gpt2":
-        out["transformer.wte.weight"] = sd["embed.weight"]
-        out["transformer.wpe.weight"] = sd["pos_embed.weight"]
+        t = [E("transformer.wte.weight", "embed.weight"), E("transformer.wpe.weight", "pos_embed.weight")]
         for i in range(cfg.num_layers):
             p, q = f"blocks.{i}.", f"transformer.h.{i}."
             for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[q + theirs + ".weight"] = sd[p + ours + ".weight"]
-                out[q + theirs + ".bias"] = sd.get(p + ours + ".bias", torch.zeros(cfg.hidden_size))
+                t += [
+                    E(q + theirs + ".weight", p + ours + ".weight"),
+                    E(q + theirs + ".bias", p + ours + ".bias"),
+                ]
             for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                                  ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):  # fmt: skip
-                weight = sd[p + ours + ".weight"]
-                out[q + theirs + ".weight"] = weight.t()  # Conv1D stores (in, out)
-                out[q + theirs + ".bias"] = sd.get(p + ours + ".bias", torch.zeros(weight.size(0)))
-        out["transformer.ln_f.weight"] = sd["norm.weight"]
-        out["transformer.ln_f.bias"] = sd.get("norm.bias", torch.zeros(cfg.hidden_size))
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
+                t += [E(q + theirs + ".weight", p + ours + ".weight", transpose=True),
+                      E(q + theirs + ".bias", p + ours + ".bias")]  # fmt: skip
+        t += [E("transformer.ln_f.weight", "norm.weight"), E("transformer.ln_f.bias", "norm.bias")]
     else:
-        out["model.embed_tokens.weight"] = sd["embed.weight"]
+        inner = MLP(cfg, "llama").down.in_features  # the width rule lives in the model
+        t = [E("model.embed_tokens.weight", "embed.weight")]
+        parts = ("weight", "bias") if cfg.bias else ("weight",)
         for i in range(cfg.num_layers):
             p, q = f"blocks.{i}.", f"model.layers.{i}."
-            out[q + "input_layernorm.weight"] = sd[p + "norm1.weight"]
-            out[q + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
-            qw, kw, vw = sd[p + "attn.qkv.weight"].split([cfg.hidden_size, kv, kv])
-            out[q + "self_attn.q_proj.weight"], out[q + "self_attn.k_proj.weight"] = qw, kw
-            out[q + "self_attn.v_proj.weight"] = vw
-            out[q + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
-            if cfg.bias:
-                qb, kb, vb = sd[p + "attn.qkv.bias"].split([cfg.hidden_size, kv, kv])
-                out[q + "self_attn.q_proj.bias"], out[q + "self_attn.k_proj.bias"] = qb, kb
-                out[q + "self_attn.v_proj.bias"] = vb
-                out[q + "self_attn.o_proj.bias"] = sd[p + "attn.proj.bias"]
-            gate, up = sd[p + "mlp.up.weight"].chunk(2, dim=0)
-            out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = gate, up
-            out[q + "mlp.down_proj.weight"] = sd[p + "mlp.down.weight"]
-            if cfg.bias:
-                gb, ub = sd[p + "mlp.up.bias"].chunk(2, dim=0)
-                out[q + "mlp.gate_proj.bias"], out[q + "mlp.up_proj.bias"] = gb, ub
-                out[q + "mlp.down_proj.bias"] = sd[p + "mlp.down.bias"]
-        out["model.norm.weight"] = sd["norm.weight"]
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
+            t += [E(q + "input_layernorm.weight", p + "norm1.weight"),
+                  E(q + "post_attention_layernorm.weight", p + "norm2.weight")]  # fmt: skip
+            for part in parts:
+                qkv, up = f"{p}attn.qkv.{part}", f"{p}mlp.up.{part}"
+                t += [E(f"{q}self_attn.q_proj.{part}", qkv, (0, width)),
+                      E(f"{q}self_attn.k_proj.{part}", qkv, (width, width + kv)),
+                      E(f"{q}self_attn.v_proj.{part}", qkv, (width + kv, width + 2 * kv)),
+                      E(f"{q}self_attn.o_proj.{part}", f"{p}attn.proj.{part}"),
+                      E(f"{q}mlp.gate_proj.{part}", up, (0, inner)), E(f"{q}mlp.up_proj.{part}", up, (inner, 2 * inner)),
+                      E(f"{q}mlp.down_proj.{part}", f"{p}mlp.down.{part}")]  # fmt: skip
+        t.append(E("model.norm.weight", "norm.weight"))
+    if not cfg.tie_embeddings:
+        t.append(E("lm_head.weight", "lm_head.weight"))
+    return t
+
+
+def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under ``transformers``' names (contiguous fp32 copies); a bias we do not have (GPT-2 style
+    without biases) is zeros, as ``GPT2LMHeadModel`` always has one."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for e in _table(model.cfg):
+        if e.ours not in sd:
+            shape = sd[e.ours.replace(".bias", ".weight")].shape[:1]
+            out[e.hf] = torch.zeros(shape)
+            continue
+        value = sd[e.ours] if e.rows is None else sd[e.ours][e.rows[0] : e.rows[1]]
+        out[e.hf] = value.t() if e.transpose else value
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def load_state(model: Transformer, hf: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``transformers``-named tensors into ``model`` (the inverse of ``hf_state``)."""
+    ours = model.state_dict()
+    table = _table(model.cfg)
+    missing = [e.hf for e in table if e.ours in ours and e.hf not in hf]
+    if missing:
+        raise UserError(f"{where}: weights missing for {missing[0]} (and {len(missing) - 1} more)")
+    with torch.no_grad():
+        for e in table:
+            if e.ours not in ours:
+                continue
+            value = hf[e.hf].t() if e.transpose else hf[e.hf]
+            target = ours[e.ours] if e.rows is None else ours[e.ours][e.rows[0] : e.rows[1]]
+            if target.shape != value.shape:
+                raise UserError(
+                    f"{where}: {e.hf} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(value)
 
 
 def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
@@ -160,61 +196,6 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     else:
         raise UserError(f"{folder}: model_type {kind!r} is not supported (gpt2 or llama)")
     model = Transformer(cfg)
-    expected = hf_state(model)
-    missing = [k for k in expected if k not in hf and not k.endswith(".bias")]
-    if missing:
-        raise UserError(f"{folder}: weights missing for {missing[0]} (and {len(missing) - 1} more)")
-    ours = model.state_dict()
-    with torch.no_grad():
-        for name, theirs in _our_names(model, hf).items():
-            ours[name].copy_(theirs)
+    load_state(model, hf, str(folder))
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     return model, tokenizer
-
-
-def _our_names(model: Transformer, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``hf_state``: our parameter name -> tensor, from a transformers state dict."""
-    cfg = model.cfg
-    out: dict[str, torch.Tensor] = {}
-    ours = set(model.state_dict())
-
-    def put(name: str, value: torch.Tensor | None) -> None:
-        if name in ours and value is not None:
-            out[name] = value
-
-    if _style(cfg) == "gpt2":
-        put("embed.weight", hf["transformer.wte.weight"])
-        put("pos_embed.weight", hf["transformer.wpe.weight"])
-        for i in range(cfg.num_layers):
-            p, q = f"blocks.{i}.", f"transformer.h.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                put(p + a + ".weight", hf[q + b + ".weight"])
-                put(p + a + ".bias", hf.get(q + b + ".bias"))
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                         ("mlp.down", "mlp.c_proj")):  # fmt: skip
-                put(p + a + ".weight", hf[q + b + ".weight"].t())
-                put(p + a + ".bias", hf.get(q + b + ".bias"))
-        put("norm.weight", hf["transformer.ln_f.weight"])
-        put("norm.bias", hf.get("transformer.ln_f.bias"))
-    else:
-        put("embed.weight", hf["model.embed_tokens.weight"])
-        for i in range(cfg.num_layers):
-            p, q = f"blocks.{i}.", f"model.layers.{i}."
-            put(p + "norm1.weight", hf[q + "input_layernorm.weight"])
-            put(p + "norm2.weight", hf[q + "post_attention_layernorm.weight"])
-            put(p + "attn.qkv.weight", torch.cat([hf[q + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-            put(p + "attn.proj.weight", hf[q + "self_attn.o_proj.weight"])
-            if q + "self_attn.q_proj.bias" in hf:
-                put(p + "attn.qkv.bias", torch.cat([hf[q + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
-                put(p + "attn.proj.bias", hf.get(q + "self_attn.o_proj.bias"))
-            put(
-                p + "mlp.up.weight", torch.cat([hf[q + "mlp.gate_proj.weight"], hf[q + "mlp.up_proj.weight"]])
-            )
-            put(p + "mlp.down.weight", hf[q + "mlp.down_proj.weight"])
-            if q + "mlp.gate_proj.bias" in hf:
-                put(p + "mlp.up.bias", torch.cat([hf[q + "mlp.gate_proj.bias"], hf[q + "mlp.up_proj.bias"]]))
-                put(p + "mlp.down.bias", hf.get(q + "mlp.down_proj.bias"))
-        put("norm.weight", hf["model.norm.weight"])
-    if not cfg.tie_embeddings:
-        put("lm_head.weight", hf.get("lm_head.weight", hf.get("transformer.wte.weight")))
-    return out

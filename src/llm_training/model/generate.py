@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_training.model.transformer import KVCache
+from llm_training.model.transformer import KVCache, device_of
 
 log = logging.getLogger("llm_training.generate")
 
@@ -104,7 +104,7 @@ def generate_tokens(
     s.check()
     if not prompts:
         return []
-    device = next(model.parameters()).device
+    device = device_of(model)
     context = model.cfg.max_seq_length
     max_new = s.max_new_tokens
     # a prompt keeps at most context - 1 tokens (room for one new); past the context, generation slides

@@ -257,6 +257,13 @@ class Transformer(nn.Module):
         )
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device; CPU for a runtime without torch parameters
+    (an ONNX or TorchScript wrapper)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class LayerCache:
     """One layer's keys and values, (B, kv heads, max_len, head dim), filled left to right."""
 

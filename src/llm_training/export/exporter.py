@@ -1,0 +1,417 @@
+"""Exporting a checkpoint: what ``llm-export``, ``ModelExporter`` and ``Trainer.export`` run.
+
+Every export is written into a hidden staging folder beside its destination, checked there, and only then
+moved into place: a failed export or check leaves nothing behind and never touches an existing file. The
+check runs the written model in the runtime that reads its format (onnxruntime, ``torch.jit.load``,
+``transformers``, the ``gguf`` reader, ``safetensors``) on the same tokens as the checkpoint and compares
+logits; quantized exports (int8, fp16) are also scored on validation text and the perplexity change is
+reported and bounded. A check that fails is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import UserError
+from llm_training.export.quiet import quiet
+from llm_training.model.transformer import Transformer
+
+log = logging.getLogger("llm_training.export")
+
+# format -> file suffix ("" for a folder)
+FORMATS = {
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+    "safetensors": ".safetensors",
+    "hf": "",
+    "gguf": ".gguf",
+}
+ALIASES = {"huggingface": "hf", "transformers": "hf", "jit": "torchscript", "ts": "torchscript"}
+QUANTIZE = {  # format -> what --quantize accepts there
+    "onnx": ("none", "int8", "fp16"),
+    "torchscript": ("none", "fp16"),
+    "safetensors": ("none", "fp16"),
+    "hf": ("none", "fp16"),
+    "gguf": ("none", "fp16", "int8"),
+}
+# largest logit difference allowed, as a share of (1 + the largest logit): fp32 formats differ only by the
+# order of floating-point sums; fp16 weights change each logit by about 1e-3 of its size
+TOLERANCE = {"none": 1e-3, "fp16": 3e-2}
+
+
+class ExportCheckError(UserError):
+    """The written model does not compute what the checkpoint computes."""
+
+
+@dataclass
+class ExportOptions:
+    format: str = "onnx"
+    output: str | Path | None = None  # file (folder for hf); None: exports/<checkpoint name><suffix>
+    quantize: str = "none"  # none, int8, fp16 (see QUANTIZE)
+    past: bool = True  # ONNX: inputs and outputs for past keys and values (fast generation), as optimum does
+    pruning: object = None  # see export.prune.parse_pruning
+    overwrite: bool = False
+    validation_data: str | Path | None = None  # text for the perplexity check; None: the built-in sample
+    check_tokens: int = 16384  # at most this many validation tokens are scored
+    max_perplexity_increase: float = 0.05  # relative; a larger change fails the check of a quantized export
+
+
+@dataclass
+class ExportResult:
+    format: str
+    export_path: Path
+    files: list[Path]
+    size_bytes: int
+    source_bytes: int  # the model's fp32 weights, for the size ratio
+    quantize: str
+    check: dict
+    pruning: dict | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["export_path"], d["files"] = str(self.export_path), [str(f) for f in self.files]
+        return d
+
+
+@dataclass
+class _Source:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    step: int
+    pruning: dict | None = None
+    perplexity_before_pruning: float | None = None
+    tokens: dict = field(default_factory=dict)  # cache: validation tokens
+
+
+def normalise_format(name: str) -> str:
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in FORMATS:
+        raise UserError(f"unknown export format {name!r}; valid: {', '.join(FORMATS)}")
+    return key
+
+
+def check_options(options: ExportOptions) -> str:
+    fmt = normalise_format(options.format)
+    quantize = (options.quantize or "none").lower()
+    if quantize not in QUANTIZE[fmt]:
+        raise UserError(
+            f"--quantize {quantize!r} is not available for {fmt}; valid there: {', '.join(QUANTIZE[fmt])}"
+        )
+    return fmt
+
+
+def default_output(checkpoint: Path, fmt: str, folder: Path | None = None, stem: str | None = None) -> Path:
+    folder = folder if folder is not None else Path("exports")
+    stem = stem or checkpoint.stem
+    return folder / (
+        stem + "_hf" if fmt == "hf" and stem != "model" else "hf" if fmt == "hf" else stem + FORMATS[fmt]
+    )
+
+
+def _files_of(fmt: str, target: Path) -> list[Path]:
+    """Every path an export to ``target`` writes (for the overwrite check)."""
+    if fmt == "safetensors":
+        return [target, target.parent / "config.json", target.parent / "tokenizer.json"]
+    if fmt == "onnx":
+        return [target, target.parent / (target.name + ".data")]
+    return [target]
+
+
+def load_source(
+    checkpoint: str | Path, pruning=None, validation_data=None, check_tokens: int = 16384
+) -> _Source:
+    from llm_training.export.prune import magnitude_prune, parse_pruning
+    from llm_training.train.artifacts import load_trained
+
+    spec = parse_pruning(pruning)  # bad options fail before the checkpoint is read
+    trained = load_trained(checkpoint, "cpu")
+    source = _Source(trained.model.float().eval(), trained.tokenizer, Path(checkpoint), trained.step)
+    if spec is not None:
+        source.perplexity_before_pruning = _perplexity(source.model, source, validation_data, check_tokens)
+        report = magnitude_prune(source.model, *spec)
+        source.pruning = {**report.as_dict(), "perplexity_before": round(source.perplexity_before_pruning, 4),
+                          "perplexity_after": round(_perplexity(source.model, source, validation_data, check_tokens), 4)}  # fmt: skip
+        log.info("pruned to %.1f%% sparsity of the hidden matrices (%.1f%% of all weights); perplexity %.3f -> %.3f",
+                 100 * report.pruned_sparsity, 100 * report.overall_sparsity, source.pruning["perplexity_before"],
+                 source.pruning["perplexity_after"])  # fmt: skip
+    return source
+
+
+def export_checkpoint(
+    checkpoint: str | Path, options: ExportOptions, source: _Source | None = None
+) -> ExportResult:
+    """Export ``checkpoint`` as ``options`` say, check it, and move it into place; see the module docstring."""
+    fmt = check_options(options)
+    quantize = (options.quantize or "none").lower()
+    checkpoint = Path(checkpoint)
+    target = Path(options.output) if options.output else default_output(checkpoint, fmt)
+    if fmt != "hf" and target.suffix == "" and target.is_dir():
+        target = default_output(checkpoint, fmt, folder=target)
+    existing = [p for p in _files_of(fmt, target) if p.exists()]
+    if existing and not options.overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite (overwrite=True) to replace it")
+    started = time.perf_counter()
+    source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.export-tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        staged = staging / target.name
+        log.info(
+            "exporting %s to %s (%s)", checkpoint, target, fmt if quantize == "none" else f"{fmt}, {quantize}"
+        )
+        with quiet():
+            _write(fmt, quantize, options, source, staged)
+        log.info("checking %s with %s", target.name, _runtime_name(fmt))
+        check = _check(fmt, quantize, options, source, staged)
+        files = _move_into_place(fmt, staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = sum(_size(f) for f in files)
+    source_bytes = 4 * sum(p.numel() for p in source.model.parameters())  # parameters() lists tied ones once
+    result = ExportResult(fmt, target, files, size, source_bytes, quantize, check, source.pruning,
+                          round(time.perf_counter() - started, 2))  # fmt: skip
+    log.debug("%s: %s (%.1f%% of the fp32 weights), largest logit difference %.2e",
+             target, _human(size), 100 * size / max(1, source_bytes), check["max_logit_diff"])  # fmt: skip
+    return result
+
+
+def export_all(
+    checkpoint: str | Path, formats: list[str], output_dir: str | Path, **options
+) -> list[ExportResult]:
+    """Several formats into one folder (``model.onnx``, ``model.torchscript.pt``, ``model.safetensors`` with
+    ``config.json`` and ``tokenizer.json``, ``hf/``, ``model.gguf``), the checkpoint read once."""
+    names = [normalise_format(f) for f in formats]
+    if not names:
+        raise UserError("--formats: name at least one format; valid: " + ", ".join(FORMATS))
+    quantize = (options.get("quantize") or "none").lower()
+    plans = []
+    for fmt in dict.fromkeys(names):
+        opts = ExportOptions(format=fmt, output=default_output(Path(checkpoint), fmt, Path(output_dir), "model"),
+                             **{**options, "quantize": quantize if quantize in QUANTIZE[fmt] else "none"})  # fmt: skip
+        check_options(opts)
+        plans.append(opts)
+    for opts in plans:  # refuse before anything is written
+        clash = [p for p in _files_of(opts.format, Path(opts.output)) if p.exists()]
+        if clash and not opts.overwrite:
+            raise UserError(f"{clash[0]} exists; pass --overwrite (overwrite=True) to replace it")
+    first = plans[0]
+    source = load_source(checkpoint, first.pruning, first.validation_data, first.check_tokens)
+    return [export_checkpoint(checkpoint, opts, source) for opts in plans]
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _model_config_json(model: Transformer) -> str:
+    return json.dumps(dataclasses.asdict(model.cfg))
+
+
+def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path) -> None:
+    model, tokenizer = source.model, source.tokenizer
+    config = _model_config_json(model)
+    if fmt == "onnx":
+        from llm_training.export.onnx import (
+            META_CONFIG,
+            META_TOKENIZER,
+            convert_fp16,
+            export_onnx,
+            quantize_int8,
+        )
+
+        metadata = {
+            META_CONFIG: config,
+            META_TOKENIZER: tokenizer.backend.to_str(),
+            "llm_training.step": str(source.step),
+        }
+        if quantize == "none":
+            export_onnx(model, path, metadata, past=options.past)
+            return
+        plain = path.parent / ("fp32-" + path.name)
+        export_onnx(model, plain, metadata, past=options.past)
+        (quantize_int8 if quantize == "int8" else convert_fp16)(plain, path)
+        for leftover in (plain, plain.parent / (plain.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    elif fmt == "torchscript":
+        from llm_training.export.torchscript import export_torchscript
+
+        export_torchscript(
+            _as(model, quantize), path, {"config.json": config, "tokenizer.json": tokenizer.backend.to_str()}
+        )
+    elif fmt == "safetensors":
+        from llm_training.export.weights import save_weights
+
+        save_weights(model, tokenizer, path, config, half=quantize == "fp16")
+    elif fmt == "hf":
+        from llm_training.export.hf import save_hf
+
+        save_hf(_as(model, quantize), tokenizer, path)
+    else:
+        from llm_training.export.gguf import save_gguf
+
+        save_gguf(
+            model, tokenizer, path, {"none": "f32", "fp16": "f16", "int8": "q8_0"}[quantize], source.path.stem
+        )
+
+
+def _as(model: Transformer, quantize: str) -> Transformer:
+    """fp16 copy for the formats that store the model's own dtype."""
+    if quantize != "fp16":
+        return model
+    import copy
+
+    return copy.deepcopy(model).half()
+
+
+def _move_into_place(fmt: str, staging: Path, target: Path) -> list[Path]:
+    moved = []
+    for item in sorted(staging.iterdir()):
+        final = target.parent / item.name
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(item, final)
+        moved.append(final)
+    return moved
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return str(size)
+
+
+# ------------------------------------------------------------------------------------------------ checking
+
+
+def _runtime_for(fmt: str, path: Path):
+    """The exported model as run by the runtime that reads its format: an ``nn.Module`` giving logits."""
+    if fmt == "hf":
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
+
+        class _HF(torch.nn.Module):
+            cfg = None
+
+            def forward(self, ids):
+                return hf(input_ids=ids).logits
+
+        return _HF()
+    from llm_training.export.runtime import load_model
+
+    return load_model(path).module
+
+
+def _probe_ids(source: _Source) -> torch.Tensor:
+    """Two rows of real text tokens (fall back to a ramp of ids for a model whose text is too short)."""
+    context = source.model.cfg.max_seq_length
+    tokens = _validation_tokens(source, None, 4 * context)
+    width = min(context, 64, max(1, len(tokens) // 2))
+    if len(tokens) >= 2 * width:
+        return torch.tensor(tokens[: 2 * width]).view(2, width)
+    return torch.arange(2 * width).remainder(source.model.cfg.vocab_size).view(2, width)
+
+
+@torch.no_grad()
+def _check(fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path) -> dict:
+    runtime = _runtime_for(fmt, path)
+    ids = _probe_ids(source)
+    reference = source.model(ids).float()
+    got = runtime(ids).float()
+    if got.shape != reference.shape:
+        raise ExportCheckError(
+            f"{fmt} export gives logits of shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+        )
+    diff = float((got - reference).abs().max())
+    scale = 1.0 + float(reference.abs().max())
+    same_top = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
+    check = {"runtime": _runtime_name(fmt), "tokens_compared": int(ids.numel()), "max_logit_diff": diff,
+             "largest_logit": scale - 1, "top1_agreement": round(same_top, 4)}  # fmt: skip
+    if quantize in TOLERANCE:
+        check["tolerance"] = TOLERANCE[quantize] * scale
+        if not diff <= check["tolerance"]:  # also catches NaN
+            raise ExportCheckError(
+                f"{fmt} export check failed: logits differ by up to {diff:.3g} from the checkpoint's "
+                f"(allowed {check['tolerance']:.3g}); nothing was written"
+            )
+    if quantize != "none":
+        before = _perplexity(source.model, source, options.validation_data, options.check_tokens)
+        after = _perplexity(runtime, source, options.validation_data, options.check_tokens)
+        change = after / before - 1
+        check.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4),
+                     perplexity_change=round(change, 5), validation_tokens=source.tokens.get("scored", 0),
+                     validation_text=source.tokens.get("source"))  # fmt: skip
+        if not change <= options.max_perplexity_increase:
+            raise ExportCheckError(
+                f"{fmt} {quantize} export check failed: perplexity {before:.3f} -> {after:.3f} "
+                f"({100 * change:+.1f}%, allowed +{100 * options.max_perplexity_increase:.1f}%); nothing was written"
+            )
+    return check
+
+
+def _runtime_name(fmt: str) -> str:
+    return {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "safetensors": "safetensors",
+            "hf": "transformers", "gguf": "gguf reader"}[fmt]  # fmt: skip
+
+
+def _validation_tokens(source: _Source, validation_data, limit: int) -> list[int]:
+    key = (str(validation_data), limit)
+    if key not in source.tokens:
+        from llm_training.eval.data import TextSet, read_test_data
+
+        if validation_data is not None:
+            data = read_test_data(validation_data)
+            if not isinstance(data, TextSet):
+                raise UserError(
+                    f"{validation_data}: validation text must be plain text or records with 'text'"
+                )
+            documents, name = data.documents, str(validation_data)
+        else:
+            documents, name = _sample_documents(), "built-in sample (Python Language Reference)"
+        stream: list[int] = []
+        for ids in source.tokenizer.encode_batch(documents[:2000]):
+            stream += ids + [source.tokenizer.eot_id]
+            if len(stream) >= limit:
+                break
+        source.tokens[key] = stream[:limit]
+        source.tokens["source"] = name
+    return source.tokens[key]
+
+
+def _sample_documents() -> list[str]:
+    from llm_training.data.sources import read_documents, sample_data_path
+
+    return [d.text for d in read_documents(str(sample_data_path()))]
+
+
+def _perplexity(model, source: _Source, validation_data, limit: int) -> float:
+    from llm_training.eval.metrics import score_tokens
+
+    scores = score_tokens(model, _validation_tokens(source, validation_data, limit), batch_size=8)
+    source.tokens["scored"] = scores["tokens"]
+    return math.exp(min(scores["nll"] / max(1, scores["tokens"]), 50.0))

@@ -1,0 +1,207 @@
+"""GGUF (llama.cpp's format) through the ``gguf`` package, and reading it back.
+
+Tensor names come from ``gguf``'s own name map for the architecture (``llama`` or ``gpt2``), fed the Hugging
+Face names of ``export.hf``: the same route as llama.cpp's ``convert_hf_to_gguf.py``, including its two
+layout changes: Llama-style query and key rows (and biases) are permuted from the rotate-half RoPE layout to
+GGML's interleaved pairs, and GPT-2's Conv1D matrices keep PyTorch's (out, in) orientation. Metadata: the
+architecture's hyper-parameters under ``{arch}.*`` and the byte-level BPE vocabulary, merges and special ids
+under ``tokenizer.ggml.*`` (model ``gpt2``, pre-tokenizer ``gpt-2``).
+
+Types: ``f32`` (default), ``f16``, or ``q8_0`` (llama.cpp's 8-bit blocks of 32, what ``--quantize int8``
+maps to); 1-D tensors (norms, biases) are always f32 and a matrix whose rows are not a multiple of 32 falls
+back to f16 under q8_0, as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm_training.config import ModelConfig
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import UserError
+from llm_training.export.hf import _style, hf_state
+from llm_training.model.transformer import Transformer
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+META_CONFIG = "llm_training.config"  # our ModelConfig as JSON, so that reading back needs no guessing
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rotate-half rows -> interleaved pairs, per head (llama.cpp's ``LlamaModel.permute``)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """GGUF name -> fp32 array, in llama.cpp's layout."""
+    import gguf
+
+    cfg = model.cfg
+    if cfg.qk_norm:
+        raise UserError("GGUF: QK-norm has no llama.cpp equivalent in the llama and gpt2 architectures")
+    gpt2 = _style(cfg) == "gpt2"
+    if gpt2 and cfg.num_kv_heads not in (None, cfg.num_attention_heads):
+        raise UserError("GGUF: llama.cpp's gpt2 architecture has no grouped-query attention; use Llama style")
+    arch = gguf.MODEL_ARCH.GPT2 if gpt2 else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_kv_heads or cfg.num_attention_heads
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in hf_state(model).items():
+        data = tensor.numpy()
+        if gpt2 and data.ndim == 2 and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            data = data.T  # back from Conv1D's (in, out)
+        elif name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = _permute(data, heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = _permute(data, kv_heads)
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise RuntimeError(f"GGUF: no llama.cpp name for {name}")  # a bug, not bad input
+        out[new] = np.ascontiguousarray(data, dtype=np.float32)
+    if gpt2 and "output.weight" not in out:  # llama.cpp's converter writes the tied head out for gpt2
+        out["output.weight"] = out["token_embd.weight"]
+    return out
+
+
+def _tokenizer_fields(writer, tokenizer: Tokenizer) -> None:
+    spec = tokenizer.to_json()
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError("GGUF: only byte-level BPE tokenizers can be written (llama.cpp's 'gpt2' vocabulary)")
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    tokens = [""] * tokenizer.vocab_size
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control, 1: normal
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(False)
+
+
+def save_gguf(
+    model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str = "f32", name: str = ""
+) -> None:
+    import gguf
+
+    if dtype not in GGUF_TYPES:
+        raise UserError(f"GGUF type {dtype!r} is not supported; valid: {', '.join(GGUF_TYPES)}")
+    cfg = model.cfg
+    tensors = _gguf_tensors(model)
+    gpt2 = _style(cfg) == "gpt2"
+    writer = gguf.GGUFWriter(str(path), "gpt2" if gpt2 else "llama")
+    writer.add_name(name or "llm_training model")
+    writer.add_context_length(cfg.max_seq_length)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(model.blocks[0].mlp.down.in_features)
+    writer.add_head_count(cfg.num_attention_heads)
+    if gpt2:
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.num_kv_heads or cfg.num_attention_heads)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(
+        {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    )  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+    writer.add_string(META_CONFIG, json.dumps(dataclasses.asdict(cfg)))
+    _tokenizer_fields(writer, tokenizer)
+    for tensor_name, data in tensors.items():
+        if data.ndim == 1 or dtype == "f32":
+            writer.add_tensor(tensor_name, data)
+        elif dtype == "q8_0" and data.shape[-1] % 32 == 0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(tensor_name, gguf.quants.quantize(data, q), raw_dtype=q)
+        else:
+            writer.add_tensor(tensor_name, data.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
+    """A GGUF file written by ``save_gguf`` as our model (dequantized to fp32), read with ``gguf``'s reader."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises bare ValueErrors and struct errors on damaged files
+        raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
+    field = reader.fields.get(META_CONFIG)
+    if field is None:
+        raise UserError(f"{path}: GGUF without llm_training's config; only files this tool wrote can be read")
+    cfg = ModelConfig(**json.loads(field.contents()))
+    model = Transformer(cfg)
+    gpt2 = _style(cfg) == "gpt2"
+    names = {v: k for k, v in _name_table(model).items()}  # gguf name -> hf name
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_kv_heads or cfg.num_attention_heads
+    hf: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGML lists dimensions fastest first
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+        hf_name = names.get(tensor.name)
+        if hf_name is None:
+            continue  # gpt2's duplicated tied head
+        if gpt2 and data.ndim == 2 and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            data = data.T
+        elif hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = _unpermute(data, heads)
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = _unpermute(data, kv_heads)
+        hf[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
+    from llm_training.export.hf import load_state
+
+    load_state(model, hf, str(path))
+    return model, _tokenizer_from(reader)
+
+
+def _name_table(model: Transformer) -> dict[str, str]:
+    import gguf
+
+    cfg = model.cfg
+    arch = gguf.MODEL_ARCH.GPT2 if _style(cfg) == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    return {k: names.get_name(k, try_suffixes=(".weight", ".bias")) for k in hf_state(model)}
+
+
+def _tokenizer_from(reader) -> Tokenizer | None:
+    """The byte-level BPE back from ``tokenizer.ggml.*`` (vocabulary, merges, special tokens)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return None
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    special = [t for t, kind in zip(tokens, types, strict=True) if kind == 3]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    backend.add_special_tokens([AddedToken(t, special=True) for t in special])
+    if any(backend.token_to_id(t) != tokens.index(t) for t in special):
+        raise UserError("GGUF: special tokens are not where the vocabulary puts them")
+    return Tokenizer(backend)

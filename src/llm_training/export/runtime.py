@@ -1,0 +1,190 @@
+"""Any model this tool writes, loaded for inference: a training checkpoint, or an export (ONNX, TorchScript,
+safetensors, a Hugging Face folder, GGUF), recognised by its content.
+
+``load_model(path)`` returns a ``LoadedModel``: the tokenizer, the model config, and ``module``, an
+``nn.Module`` whose ``forward(input_ids)`` returns logits. For checkpoints, safetensors, Hugging Face folders
+and GGUF that is our ``Transformer`` itself (generation gets the KV cache); ONNX and TorchScript are wrapped
+(``RuntimeModule``) so that evaluation code treats them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llm_training.config import ModelConfig
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import UserError
+
+FORMATS = ("checkpoint", "onnx", "torchscript", "safetensors", "hf", "gguf")
+
+
+class RuntimeModule(nn.Module):
+    """A foreign runtime (onnxruntime, a TorchScript graph) behind ``forward(input_ids) -> logits`` (CPU
+    tensors in and out), with the generation protocol of ``Transformer.forward(ids, cache=KVCache)``:
+
+    - ONNX with past keys and values: the cache's validity mask is the graph's ``attention_mask`` and the
+      graph's present tensors are kept on the cache object for the next step;
+    - graphs without a past (TorchScript, ONNX exported with ``--no-past``): each row's real tokens are kept
+      on the cache and the row is recomputed whole, without its padding (correct, and as slow as generation
+      without a cache is).
+    """
+
+    def __init__(self, cfg: ModelConfig, run, kind: str, runner=None) -> None:
+        super().__init__()
+        self.cfg, self._run, self.kind, self.runner = cfg, run, kind, runner
+
+    @property
+    def has_past(self) -> bool:
+        return bool(getattr(self.runner, "has_past", False))
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None
+    ) -> torch.Tensor:
+        if cache is not None:
+            return self._generation_step(input_ids.cpu(), cache)
+        logits = self._run(input_ids.cpu())
+        if labels is None:
+            return logits
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.cpu().reshape(-1), ignore_index=-100
+        )
+
+    def _generation_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        start, new = cache.length, ids.size(1)
+        valid = cache.valid[:, : start + new].cpu()
+        if self.has_past:
+            logits, cache.runtime_past = self.runner.run(
+                ids.numpy(), valid.long().numpy(), getattr(cache, "runtime_past", None)
+            )
+            return torch.from_numpy(logits)
+        rows = getattr(cache, "runtime_rows", None) or [[] for _ in range(ids.size(0))]
+        out = torch.zeros(ids.size(0), new, self.cfg.vocab_size)
+        for i, row in enumerate(rows):
+            row += ids[i][valid[i, start:]].tolist()
+            if row:
+                out[i, -1] = self._run(torch.tensor([row[-self.cfg.max_seq_length :]]))[0, -1].float()
+        cache.runtime_rows = rows
+        return out
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    module: nn.Module
+    tokenizer: Tokenizer
+    cfg: ModelConfig
+    path: Path
+    step: int | None = None
+
+
+def detect_format(path: str | Path) -> str:
+    """Which of ``FORMATS`` the file or folder at ``path`` is (by content, not by name)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path} (nor an exported model)")
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file() and "model_type" in _json(config):
+            return "hf"
+        if (path / "model.safetensors").is_file():
+            return "safetensors"
+        raise UserError(f"{path}: a folder that is neither a Hugging Face model nor a safetensors export")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            raise UserError(
+                f"{path}: a damaged archive (neither a checkpoint nor TorchScript can be read)"
+            ) from None
+        return "torchscript" if any("/code/" in n for n in names) else "checkpoint"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix == ".onnx":
+        return "onnx"
+    return "checkpoint"  # its loader says what is wrong with it (truncated, not a checkpoint, ...)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _config(text: str, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**json.loads(text))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: its model config cannot be read ({exc})") from None
+
+
+def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:
+    if tokenizer is None:
+        raise UserError(f"{path}: holds no tokenizer; export it again with this tool")
+    return tokenizer
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model at ``path`` in eval mode; torch formats on ``device``, ONNX on onnxruntime's best provider."""
+    path = Path(path)
+    kind = detect_format(path)
+    step = None
+    if kind == "checkpoint":
+        from llm_training.train.artifacts import load_trained
+
+        trained = load_trained(path, device)
+        return LoadedModel(kind, trained.model, trained.tokenizer, trained.config.model, path, trained.step)
+    if kind == "onnx":
+        from llm_training.export.onnx import META_CONFIG, META_TOKENIZER, OnnxRunner
+
+        try:
+            runner = OnnxRunner(path)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf on damaged files
+            raise UserError(
+                f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"
+            ) from None
+        if META_CONFIG not in runner.metadata:
+            raise UserError(f"{path}: an ONNX model without llm_training's metadata (config and tokenizer)")
+        cfg = _config(runner.metadata[META_CONFIG], path)
+        tokenizer = Tokenizer.from_json(runner.metadata[META_TOKENIZER])
+        return LoadedModel(kind, RuntimeModule(cfg, runner.logits, kind, runner).eval(), tokenizer, cfg, path)
+    if kind == "torchscript":
+        from llm_training.export.torchscript import load_torchscript
+
+        module, extra = load_torchscript(path)
+        if "config.json" not in extra:
+            raise UserError(f"{path}: TorchScript without llm_training's config.json inside")
+        cfg = _config(extra["config.json"], path)
+        tokenizer = Tokenizer.from_json(extra["tokenizer.json"]) if "tokenizer.json" in extra else None
+
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module(ids)
+
+        wrapped = RuntimeModule(cfg, run, kind).eval()
+        return LoadedModel(kind, wrapped, _need_tokenizer(tokenizer, path), cfg, path)
+    if kind == "safetensors":
+        from llm_training.export.weights import load_weights
+
+        model, tokenizer = load_weights(path / "model.safetensors" if path.is_dir() else path)
+    elif kind == "hf":
+        from llm_training.export.hf import load_hf
+
+        model, tokenizer = load_hf(path)
+    else:
+        from llm_training.export.gguf import load_gguf
+
+        model, tokenizer = load_gguf(path)
+    return LoadedModel(kind, model.to(device).eval(), _need_tokenizer(tokenizer, path), model.cfg, path, step)

@@ -1,0 +1,68 @@
+"""Plain safetensors: our own parameter names, with ``config.json`` (the model config) and ``tokenizer.json``
+beside the weights file, and both also in the file's header metadata so that the file alone is enough."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llm_training.config import ModelConfig
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import UserError
+from llm_training.model.transformer import Transformer
+
+FORMAT_TAG = "llm_training"
+
+
+def save_weights(
+    model: Transformer, tokenizer: Tokenizer, path: Path, config: str, half: bool = False
+) -> list[Path]:
+    """Write ``path`` and the config and tokenizer beside it; returns every file written."""
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if half else torch.float32
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied head is the embedding: stored once
+            continue
+        seen[tensor.data_ptr()] = name
+        state[name] = tensor.detach().to(dtype).contiguous().clone()
+    metadata = {
+        "format": "pt",
+        "producer": FORMAT_TAG,
+        "config": config,
+        "tokenizer": tokenizer.backend.to_str(),
+    }
+    save_file(state, str(path), metadata=metadata)
+    (path.parent / "config.json").write_text(config + "\n")
+    tokenizer.save(path.parent / "tokenizer.json")
+    return [path, path.parent / "config.json", path.parent / "tokenizer.json"]
+
+
+def load_weights(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as exc:  # safetensors raises its own SafetensorError on damaged headers
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    if metadata.get("producer") != FORMAT_TAG:
+        raise UserError(
+            f"{path}: safetensors without llm_training's config (a Hugging Face folder? pass the folder)"
+        )
+    cfg = ModelConfig(**json.loads(metadata["config"]))
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    tokenizer = Tokenizer.from_json(metadata["tokenizer"]) if metadata.get("tokenizer") else None
+    return model, tokenizer

@@ -1,0 +1,315 @@
+"""``llm-export``, ``ModelExporter`` and ``Trainer.export``: every format written from a model trained on
+Shakespeare, checked by its own runtime inside the exporter, and checked again here with the real
+``onnxruntime``, ``torch.jit``, ``safetensors``, ``transformers`` (including its GGUF reader) and ``gguf``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error, corpus_records, run_cli
+from llm_training.config import load_config
+from llm_training.data.prepare import prepare_documents
+from llm_training.data.sources import Document
+from llm_training.train.artifacts import load_trained
+from llm_training.train.loop import train
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+EXPORT = ["-m", "llm_training.cli.export"]
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small Llama-style model (grouped-query attention) trained for 80 steps on four plays; a fifth play
+    is the validation text."""
+    root = tmp_path_factory.mktemp("export")
+    plays = corpus_records("shakespeare", 5, lambda r: r["id"].endswith("_gut"))
+    docs = [Document(r["id"], r["text"][:60_000]) for r in plays[:4]]
+    data = prepare_documents(docs, root / "data", vocab_size=512, validation_fraction=0.1).output_dir
+    cfg = load_config(
+        cli={"output_dir": str(root / "run"), "model.num_layers": 2, "model.hidden_size": 64,
+             "model.num_attention_heads": 4, "model.num_kv_heads": 2, "model.max_seq_length": 64,
+             "training.batch_size": 16, "training.max_steps": 80, "training.sample_tokens": 0,
+             "training.eval_interval": 1000, "logging.progress_bar": False},
+        environ={}, default_file=None,
+    )  # fmt: skip
+    result = train(cfg, data, handle_signals=False)
+    text = root / "play.txt"
+    text.write_text(plays[4]["text"][:20_000], encoding="utf-8")
+    return result.final_checkpoint, text
+
+
+def reference(checkpoint):
+    trained = load_trained(checkpoint)
+    ids = torch.tensor([trained.tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        return trained, ids, trained.model(ids)
+
+
+def test_every_format_from_one_command_runs_in_its_own_runtime(trained, tmp_path):
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, text = trained
+    out = tmp_path / "exports"
+    proc = run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--formats", "onnx,torchscript,safetensors,hf,gguf",
+                    "--output-dir", str(out), "--quantize", "int8", "--validation-data", str(text),
+                    "--json", str(tmp_path / "r.json")], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = {r["format"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert set(results) == {"onnx", "torchscript", "safetensors", "hf", "gguf"}
+    for r in results.values():  # sizes reported, every check ran in the format's runtime
+        assert r["size_bytes"] > 10_000 and r["source_bytes"] > 0 and r["check"]["tokens_compared"] >= 64
+    # int8 where the format has it: smaller, and its perplexity change measured on the play
+    for fmt in ("onnx", "gguf"):
+        c = results[fmt]["check"]
+        # smaller than the fp32 weights even with the tokenizer and graph inside (a 0.13M model)
+        assert (
+            results[fmt]["quantize"] == "int8" and results[fmt]["size_bytes"] < results[fmt]["source_bytes"]
+        )
+        assert c["validation_text"] == str(text) and c["validation_tokens"] > 1000
+        assert abs(c["perplexity_change"]) < 0.05 and c["perplexity_before"] > 1
+    for fmt in ("torchscript", "safetensors", "hf"):  # no int8 there: written in fp32, same logits
+        assert results[fmt]["quantize"] == "none" and results[fmt]["check"]["max_logit_diff"] < 1e-4
+    assert "perplexity" in proc.stdout and "onnx int8" in proc.stdout
+
+    trained_model, ids, logits = reference(checkpoint)
+    # ONNX: onnxruntime on a batch and length other than the exported sample's; int8 stays close
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.concatenate([ids.numpy()] * 3)
+    feed = {"input_ids": batch, "attention_mask": np.ones_like(batch)}  # with past (the default): empty past
+    feed.update({i.name: np.zeros((3, 2, 0, 16), np.float32) for i in session.get_inputs()[2:]})
+    got, *present = session.run(None, feed)
+    assert got.shape == (3, ids.shape[1], 512) and present[0].shape == (3, 2, ids.shape[1], 16)
+    assert (got.argmax(-1)[0] == logits.argmax(-1)[0].numpy()).mean() > 0.8
+    # TorchScript without this package's code: torch.jit.load, any sequence length
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    assert torch.allclose(scripted(ids), logits, atol=1e-5)
+    assert torch.allclose(scripted(ids[:, :3]), logits[:, :3], atol=1e-5)
+    # safetensors with its config and tokenizer beside it
+    weights = load_file(str(out / "model.safetensors"))
+    assert torch.equal(weights["embed.weight"], trained_model.model.embed.weight)
+    assert json.loads((out / "config.json").read_text())["num_kv_heads"] == 2
+    assert (out / "tokenizer.json").is_file()
+    # Hugging Face: AutoModelForCausalLM and AutoTokenizer as they are
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    assert AutoTokenizer.from_pretrained(out / "hf").encode(TEXT) == ids[0].tolist()
+    with torch.no_grad():
+        assert (hf(ids).logits - logits).abs().max() < 1e-4
+    # GGUF: transformers' own GGUF reader (llama.cpp's tensor names, Q/K layout and tokenizer) agrees
+    gguf_model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    assert gguf_tok(TEXT)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():  # q8_0: 8-bit blocks; the logits stay close
+        assert (gguf_model(ids).logits - logits).abs().max() < 0.2
+
+
+def test_gguf_metadata_is_what_llama_cpp_reads(trained, tmp_path):
+    import gguf
+
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+
+    checkpoint, _ = trained
+    result = export_checkpoint(checkpoint, ExportOptions(format="gguf", output=tmp_path / "m.gguf"))
+    reader = gguf.GGUFReader(str(result.export_path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.context_length"] == 64 and fields["llama.rope.dimension_count"] == 16
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == 512
+    names = {t.name for t in reader.tensors}
+    assert {
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.1.ffn_gate.weight",
+        "output_norm.weight",
+    } <= names
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
+
+
+def test_gpt2_style_gguf_and_onnx_fp16(tmp_path):
+    """GPT-2 style: GGUF read by transformers (its gpt2 reader sizes positions from the context, so this
+    model has GPT-2's 1024) and ONNX in fp16."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_training.config import ModelConfig
+    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.export.gguf import load_gguf, save_gguf
+    from llm_training.export.onnx import OnnxRunner, convert_fp16, export_onnx
+    from llm_training.model.transformer import Transformer
+
+    tokenizer = Tokenizer.train([r["text"][:40_000] for r in corpus_records("shakespeare", 2)], 400)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4,
+                      vocab_size=tokenizer.vocab_size, max_seq_length=1024, bias=True)  # fmt: skip
+    model = Transformer(cfg).eval()
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        logits = model(ids)
+        save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+        theirs = AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="m.gguf", dtype=torch.float32
+        ).eval()
+        assert type(theirs).__name__ == "GPT2LMHeadModel"
+        assert (theirs(ids).logits - logits).abs().max() < 1e-4
+        back, back_tok = load_gguf(tmp_path / "m.gguf")
+        assert (
+            torch.allclose(back.eval()(ids), logits, atol=1e-5) and back_tok.encode(TEXT) == ids[0].tolist()
+        )
+    export_onnx(model, tmp_path / "m32.onnx", {})
+    convert_fp16(tmp_path / "m32.onnx", tmp_path / "m16.onnx")
+    got = OnnxRunner(tmp_path / "m16.onnx", ["CPUExecutionProvider"]).logits(ids.numpy())
+    assert (got - logits).abs().max() < 0.05 and (tmp_path / "m16.onnx").stat().st_size < 0.6 * (
+        tmp_path / "m32.onnx"
+    ).stat().st_size
+
+
+def test_onnx_with_past_generates_what_the_checkpoint_generates(trained, tmp_path):
+    """Greedy decoding of two prompts of different lengths (left-padded, attention_mask) through the ONNX
+    past-key/value graph gives the checkpoint's tokens."""
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+    from llm_training.export.onnx import OnnxRunner
+    from llm_training.model.generate import Sampling, generate_tokens
+
+    checkpoint, _ = trained
+    result = export_checkpoint(
+        checkpoint, ExportOptions(format="onnx", past=True, output=tmp_path / "p.onnx")
+    )
+    runner = OnnxRunner(result.export_path, ["CPUExecutionProvider"])
+    assert runner.has_past and "past_key_values.1.value" in runner.input_names
+    trained_model = load_trained(checkpoint)
+    prompts = [trained_model.tokenizer.encode("ROMEO:\nWhat light"), trained_model.tokenizer.encode("Enter")]
+    expected = generate_tokens(trained_model.model, prompts, Sampling(max_new_tokens=12, temperature=0))
+    width = max(map(len, prompts))
+    ids = np.zeros((2, width), dtype=np.int64)
+    mask = np.zeros((2, width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    logits, past = runner.run(ids, mask)
+    got = [[], []]
+    for _ in range(12):
+        nxt = logits[:, -1].argmax(-1)
+        for i in range(2):
+            got[i].append(int(nxt[i]))
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        logits, past = runner.run(nxt[:, None], mask, past)
+    eot = trained_model.tokenizer.eot_id
+    assert [g[: len(e)] for g, e in zip(got, expected, strict=True)] == expected
+    assert all(len(e) == 12 or g[len(e)] == eot for g, e in zip(got, expected, strict=True))
+
+
+def test_model_exporter_as_in_the_usage_guide_with_pruning(trained, tmp_path, monkeypatch):
+    from llm_training import EventBus, ModelExporter, ModelExporterInput
+    from llm_training.export.runtime import load_model
+
+    checkpoint, text = trained
+    monkeypatch.chdir(tmp_path)
+    bus = EventBus()
+    seen = []
+    bus.subscribe("export_done", seen.append)
+    exporter = ModelExporter(bus)
+    onnx_output = exporter.export(ModelExporterInput(checkpoint_path=str(checkpoint), export_format="onnx",
+                                                     optimization={"quantization": "int8", "pruning": False}))  # fmt: skip
+    assert onnx_output.export_path == tmp_path / "exports" / "model_final.onnx" or str(
+        onnx_output.export_path
+    ) == ("exports/model_final.onnx")
+    assert (tmp_path / "exports" / "model_final.onnx").is_file() and seen[0].payload["format"] == "onnx"
+    ts = exporter.export(ModelExporterInput(checkpoint_path=str(checkpoint), export_format="torchscript",
+                                            optimization={"quantization": "none"}))  # fmt: skip
+    assert (tmp_path / ts.export_path).is_file()
+    pruned = exporter.export(ModelExporterInput(checkpoint_path=str(checkpoint), export_format="safetensors",
+                                                optimization={"pruning": 0.4}, output_path="pruned/model.safetensors",
+                                                validation_data=str(text)))  # fmt: skip
+    report = pruned.pruning
+    assert (
+        report["pruned_sparsity"] == pytest.approx(0.4, abs=0.01) and 0.2 < report["overall_sparsity"] < 0.4
+    )
+    assert report["perplexity_after"] >= report["perplexity_before"] * 0.98
+    loaded = load_model(tmp_path / "pruned" / "model.safetensors")
+    up = loaded.module.blocks[0].mlp.up.weight
+    assert float((up == 0).float().mean()) == pytest.approx(0.4, abs=0.01)
+    # every export loads for inference with the checkpoint's tokenizer and the same predictions
+    trained_model, ids, logits = reference(checkpoint)
+    for path in ("exports/model_final.onnx", ts.export_path):
+        m = load_model(tmp_path / path)
+        assert m.tokenizer.encode(TEXT) == ids[0].tolist()
+        assert (m.module(ids) - logits).abs().max() < (0.5 if str(path).endswith(".onnx") else 1e-5)
+
+
+def test_trainer_export(trained, tmp_path):
+    from llm_training import Trainer
+
+    checkpoint, _ = trained
+    result = Trainer(output_dir=str(tmp_path)).export(format="onnx", output_path=str(tmp_path / "exports" / "model.onnx"),
+                                                      checkpoint=str(checkpoint))  # fmt: skip
+    assert result.export_path.is_file() and result.check["runtime"] == "onnxruntime"
+
+
+def test_bad_inputs(trained, tmp_path):
+    checkpoint, _ = trained
+    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(tmp_path / "nope.pt"), "--format", "onnx"], tmp_path),
+                      "nope.pt")  # fmt: skip
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(checkpoint.read_bytes()[:50_000])
+    assert_user_error(
+        run_cli([*EXPORT, "--checkpoint", str(damaged), "--format", "onnx"], tmp_path), "damaged.pt"
+    )
+    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "tflite"], tmp_path),
+                      "unknown export format 'tflite'", "onnx, torchscript, safetensors, hf, gguf")  # fmt: skip
+    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "torchscript", "--quantize",
+                               "int8"], tmp_path), "not available for torchscript", "none, fp16")  # fmt: skip
+    # an existing output is kept as it was, unless --overwrite
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"precious")
+    args = [*EXPORT, "--checkpoint", str(checkpoint), "--format", "safetensors", "--output", str(target)]
+    assert_user_error(run_cli(args, tmp_path), "exists", "--overwrite")
+    assert target.read_bytes() == b"precious" and not (tmp_path / "config.json").exists()
+    assert run_cli([*args, "--overwrite"], tmp_path).returncode == 0 and target.stat().st_size > 1000
+    # a check that fails is an error, and nothing is written
+    proc = run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "onnx", "--quantize", "int8",
+                    "--output", str(tmp_path / "q.onnx"), "--max-perplexity-increase", "-0.5"], tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: onnx int8 export check failed: perplexity")
+    assert not (tmp_path / "q.onnx").exists() and not list(tmp_path.glob(".q.onnx*"))
+
+
+def test_infer_and_evaluate_take_exported_models(trained, tmp_path):
+    """``llm-infer`` and ``llm-evaluate`` on ONNX (with past: KV cache through onnxruntime; without: rows
+    recomputed) and TorchScript give the checkpoint's greedy completions and metrics."""
+    from llm_training.export.exporter import ExportOptions, export_all, export_checkpoint
+
+    checkpoint, text = trained
+    export_all(checkpoint, ["onnx", "torchscript"], tmp_path / "e")
+    export_checkpoint(
+        checkpoint, ExportOptions(format="onnx", past=False, output=tmp_path / "e" / "plain.onnx")
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["ROMEO:", "To be, or not", "Enter", "O"])
+    )
+    outputs = {}
+    for name, model in [("checkpoint", checkpoint), ("onnx", tmp_path / "e" / "model.onnx"),
+                        ("plain", tmp_path / "e" / "plain.onnx"), ("ts", tmp_path / "e" / "model.torchscript.pt")]:  # fmt: skip
+        out = tmp_path / f"{name}.jsonl"
+        proc = run_cli(["-m", "llm_training.cli.infer", "--model", str(model), "--input", str(prompts), "--output",
+                        str(out), "--batch-size", "3", "--max-new-tokens", "16"], tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = out.read_text()
+    assert len(outputs["checkpoint"].splitlines()) == 4
+    assert outputs["onnx"] == outputs["checkpoint"] == outputs["plain"] == outputs["ts"]
+    scores = {}
+    for name, model in [("checkpoint", checkpoint), ("onnx", tmp_path / "e" / "model.onnx")]:
+        out = tmp_path / f"{name}.json"
+        proc = run_cli(["-m", "llm_training.cli.evaluate", "--model-path", str(model), "--test-data", str(text),
+                        "--output", str(out)], tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        scores[name] = json.loads(out.read_text())
+    assert scores["onnx"]["perplexity"] == pytest.approx(scores["checkpoint"]["perplexity"], rel=1e-4)
