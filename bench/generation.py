@@ -5,7 +5,7 @@ the whole sequence for every new token, greedy, prompt 128 tokens, 256 new token
     python bench/generation.py --shape gpt2-124m     # one GPU: the GPT-2 124M shape in bf16
 
 Random weights (speed does not depend on them); every row runs the full 256 tokens (no end-of-text).
-The comparison with Hugging Face ``generate`` on the same weights needs the export of issue 8.
+The comparison with Hugging Face ``generate`` on the same weights is ``bench/generation_hf.py``.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt", type=int, default=128)
@@ -52,46 +54,49 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    device = torch.device("cuda")
     tokenizer = Tokenizer.train(["a small text to give the export a tokenizer file " * 50], 300)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; prompt {args.prompt}, {args.new} new tokens, greedy, bf16, "
           f"median of {args.repeats}")  # fmt: skip
     for shape in args.shapes:
-        torch.manual_seed(0)
-        ours = Transformer(ModelConfig(**SHAPES[shape])).eval()
-        with tempfile.TemporaryDirectory() as folder:
-            save_hf(ours, tokenizer, folder)
-            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
-        ours = ours.to(device, torch.bfloat16)
-        for batch in args.batches:
-            torch.manual_seed(1)
-            prompts = torch.randint(0, ours.cfg.vocab_size, (batch, args.prompt), device=device)
-            sampling = Sampling(max_new_tokens=args.new, temperature=0)
-            out: dict = {}
-
-            def run_ours(prompts=prompts, sampling=sampling, out=out):
-                out["ours"] = generate_tokens(ours, prompts.tolist(), sampling)
-
-            def run_hf(prompts=prompts, out=out):
-                with torch.no_grad():
-                    out["hf"] = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                            max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)  # fmt: skip
-
-            timed(run_ours), timed(run_hf)  # warm-up: kernels, allocator, graphs
-            ours_s = statistics.median(timed(run_ours) for _ in range(args.repeats))
-            hf_s = statistics.median(timed(run_hf) for _ in range(args.repeats))
-            hf_new = out["hf"][:, args.prompt :].tolist()
-            agree = sum(a[:8] == b[:8] for a, b in zip(out["ours"], hf_new, strict=True)) / batch
-            tokens = batch * args.new
-            print(json.dumps({"shape": shape, "batch": batch, "ours_tokens_per_s": round(tokens / ours_s, 1),
-                              "hf_generate_tokens_per_s": round(tokens / hf_s, 1),
-                              "speedup": round(hf_s / ours_s, 2), "first_8_tokens_agree": round(agree, 3)}),
-                  flush=True)  # fmt: skip
-        del hf, ours
+        bench_shape(shape, args, tokenizer)
         torch.cuda.empty_cache()
+
+
+def bench_shape(shape: str, args, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**SHAPES[shape])).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(ours, tokenizer, folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    ours = ours.to(device, torch.bfloat16)
+    for batch in args.batches:
+        torch.manual_seed(1)
+        prompts = torch.randint(0, ours.cfg.vocab_size, (batch, args.prompt), device=device)
+        sampling = Sampling(max_new_tokens=args.new, temperature=0)
+        out: dict = {}
+
+        def run_ours(prompts=prompts, sampling=sampling, out=out):
+            out["ours"] = generate_tokens(ours, prompts.tolist(), sampling)
+
+        def run_hf(prompts=prompts, out=out):
+            with torch.no_grad():
+                out["hf"] = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                        max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)  # fmt: skip
+
+        timed(run_ours), timed(run_hf)  # warm-up: kernels, allocator, graphs
+        ours_s = statistics.median(timed(run_ours) for _ in range(args.repeats))
+        hf_s = statistics.median(timed(run_hf) for _ in range(args.repeats))
+        hf_new = out["hf"][:, args.prompt :].tolist()
+        agree = sum(a[:8] == b[:8] for a, b in zip(out["ours"], hf_new, strict=True)) / batch
+        tokens = batch * args.new
+        print(json.dumps({"shape": shape, "batch": batch, "ours_tokens_per_s": round(tokens / ours_s, 1),
+                          "hf_generate_tokens_per_s": round(tokens / hf_s, 1), "speedup": round(hf_s / ours_s, 2),
+                          "first_8_tokens_agree": round(agree, 3)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from llm_training.train.loop import train
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gguf")
+pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
 transformers = pytest.importorskip("transformers")
 
 EXPORT = ["-m", "llm_training.cli.export"]
@@ -282,7 +283,7 @@ def test_bad_inputs(trained, tmp_path):
 
 
 def test_infer_and_evaluate_take_exported_models(trained, tmp_path):
-    """``llm-infer`` and ``llm-evaluate`` on ONNX (with past: KV cache through onnxruntime; without: rows
+    """On the CPU (a GPU runs the checkpoint in bf16), ``llm-infer`` and ``llm-evaluate`` on ONNX (with past: KV cache through onnxruntime; without: rows
     recomputed) and TorchScript give the checkpoint's greedy completions and metrics."""
     from llm_training.export.exporter import ExportOptions, export_all, export_checkpoint
 
@@ -300,7 +301,7 @@ def test_infer_and_evaluate_take_exported_models(trained, tmp_path):
                         ("plain", tmp_path / "e" / "plain.onnx"), ("ts", tmp_path / "e" / "model.torchscript.pt")]:  # fmt: skip
         out = tmp_path / f"{name}.jsonl"
         proc = run_cli(["-m", "llm_training.cli.infer", "--model", str(model), "--input", str(prompts), "--output",
-                        str(out), "--batch-size", "3", "--max-new-tokens", "16"], tmp_path)  # fmt: skip
+                        str(out), "--batch-size", "3", "--max-new-tokens", "16", "--device", "cpu"], tmp_path)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         outputs[name] = out.read_text()
     assert len(outputs["checkpoint"].splitlines()) == 4
@@ -309,7 +310,7 @@ def test_infer_and_evaluate_take_exported_models(trained, tmp_path):
     for name, model in [("checkpoint", checkpoint), ("onnx", tmp_path / "e" / "model.onnx")]:
         out = tmp_path / f"{name}.json"
         proc = run_cli(["-m", "llm_training.cli.evaluate", "--model-path", str(model), "--test-data", str(text),
-                        "--output", str(out)], tmp_path)  # fmt: skip
+                        "--output", str(out), "--device", "cpu"], tmp_path)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         scores[name] = json.loads(out.read_text())
     assert scores["onnx"]["perplexity"] == pytest.approx(scores["checkpoint"]["perplexity"], rel=1e-4)

@@ -107,3 +107,20 @@ def test_generation_slides_past_the_context():
     # identical until the first row fills the context (48 - 7 prompt tokens); then the cache restarts from the
     # recent half while recomputing keeps a full window
     assert [r[:41] for r in cached] == [r[:41] for r in recomputed]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_cuda_graph_decoding_matches_eager(style):
+    """Decoding steps replayed as CUDA graphs give the eager steps' tokens, also across a context slide
+    (which starts a new cache and a new graph) and with prompts of different lengths."""
+    model = model_of(style, num_kv_heads=2 if style == "llama" else None).cuda()
+    sampling = Sampling(max_new_tokens=70, temperature=0)  # past the context of 48: the window slides
+    graphed = generate_tokens(model, PROMPTS, sampling, cuda_graphs=True)
+    eager = generate_tokens(model, PROMPTS, sampling, cuda_graphs=False)
+    assert graphed == eager and all(len(row) == 70 for row in graphed)
+    seeded = Sampling(max_new_tokens=20, temperature=0.9, top_k=20, seed=3)
+    assert generate_tokens(model, PROMPTS, seeded) == generate_tokens(
+        model, PROMPTS, seeded, cuda_graphs=False
+    )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_training.model.transformer import KVCache, device_of
+from llm_training.model.transformer import KVCache, Transformer, device_of
 
 log = logging.getLogger("llm_training.generate")
 
@@ -94,11 +94,13 @@ def generate_tokens(
     autocast=None,
     use_cache: bool = True,
     truncate: bool = True,
+    cuda_graphs: bool = True,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without a final end-of-text or stop sequence).
 
     ``stop_check(new_tokens)`` may return how many trailing tokens to drop to end that row (0: go on); the
-    text layer uses it for stop strings. ``autocast``: a context manager factory for mixed precision.
+    text layer uses it for stop strings. ``autocast``: a context manager factory for mixed precision (on
+    CUDA, prefer casting the model: decoding steps are then replayed as CUDA graphs, ``cuda_graphs``).
     """
     s = sampling or Sampling()
     s.check()
@@ -117,7 +119,15 @@ def generate_tokens(
     model.eval()
     out: list[list[int]] = [[] for _ in history]
     done = [max_new == 0] * len(history)
-    cache, next_ids = None, None
+    cache, next_ids, decode = None, None, None
+    # decoding steps as CUDA graphs: one launch a token instead of hundreds (batch 1 is launch-bound)
+    graphs = (
+        cuda_graphs
+        and use_cache
+        and device.type == "cuda"
+        and autocast is None
+        and isinstance(model, Transformer)
+    )
     try:
         while not all(done):
             with (autocast or contextlib.nullcontext)():
@@ -131,9 +141,14 @@ def generate_tokens(
                     keep = context if cache is None else context // 2  # start again from the recent half
                     cache, logits = _prefill(model, [h[-keep:] for h in history], context, device)
                 else:
-                    cache.step(torch.ones(len(history), 1, dtype=torch.bool, device=device))
-                    logits = model(next_ids[:, None], cache=cache)[:, -1, :].float()
-                    cache.advance()
+                    if graphs and (decode is None or decode.cache is not cache):
+                        decode = _GraphedStep(model, cache)
+                    if decode is not None:
+                        logits = decode(next_ids)
+                    else:
+                        cache.step(torch.ones(len(history), 1, dtype=torch.bool, device=device))
+                        logits = model(next_ids[:, None], cache=cache)[:, -1, :].float()
+                        cache.advance()
             next_ids = pick_next(logits, seen, s, generator)
             seen.scatter_(1, next_ids[:, None], True)
             for i, token in enumerate(next_ids.tolist()):
@@ -153,6 +168,44 @@ def generate_tokens(
     finally:
         model.train(was_training)
     return out
+
+
+class _GraphedStep:
+    """One decoding step (a token per row) over ``cache``: run eagerly the first time (which also warms up
+    the kernels), recorded as a CUDA graph the second time, replayed after that. Everything the step reads
+    and writes is a device tensor of fixed shape (the cache's buffers, cursor and positions), so a replay
+    is exactly the eager step."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        batch = cache.valid.size(0)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.valid.device)
+        self.ones = torch.ones(batch, 1, dtype=torch.bool, device=cache.valid.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def _body(self) -> torch.Tensor:
+        self.cache.step(self.ones)
+        logits = self.model(self.ids, cache=self.cache)[:, -1, :].float()
+        self.cache.cursor += 1
+        return logits
+
+    def __call__(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(next_ids[:, None])
+        self.calls += 1
+        if self.calls == 1:
+            logits = self._body()
+        else:
+            if self.graph is None:
+                torch.cuda.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._body()
+            self.graph.replay()
+            logits = self.logits.clone()
+        self.cache.length += 1
+        return logits
 
 
 def _prefill(model, rows: list[list[int]], context: int, device) -> tuple[KVCache, torch.Tensor]:

@@ -277,13 +277,14 @@ class LayerCache:
         return self.owner.mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, T = self.owner.length, k.size(2)
         if self.k is None:  # allocated on first use, in the dtype the layer computes in (bf16 under autocast)
             shape = (k.size(0), k.size(1), self.owner.max_len, k.size(3))
             self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)  # zeros: masked slots must not be NaN
             self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[:, :, start : start + T] = k
-        self.v[:, :, start : start + T] = v
+        # written at slots given by a device tensor, not a Python int: a decoding step is then the same
+        # kernels on the same buffers every time, which a CUDA graph can replay
+        self.k.index_copy_(2, self.owner.slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.owner.slots, v.to(self.v.dtype))
         # the whole buffer, unfilled slots masked: one shape for every step, so attention kernels that plan
         # per shape (cuDNN) plan once, not at every token
         return self.k, self.v
@@ -301,27 +302,32 @@ class KVCache:
     def __init__(self, model: Transformer, batch: int, max_len: int, device: torch.device) -> None:
         if max_len > model.cfg.max_seq_length:
             raise ValueError(f"{max_len} tokens do not fit the context ({model.cfg.max_seq_length})")
-        self.max_len, self.length = max_len, 0
+        self.max_len, self.length = max_len, 0  # ``length`` mirrors ``cursor`` on the host, for checks
         self.layers = [LayerCache(self) for _ in range(model.cfg.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)  # the first free slot
+        self.slots: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
 
     def step(self, valid: torch.Tensor) -> None:
-        """Prepare the forward pass of the next ``valid.shape[1]`` tokens (``valid``: (B, T) bool)."""
-        start, T = self.length, valid.size(1)
-        if start + T > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} tokens; {start + T} asked for")
-        end = start + T
-        self.valid[:, start:end] = valid
+        """Prepare the forward pass of the next ``valid.shape[1]`` tokens (``valid``: (B, T) bool). Only
+        device tensors are read, so a recorded step replays correctly."""
+        T = valid.size(1)
+        if self.length + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; {self.length + T} asked for")
+        self.slots = self.cursor + torch.arange(T, device=valid.device)
+        self.valid.index_copy_(1, self.slots, valid)
         counts = torch.cumsum(valid.long(), dim=1)
         self.positions = (self.next_position[:, None] + counts - 1).clamp(min=0)
         self.next_position += counts[:, -1]
-        queries = torch.arange(start, end, device=valid.device)[:, None]
+        queries = self.slots[:, None]
         keys = torch.arange(self.max_len, device=valid.device)[None, :]
         allowed = (keys <= queries)[None] & self.valid[:, None, :]
         self.mask = (allowed | (keys == queries)[None])[:, None]  # (B, 1, T, max_len)
 
     def advance(self) -> None:
-        self.length += self.positions.size(1)
+        T = self.positions.size(1)
+        self.length += T
+        self.cursor += T
