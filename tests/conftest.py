@@ -90,6 +90,28 @@ def prepared_plays(folder: Path, count: int, chars: int = 30_000) -> Path:
     ).output_dir
 
 
+def train_on_plays(root: Path, steps: int, **settings) -> tuple[Path, Path, list[dict]]:
+    """A small model (2 x 64, context 64, plus ``settings``) trained for ``steps`` on four Shakespeare plays
+    (512-token BPE); the fifth play, cut to 20,000 characters, is written as test text. Returns (final
+    checkpoint, test text, the five records)."""
+    from llm_training.config import load_config
+    from llm_training.data.prepare import prepare_documents
+    from llm_training.data.sources import Document
+    from llm_training.train.loop import train
+
+    plays = corpus_records("shakespeare", 5, lambda r: r["id"].endswith("_gut"))
+    docs = [Document(r["id"], r["text"][:60_000]) for r in plays[:4]]
+    data = prepare_documents(docs, root / "data", vocab_size=512, validation_fraction=0.1).output_dir
+    values = {"output_dir": str(root / "run"), "model.num_layers": 2, "model.hidden_size": 64,
+              "model.num_attention_heads": 4, "model.max_seq_length": 64, "training.batch_size": 16,
+              "training.max_steps": steps, "training.sample_tokens": 0, "training.eval_interval": 1000,
+              "logging.progress_bar": False, **settings}  # fmt: skip
+    result = train(load_config(cli=values, environ={}, default_file=None), data, handle_signals=False)
+    text = root / "play.txt"
+    text.write_text(plays[4]["text"][:20_000], encoding="utf-8")
+    return Path(result.final_checkpoint), text, plays
+
+
 def set_flags(values: dict) -> list[str]:
     """``--set key=value`` for each config value (None as null)."""
     return [x for k, v in values.items() for x in ("--set", f"{k}={'null' if v is None else v}")]

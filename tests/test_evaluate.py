@@ -7,14 +7,10 @@ import math
 
 import pytest
 
-from conftest import assert_user_error, corpus_records, run_cli
-from llm_training.config import load_config
-from llm_training.data.prepare import prepare_documents
-from llm_training.data.sources import Document
+from conftest import assert_user_error, corpus_records, run_cli, train_on_plays
 from llm_training.errors import DataError
 from llm_training.eval.data import read_test_data
 from llm_training.eval.metrics import macro_f1, parse_metrics
-from llm_training.train.loop import train
 
 EVALUATE = ["-m", "llm_training.cli.evaluate"]
 
@@ -23,20 +19,8 @@ EVALUATE = ["-m", "llm_training.cli.evaluate"]
 def trained(tmp_path_factory):
     """A small model trained for 60 steps on four Shakespeare plays; a fifth play is the test text."""
     root = tmp_path_factory.mktemp("evaluate")
-    plays = corpus_records("shakespeare", 5, lambda r: r["id"].endswith("_gut"))
-    docs = [Document(r["id"], r["text"][:60_000]) for r in plays[:4]]
-    data = prepare_documents(docs, root / "data", vocab_size=512, validation_fraction=0.1).output_dir
-    cfg = load_config(
-        cli={"output_dir": str(root / "run"), "model.num_layers": 2, "model.hidden_size": 64,
-             "model.num_attention_heads": 4, "model.max_seq_length": 64, "training.batch_size": 16,
-             "training.max_steps": 60, "training.sample_tokens": 0, "training.eval_interval": 1000,
-             "logging.progress_bar": False},
-        environ={}, default_file=None,
-    )  # fmt: skip
-    result = train(cfg, data, handle_signals=False)
-    test_text = root / "play.txt"
-    test_text.write_text(plays[4]["text"][:20_000], encoding="utf-8")
-    return root, result.final_checkpoint, test_text, plays
+    checkpoint, test_text, plays = train_on_plays(root, 60)
+    return root, checkpoint, test_text, plays
 
 
 def evaluate(args, cwd):

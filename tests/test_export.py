@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, corpus_records, run_cli
-from llm_training.config import load_config
-from llm_training.data.prepare import prepare_documents
-from llm_training.data.sources import Document
+from conftest import assert_user_error, corpus_records, run_cli, train_on_plays
 from llm_training.train.artifacts import load_trained
-from llm_training.train.loop import train
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gguf")
@@ -30,21 +26,8 @@ TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the m
 def trained(tmp_path_factory):
     """A small Llama-style model (grouped-query attention) trained for 80 steps on four plays; a fifth play
     is the validation text."""
-    root = tmp_path_factory.mktemp("export")
-    plays = corpus_records("shakespeare", 5, lambda r: r["id"].endswith("_gut"))
-    docs = [Document(r["id"], r["text"][:60_000]) for r in plays[:4]]
-    data = prepare_documents(docs, root / "data", vocab_size=512, validation_fraction=0.1).output_dir
-    cfg = load_config(
-        cli={"output_dir": str(root / "run"), "model.num_layers": 2, "model.hidden_size": 64,
-             "model.num_attention_heads": 4, "model.num_kv_heads": 2, "model.max_seq_length": 64,
-             "training.batch_size": 16, "training.max_steps": 80, "training.sample_tokens": 0,
-             "training.eval_interval": 1000, "logging.progress_bar": False},
-        environ={}, default_file=None,
-    )  # fmt: skip
-    result = train(cfg, data, handle_signals=False)
-    text = root / "play.txt"
-    text.write_text(plays[4]["text"][:20_000], encoding="utf-8")
-    return result.final_checkpoint, text
+    checkpoint, text, _ = train_on_plays(tmp_path_factory.mktemp("export"), 80, **{"model.num_kv_heads": 2})
+    return checkpoint, text
 
 
 def reference(checkpoint):

@@ -36,6 +36,8 @@ _EXPORTS = {
     "TrainingOrchestratorOutput": "llm_training.api.training",
     "EventBus": "llm_training.events",
     "UserError": "llm_training.errors",
+    "Pipeline": "llm_training.api.pipeline",
+    "PipelineError": "llm_training.api.pipeline",
     "ModelExporter": "llm_training.api.export",
     "ModelExporterInput": "llm_training.api.export",
     "ModelExporterOutput": "llm_training.api.export",
@@ -49,6 +51,8 @@ __all__ = [
     "ErrorRecovery",
     "ModelCheckpointer",
     "ModelExporter",
+    "Pipeline",
+    "PipelineError",
     "ModelExporterInput",
     "ModelExporterOutput",
     "RecoveryExhausted",
@@ -75,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.data import DataPreparationPipeline
     from llm_training.api.export import ModelExporter, ModelExporterInput, ModelExporterOutput
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
+    from llm_training.api.pipeline import Pipeline, PipelineError
     from llm_training.api.trainer import Trainer
     from llm_training.api.training import (
         DataLoader,

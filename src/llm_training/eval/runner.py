@@ -40,3 +40,44 @@ def evaluate_checkpoint(
     results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast)
     return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
             "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def evaluate_prepared(
+    model_path: str | Path,
+    data_dir: str | Path,
+    metrics: str | list[str] | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> dict:
+    """Plain-text metrics of a model on the validation split of prepared data (its token shards, read as
+    they are: no text is tokenized again); bits per byte from the manifest's byte count."""
+    import math
+
+    import numpy as np
+
+    from llm_training.data.loader import TokenDataset
+    from llm_training.errors import ConfigError
+    from llm_training.eval.metrics import LABELLED_ONLY, score_tokens
+    from llm_training.export.runtime import load_model
+    from llm_training.train.device import pick_device
+
+    names = (
+        parse_metrics(metrics)
+        if metrics is not None
+        else parse_metrics("loss,perplexity,bits_per_byte,accuracy")
+    )
+    if any(m in LABELLED_ONLY for m in names):
+        raise ConfigError(
+            f"--metrics {', '.join(m for m in names if m in LABELLED_ONLY)} needs labelled test data"
+        )
+    manifest = Path(data_dir) / "validation.json"
+    loaded = load_model(model_path, pick_device(device))
+    data = TokenDataset(manifest, loaded.cfg.max_seq_length)
+    stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards]).tolist()
+    start = time.perf_counter()
+    s = score_tokens(loaded.module, stream, batch_size)
+    loss = s["nll"] / s["tokens"]
+    values = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": s["correct"] / s["tokens"],
+              "bits_per_byte": loss / math.log(2) / data.bytes_per_token}  # fmt: skip
+    return {"model": str(model_path), "step": loaded.step, "test_data": str(manifest), "data_kind": "prepared",
+            "tokens": s["tokens"], **{m: values[m] for m in names}, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
