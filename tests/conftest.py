@@ -112,6 +112,23 @@ def train_on_plays(root: Path, steps: int, **settings) -> tuple[Path, Path, list
     return Path(result.final_checkpoint), text, plays
 
 
+def wait_for_health(url: str, seconds: float = 120.0) -> None:
+    """Wait until a server started in another process answers ``url``/health with 200."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url}/health did not answer within {seconds:g} s")
+
+
 def set_flags(values: dict) -> list[str]:
     """``--set key=value`` for each config value (None as null)."""
     return [x for k, v in values.items() for x in ("--set", f"{k}={'null' if v is None else v}")]

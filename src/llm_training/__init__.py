@@ -36,6 +36,7 @@ _EXPORTS = {
     "TrainingOrchestratorOutput": "llm_training.api.training",
     "EventBus": "llm_training.events",
     "UserError": "llm_training.errors",
+    "ModelServer": "llm_training.api.serve",
     "Pipeline": "llm_training.api.pipeline",
     "PipelineError": "llm_training.api.pipeline",
     "ModelExporter": "llm_training.api.export",
@@ -51,6 +52,7 @@ __all__ = [
     "ErrorRecovery",
     "ModelCheckpointer",
     "ModelExporter",
+    "ModelServer",
     "Pipeline",
     "PipelineError",
     "ModelExporterInput",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.api.export import ModelExporter, ModelExporterInput, ModelExporterOutput
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
     from llm_training.api.pipeline import Pipeline, PipelineError
+    from llm_training.api.serve import ModelServer
     from llm_training.api.trainer import Trainer
     from llm_training.api.training import (
         DataLoader,

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.auto import tqdm
 
         from llm_training.export.runtime import load_model
-        from llm_training.model.generate import Sampling, generate_tokens
+        from llm_training.model.generate import Sampling, generate_tokens, stop_text_check
         from llm_training.train.device import pick_device, pick_precision
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -122,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = trained.tokenizer
         stops = [s for s in args.stop if s]
 
-        def stop_check(new: list[int]) -> int:
-            """Tokens to drop when a stop text has appeared at the end of ``new`` (0: go on)."""
-            if not any(stop in tok.decode(new[-32:]) for stop in stops):
-                return 0
-            return next(
-                k for k in range(1, len(new) + 1) if not any(s in tok.decode(new[:-k]) for s in stops)
-            )
+        stop_check = stop_text_check(tok, stops) if stops else None
 
         target.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=total, initial=done, unit="prompt", desc="infer", file=sys.stderr, disable=None)
@@ -150,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     try:
                         new = generate_tokens(trained.module, [tok.encode(t) for _, t, _ in items], sampling,
-                                              eos_id=tok.eot_id, stop_check=stop_check if stops else None,
+                                              eos_id=tok.eot_id, stop_check=stop_check,
                                               truncate=not args.no_truncate)  # fmt: skip
                     except ValueError as exc:
                         raise UserError(f"{source}: {exc} (drop --no-truncate to cut long prompts)") from None

@@ -82,6 +82,20 @@ def _ends_with(seq: list[int], stops: Sequence[Sequence[int]]) -> int:
     return 0
 
 
+def stop_text_check(tokenizer, stops: Sequence[str]) -> Callable[[list[int]], int]:
+    """A ``stop_check`` for stop texts: when one appears in the decoded end of the new tokens, how many
+    trailing tokens to drop so that none remains (0: go on)."""
+
+    def check(new: list[int]) -> int:
+        if not any(stop in tokenizer.decode(new[-32:]) for stop in stops):
+            return 0
+        return next(
+            k for k in range(1, len(new) + 1) if not any(s in tokenizer.decode(new[:-k]) for s in stops)
+        )
+
+    return check
+
+
 @torch.no_grad()
 def generate_tokens(
     model,
@@ -95,12 +109,16 @@ def generate_tokens(
     use_cache: bool = True,
     truncate: bool = True,
     cuda_graphs: bool = True,
+    limits: Sequence[int] | None = None,
+    on_update: Callable[[int, list[int], bool], None] | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without a final end-of-text or stop sequence).
 
     ``stop_check(new_tokens)`` may return how many trailing tokens to drop to end that row (0: go on); the
     text layer uses it for stop strings. ``autocast``: a context manager factory for mixed precision (on
     CUDA, prefer casting the model: decoding steps are then replayed as CUDA graphs, ``cuda_graphs``).
+    ``limits``: a ``max_new_tokens`` per row (instead of the sampling's). ``on_update(row, new_tokens,
+    finished)`` is called whenever a row gains a token or ends (streaming).
     """
     s = sampling or Sampling()
     s.check()
@@ -118,7 +136,8 @@ def generate_tokens(
     was_training = model.training
     model.eval()
     out: list[list[int]] = [[] for _ in history]
-    done = [max_new == 0] * len(history)
+    limit = list(limits) if limits is not None else [max_new] * len(history)
+    done = [n <= 0 for n in limit]
     cache, next_ids, decode = None, None, None
     # decoding steps as CUDA graphs: one launch a token instead of hundreds (batch 1 is launch-bound)
     graphs = (
@@ -157,14 +176,14 @@ def generate_tokens(
                     continue
                 if token == eos_id:
                     done[i] = True
-                    continue
-                out[i].append(token)
-                cut = _ends_with(out[i], stop_ids) or (stop_check(out[i]) if stop_check else 0)
-                if cut:
-                    del out[i][len(out[i]) - cut :]
-                    done[i] = True
-                elif len(out[i]) >= max_new:
-                    done[i] = True
+                else:
+                    out[i].append(token)
+                    cut = _ends_with(out[i], stop_ids) or (stop_check(out[i]) if stop_check else 0)
+                    if cut:
+                        del out[i][len(out[i]) - cut :]
+                    done[i] = bool(cut) or len(out[i]) >= limit[i]
+                if on_update is not None:
+                    on_update(i, out[i], done[i])
     finally:
         model.train(was_training)
     return out

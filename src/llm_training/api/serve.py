@@ -1,0 +1,122 @@
+"""``ModelServer``: the usage guide's server, over the same app as ``llm-serve``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from llm_training.errors import UserError
+from llm_training.serve.app import OPTIONS_ENV, ServeOptions, create_app
+
+
+class ModelServer:
+    """``ModelServer(model_path='exports/model.onnx', port=8000, workers=4).start()`` serves a checkpoint or
+    an export until stopped (Ctrl-C or SIGTERM finish the requests in flight first). ``start(block=False)``
+    runs it in a child process, returns once ``/health`` answers, and ``stop()`` ends it. Keyword options:
+    the fields of ``ServeOptions`` (api_keys, max_batch_size, batching, timeout, ...)."""
+
+    def __init__(
+        self, model_path: str, port: int = 8000, workers: int = 1, host: str = "127.0.0.1", **options: Any
+    ):
+        names = {f.name for f in dataclasses.fields(ServeOptions)}
+        unknown = set(options) - names
+        if unknown:
+            raise UserError(
+                f"ModelServer: unknown option {sorted(unknown)[0]!r}; valid: {', '.join(sorted(names))}"
+            )
+        if workers < 1:
+            raise UserError("workers must be at least 1")
+        self.options = ServeOptions(model_path=str(model_path), **options)
+        self.port, self.workers, self.host = port, workers, host
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, block: bool = True, wait: float = 300.0) -> ModelServer:
+        if block:
+            serve(self.options, self.host, self.port, self.workers)
+            return self
+        env = {**os.environ, OPTIONS_ENV: json.dumps(dataclasses.asdict(self.options))}
+        command = [sys.executable, "-m", "llm_training.cli.serve", "--from-env", "--host", self.host,
+                   "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        self._wait_healthy(wait)
+        return self
+
+    def _wait_healthy(self, wait: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                lines = (self.process.stderr.read() or "").strip().splitlines()
+                raise UserError(f"the server stopped while starting: {lines[-1] if lines else 'no message'}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise UserError(f"the server did not answer {self.url}/health within {wait:g} s")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM: the server finishes the requests in flight, then exits; returns its exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the server in this process until SIGINT/SIGTERM (uvicorn; several worker processes if asked)."""
+    import uvicorn
+
+    if workers > 1:  # each worker process builds the app from the options in the environment
+        os.environ[OPTIONS_ENV] = json.dumps(dataclasses.asdict(options))
+        uvicorn.run("llm_training.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip
+        return
+    from llm_training.serve.engine import Engine
+
+    engine = Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
+                    options.max_pending, options.truncate)  # fmt: skip
+    engine.load()  # here, so that a bad model path is an error before the port opens
+    config = uvicorn.Config(create_app(options, engine), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip
+    _graceful_server_class()(config).run()
+
+
+def _graceful_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM or SIGINT that it handled (requests in flight finished) ends the
+        process with status 0 instead of being raised again."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer

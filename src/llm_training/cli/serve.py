@@ -1,0 +1,89 @@
+"""``llm-serve``: a checkpoint or an export behind an HTTP API (``/predict``, OpenAI-compatible
+``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from llm_training.cli.common import parser, run
+
+DESCRIPTION = """\
+Serve a model over HTTP on loopback by default (--host 0.0.0.0 to listen on every interface).
+
+  POST /predict         {"prompt": "..." | [...], "max_new_tokens": 64, "temperature": 0, "top_k", "top_p",
+                         "repetition_penalty", "stop", "seed"} -> {"predictions": [{"prompt", "completion",
+                         "new_tokens", "finish_reason"}], "model", "latency_ms"}
+  POST /v1/completions  OpenAI's completions API (model, prompt, max_tokens, temperature, top_p, n, stop,
+                         seed, stream with server-sent events)
+  GET  /v1/models, /health, /metrics (Prometheus)
+
+API keys: --api-key KEY (repeatable) or LLM_SERVE_API_KEYS=key1,key2; clients send Authorization: Bearer
+KEY. Concurrent requests are generated in batches (--max-batch-size, --batch-wait-ms; --no-batching for one
+at a time). SIGTERM or Ctrl-C finish the requests in flight before the server exits."""
+
+
+def build_parser():
+    p = parser("llm-serve", DESCRIPTION)
+    p.add_argument(
+        "--model", "--model-path", dest="model", help="Checkpoint or export (ONNX, Hugging Face folder, ...)."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--workers", type=int, default=1, help="Worker processes (each loads the model).")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    p.add_argument("--api-key", action="append", default=[], help="Accepted API key (repeatable).")
+    p.add_argument("--max-batch-size", type=int, default=32, help="Requests generated together at most.")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="How long a batch waits for more requests."
+    )
+    p.add_argument("--no-batching", action="store_true", help="Generate one request at a time.")
+    p.add_argument("--max-pending", type=int, default=256, help="Requests waiting or running; more get 429.")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="Largest max_tokens a request may ask.")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="Largest request body (413 above).")
+    p.add_argument("--timeout", type=float, default=120.0, help="Seconds a request may take (503 after).")
+    p.add_argument("--truncate", action="store_true", help="Cut long prompts from the left instead of a 400.")
+    p.add_argument(
+        "--from-env", action="store_true", help="Read the options from LLM_SERVE_OPTIONS (ModelServer)."
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        import json
+        import logging
+
+        from llm_training.api.serve import serve
+        from llm_training.errors import UserError
+        from llm_training.serve.app import OPTIONS_ENV, ServeOptions
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        if args.from_env:
+            options = ServeOptions(**json.loads(os.environ[OPTIONS_ENV]))
+        else:
+            if not args.model:
+                raise UserError("--model is required (a checkpoint or an exported model)")
+            keys = args.api_key + [
+                k for k in os.environ.get("LLM_SERVE_API_KEYS", "").split(",") if k.strip()
+            ]
+            options = ServeOptions(model_path=args.model, device=args.device, api_keys=keys,
+                                   max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
+                                   batching=not args.no_batching, max_pending=args.max_pending,
+                                   max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
+                                   timeout=args.timeout, truncate=args.truncate)  # fmt: skip
+        if args.workers < 1 or options.max_batch_size < 1:
+            raise UserError("--workers and --max-batch-size must be at least 1")
+        print(
+            f"serving {options.model_path} on http://{args.host}:{args.port} ({args.workers} worker(s))",
+            flush=True,
+        )
+        serve(options, args.host, args.port, args.workers)
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The HTTP API (FastAPI): ``/predict``, OpenAI-compatible ``/v1/completions`` (with server-sent-event
+streaming) and ``/v1/models``, ``/health`` and Prometheus ``/metrics``.
+
+Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, with the status that says what
+happened: 400 (a request the model cannot serve: prompt too long, an unsupported option), 401 (missing or
+wrong API key), 404 (another model named), 413 (body over ``max_request_bytes``), 422 (malformed JSON or
+wrong types), 429 (too many requests waiting), 503 (starting, shutting down, or a request that ran past
+``timeout``), 500 (a bug: logged with its traceback, answered without one). Nothing in a request names a
+file: the model is fixed when the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from llm_training.serve.engine import Engine, Overloaded, Request, Unavailable
+from llm_training.serve.schema import CompletionBody, PredictBody, Sampled
+
+log = logging.getLogger("llm_training.serve")
+
+
+@dataclass
+class ServeOptions:
+    model_path: str = ""
+    device: str = "auto"
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    max_batch_size: int = 32
+    batch_wait: float = 0.005  # seconds a batch waits for more requests
+    batching: bool = True
+    max_pending: int = 256  # requests waiting or running; more get 429
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_request_bytes: int = 1 << 20
+    timeout: float = 120.0  # seconds a request may take, waiting included
+    truncate: bool = False  # prompts longer than the context: 400 (False) or cut from the left (True)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def create_app(options: ServeOptions, engine: Engine | None = None):
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    from llm_training.serve.metrics import ServeMetrics
+
+    engine = engine or Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait,
+                              options.batching, options.max_pending, options.truncate)  # fmt: skip
+    metrics = ServeMetrics(engine)
+    started = time.time()
+
+    async def lifespan(app):
+        if engine.loaded is None:
+            await asyncio.to_thread(engine.load)
+        log.info(
+            "serving %s (%s) on %s",
+            engine.model_path,
+            engine.loaded.kind,
+            engine.loaded.module.__class__.__name__,
+        )
+        yield
+        log.info("shutting down: finishing requests in flight")
+        await asyncio.to_thread(engine.close, True)
+
+    app = FastAPI(title="llm_training model server", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    def error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        body = {"error": {"message": message, "type": kind, "code": code}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return error(exc.status, exc.message, exc.kind, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(422, "the body is not valid JSON", "invalid_request_error")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(
+            422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error"
+        )
+
+    @app.exception_handler(Exception)
+    async def bug(_request, exc: Exception):
+        log.exception("unhandled error")
+        return error(500, "internal error (see the server log)", "server_error")
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        begin = time.perf_counter()
+        path = request.url.path
+        if path not in ("/health", "/metrics") and options.api_keys:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token, key) for key in options.api_keys):
+                metrics.observe(path, 401, time.perf_counter() - begin)
+                return error(
+                    401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error"
+                )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > options.max_request_bytes:
+            metrics.observe(path, 413, time.perf_counter() - begin)
+            return error(413, f"request body over {options.max_request_bytes} bytes", "invalid_request_error")
+        response = await call_next(request)
+        metrics.observe(path, response.status_code, time.perf_counter() - begin)
+        return response
+
+    def requests_of(prompts: list[str], max_new: int, body: Sampled) -> list[Request]:
+        if max_new > options.max_tokens_limit:
+            raise ApiError(400, f"max tokens {max_new} is over this server's limit of {options.max_tokens_limit}",
+                           code="max_tokens_over_limit")  # fmt: skip
+        if not prompts:
+            raise ApiError(400, "no prompt given", code="empty_prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        out = []
+        for prompt in prompts:
+            tokens = engine.count_tokens(prompt)
+            if not options.truncate and tokens + max_new > engine.context:
+                raise ApiError(400, f"prompt of {tokens} tokens + {max_new} new tokens exceeds the context of "
+                                    f"{engine.context} tokens", code="context_length_exceeded")  # fmt: skip
+            out.append(Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                               tuple(s for s in stops if s), body.seed))  # fmt: skip
+        return out
+
+    def submit(request: Request, on_text=None):
+        try:
+            return engine.submit(request, on_text)
+        except Overloaded as exc:
+            raise ApiError(429, str(exc), "rate_limit_error", "overloaded") from None
+        except Unavailable as exc:
+            raise ApiError(503, str(exc), "server_error", "unavailable") from None
+
+    async def wait(jobs):
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
+                                          timeout=options.timeout)  # fmt: skip
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
+                           "server_error", "timeout") from None  # fmt: skip
+        except Unavailable as exc:
+            raise ApiError(503, str(exc), "server_error", "unavailable") from None
+        except ValueError as exc:  # the generator's own checks (a prompt that cannot fit)
+            raise ApiError(400, str(exc), code="invalid_prompt") from None
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", engine.model_id):
+            raise ApiError(404, f"model {name!r} is not served here (this server serves {engine.model_id!r})",
+                           code="model_not_found")  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        if engine.loaded is None or engine.stopping:
+            return error(503, "starting or shutting down", "server_error", "unavailable")
+        return {"status": "ok", "model": engine.model_id, "format": engine.loaded.kind, "pending": engine.pending,
+                "uptime_seconds": round(time.time() - started, 1)}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": int(started),
+                                            "owned_by": "llm_training"}]}  # fmt: skip
+
+    @app.post("/predict")
+    async def predict(body: PredictBody):
+        begin = time.perf_counter()
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        jobs = [submit(r) for r in requests_of(prompts, body.max_new_tokens, body)]
+        done = await wait(jobs)
+        metrics.tokens(sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done))
+        return {"model": engine.model_id,
+                "predictions": [{"prompt": p, "completion": c.text, "new_tokens": c.completion_tokens,
+                                 "finish_reason": c.finish_reason} for p, c in zip(prompts, done, strict=True)],
+                "latency_ms": round(1000 * (time.perf_counter() - begin), 1)}  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        check_model(body.model)
+        if body.logprobs or body.echo or (body.best_of or 1) > 1:
+            raise ApiError(
+                400, "logprobs, echo and best_of are not supported by this server", code="unsupported"
+            )
+        if body.presence_penalty or body.frequency_penalty:
+            raise ApiError(400, "presence_penalty and frequency_penalty are not supported; use "
+                                "repetition_penalty", code="unsupported")  # fmt: skip
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        requests = [r for r in requests_of(prompts, body.max_tokens, body) for _ in range(body.n)]
+        ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        model_id = engine.model_id
+        if not body.stream:
+            done = await wait([submit(r) for r in requests])
+            usage = {"prompt_tokens": sum(c.prompt_tokens for c in done[:: body.n]),
+                     "completion_tokens": sum(c.completion_tokens for c in done)}  # fmt: skip
+            metrics.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+            return {"id": ident, "object": "text_completion", "created": created, "model": model_id,
+                    "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                                for i, c in enumerate(done)],
+                    "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}  # fmt: skip
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()  # (index, text), then (index, None) when that choice ends
+        jobs = []
+        for index, request in enumerate(requests):
+
+            def on_text(text: str, index: int = index) -> None:  # called in the engine's thread
+                loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
+
+            job = submit(request, on_text)
+            # scheduled after the job's last text (the engine streams, then resolves), so it arrives last
+            job.future.add_done_callback(
+                lambda _f, index=index: loop.call_soon_threadsafe(pieces.put_nowait, (index, None))
+            )
+            jobs.append(job)
+
+        def chunk(index: int, text: str, reason: str | None) -> str:
+            data = {"id": ident, "object": "text_completion", "created": created, "model": model_id,
+                    "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events():
+            open_jobs = len(jobs)
+            deadline = time.monotonic() + options.timeout
+            while open_jobs:
+                try:
+                    index, text = await asyncio.wait_for(
+                        pieces.get(), timeout=max(0.0, deadline - time.monotonic())
+                    )
+                except asyncio.TimeoutError:
+                    yield f"data: {json.dumps({'error': {'message': 'timed out', 'type': 'server_error'}})}\n\n"
+                    return
+                if text is not None:
+                    yield chunk(index, text, None)
+                    continue
+                open_jobs -= 1
+                exc = jobs[index].future.exception()
+                if exc is not None:
+                    yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+                    continue
+                result = jobs[index].future.result()
+                metrics.tokens(result.prompt_tokens, result.completion_tokens)
+                yield chunk(index, "", result.finish_reason)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+OPTIONS_ENV = "LLM_SERVE_OPTIONS"
+
+
+def app_from_env():
+    """The app for uvicorn's worker processes (``--workers N``): options come as JSON in an environment
+    variable, since each worker imports the app anew."""
+    import os
+
+    return create_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])))

@@ -1,0 +1,227 @@
+"""The model server, for real: ``ModelServer`` in a child process on loopback, driven by ``httpx`` and by the
+official ``openai`` client; every error status; batching; graceful shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import train_on_plays, wait_for_health
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("onnxruntime")
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A small trained model (context 64), exported to ONNX with past keys and values."""
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint, _, _ = train_on_plays(root, 60)
+    onnx = export_checkpoint(checkpoint, ExportOptions(format="onnx", output=root / "model.onnx")).export_path
+    return checkpoint, onnx
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    from llm_training import ModelServer
+
+    _, onnx = model
+    srv = ModelServer(model_path=str(onnx), port=free_port(), workers=1, api_keys=[KEY], max_tokens_limit=200,
+                      max_request_bytes=4096, max_pending=64).start(block=False)  # fmt: skip
+    yield srv
+    assert srv.stop() == 0
+
+
+def greedy(checkpoint, prompts, n):
+    from llm_training.model.generate import Sampling, generate_tokens
+    from llm_training.train.artifacts import load_trained
+
+    trained = load_trained(checkpoint)
+    tok = trained.tokenizer
+    new = generate_tokens(trained.model, [tok.encode(p) for p in prompts], Sampling(n, 0), eos_id=tok.eot_id)
+    return [tok.decode(x) for x in new]
+
+
+def test_predict_and_completions_give_the_models_greedy_text(server, model):
+    checkpoint, _ = model
+    prompts = ["ROMEO:\n", "To be, or not to be"]
+    expected = greedy(checkpoint, prompts, 12)
+    r = httpx.post(
+        server.url + "/predict", json={"prompt": prompts, "max_new_tokens": 12}, headers=AUTH, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["completion"] for p in body["predictions"]] == expected and body["model"] == "model.onnx"
+    assert all(p["new_tokens"] <= 12 for p in body["predictions"]) and body["latency_ms"] > 0
+    r = httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"model": "model.onnx", "prompt": prompts[0], "max_tokens": 12, "temperature": 0})  # fmt: skip
+    choice = r.json()["choices"][0]
+    assert choice["text"] == expected[0] and r.json()["usage"]["completion_tokens"] <= 12
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["format"] == "onnx"
+
+
+def test_the_official_openai_client_with_streaming(server, model):
+    openai = pytest.importorskip("openai")
+    checkpoint, _ = model
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["model.onnx"]
+    done = client.completions.create(model="model.onnx", prompt="KING:\n", max_tokens=15, temperature=0)
+    expected = greedy(checkpoint, ["KING:\n"], 15)[0]
+    assert done.choices[0].text == expected and done.choices[0].finish_reason in ("length", "stop")
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model="model.onnx", prompt="KING:\n", max_tokens=15, temperature=0,
+                                           stream=True):  # fmt: skip
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1  # streamed in several pieces
+    assert reasons[-1] in ("length", "stop") and set(reasons[:-1]) == {None}
+    two = client.completions.create(model="model.onnx", prompt=["A", "B"], max_tokens=4, temperature=0, n=2)
+    assert len(two.choices) == 4 and two.choices[0].text == two.choices[1].text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").completions.create(
+            model="model.onnx", prompt="x"
+        )
+
+
+def test_every_error_status_is_json_without_a_traceback(server):
+    url = server.url
+    cases = [
+        (httpx.post(url + "/predict", json={"prompt": "x"}), 401, "API key"),
+        (httpx.post(url + "/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401, "API key"),
+        (httpx.post(url + "/predict", content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 422,
+         "not valid JSON"),
+        (httpx.post(url + "/predict", json={"prompt": 3}, headers=AUTH), 422, "prompt"),
+        (httpx.post(url + "/predict", json={"prompt": "x", "temperature": -1}, headers=AUTH), 422, "temperature"),
+        (httpx.post(url + "/predict", json={"prompt": "x", "file": "/etc/passwd"}, headers=AUTH), 422, "file"),
+        (httpx.post(url + "/predict", json={"prompt": "word " * 1000}, headers=AUTH), 413, "4096 bytes"),
+        (httpx.post(url + "/predict", json={"prompt": "word " * 100}, headers=AUTH), 400, "exceeds the context"),
+        (httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 500}, headers=AUTH), 400, "limit of 200"),
+        (httpx.post(url + "/v1/completions", json={"prompt": "x", "model": "../other"}, headers=AUTH), 404, "not served"),
+        (httpx.post(url + "/v1/completions", json={"prompt": "x", "logprobs": 2}, headers=AUTH), 400, "not supported"),
+    ]  # fmt: skip
+    for response, status, needle in cases:
+        assert response.status_code == status, (status, response.text)
+        message = response.json()["error"]["message"]
+        assert needle in message and "Traceback" not in response.text, (needle, message)
+    assert cases[0][0].headers["www-authenticate"] == "Bearer"
+    metrics = httpx.get(url + "/metrics").text
+    assert 'llm_requests_total{path="/predict",status="401"} 2.0' in metrics
+    assert 'llm_errors_total{path="/v1/completions",status="404"} 1.0' in metrics
+    assert "llm_request_latency_seconds_bucket" in metrics and "llm_generated_tokens_total" in metrics
+
+
+def test_concurrent_requests_are_batched(server):
+    def ask(i):
+        return httpx.post(server.url + "/predict", json={"prompt": f"Scene {i}:", "max_new_tokens": 20}, headers=AUTH,
+                          timeout=120)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert all(a.status_code == 200 for a in answers)
+    metrics = httpx.get(server.url + "/metrics").text
+    sizes = {line.split("le=")[1].split("}")[0].strip('"'): float(line.rsplit(" ", 1)[1])
+             for line in metrics.splitlines() if line.startswith("llm_batch_size_bucket")}  # fmt: skip
+    count = float(
+        next(x for x in metrics.splitlines() if x.startswith("llm_batch_size_count")).rsplit(" ", 1)[1]
+    )
+    assert count < 32 and sizes["1.0"] < count  # fewer batches than requests: most held several
+
+
+def test_overload_timeout_and_graceful_shutdown(model, tmp_path):
+    """429 past max_pending, 503 past the timeout, and SIGTERM finishing the request in flight (exit 0)."""
+    _, onnx = model
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--port", str(port),
+                             "--max-pending", "1", "--no-batching", "--timeout", "30", "--truncate"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for_health(url)
+    long = {
+        "prompt": "A",
+        "max_new_tokens": 800,
+        "temperature": 0.8,
+        "seed": 1,
+    }  # --truncate: may pass the context
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url + "/predict", json=long, timeout=60)
+        time.sleep(0.3)
+        busy = httpx.post(url + "/predict", json=long, timeout=60)
+        assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]
+        proc.send_signal(signal.SIGTERM)  # while the first is generating
+        assert first.result().status_code == 200 and first.result().json()["predictions"][0]["new_tokens"] > 0
+    assert proc.wait(60) == 0
+    assert "Traceback" not in proc.stderr.read()
+    # a request that runs past the timeout: 503
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--port", str(port),
+                             "--timeout", "0.05", "--no-batching", "--truncate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url)
+        slow = httpx.post(url + "/predict", json={"prompt": "A", "max_new_tokens": 800}, timeout=60)
+        assert slow.status_code == 503 and "timeout" in slow.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_bad_model_path_fails_the_start(tmp_path):
+    from llm_training import ModelServer, UserError
+
+    with pytest.raises(UserError, match="server stopped while starting: error: checkpoint not found"):
+        ModelServer(model_path=str(tmp_path / "none.onnx"), port=free_port()).start(block=False, wait=60)
+    proc = subprocess.run([sys.executable, "-m", "llm_training.cli.serve", "--model", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: checkpoint not found"
+    )
+
+
+def test_several_worker_processes(model):
+    """``workers=2`` as the guide's ``workers=4``: uvicorn's worker processes each load the model."""
+    from llm_training import ModelServer
+
+    _, onnx = model
+    srv = ModelServer(model_path=str(onnx), port=free_port(), workers=2).start(block=False)
+    try:
+        texts = {httpx.post(srv.url + "/predict", json={"prompt": "ROMEO:", "max_new_tokens": 8}, timeout=60).json()[
+            "predictions"][0]["completion"] for _ in range(4)}  # fmt: skip
+        assert len(texts) == 1
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "hf"])
+def test_checkpoints_and_hugging_face_folders_are_served_too(model, tmp_path, kind):
+    pytest.importorskip("transformers")
+    from llm_training import ModelServer
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+
+    checkpoint, _ = model
+    path = checkpoint if kind == "checkpoint" else export_checkpoint(
+        checkpoint, ExportOptions(format="hf", output=tmp_path / "hf")).export_path  # fmt: skip
+    srv = ModelServer(model_path=str(path), port=free_port(), device="cpu").start(block=False)
+    try:
+        r = httpx.post(srv.url + "/predict", json={"prompt": "ROMEO:\n", "max_new_tokens": 10}, timeout=60)
+        assert r.json()["predictions"][0]["completion"] == greedy(checkpoint, ["ROMEO:\n"], 10)[0]
+    finally:
+        srv.stop()
