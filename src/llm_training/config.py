@@ -173,6 +173,10 @@ class LoggingConfig:
     level: str = "INFO"
     log_dir: str = "logs"  # relative to output_dir
     progress_bar: bool = True
+    tensorboard: bool = (
+        True  # event files under <output_dir>/<tensorboard_dir>/<run id> when tensorboard is installed
+    )
+    tensorboard_dir: str = "runs"
 
 
 @dataclass

@@ -17,6 +17,8 @@ from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
 from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
+from llm_training.monitor.tensorboard import TensorBoardSink
+from llm_training.monitor.tensorboard import available as tensorboard_available
 from llm_training.train.distributed import broadcast_object
 from llm_training.train.loop import TrainResult, train
 
@@ -126,6 +128,12 @@ def run_training_on(
             LogSink(bus),
             MetricsFileSink(bus, out / "metrics.jsonl"),
         ]
+        if cfg.logging.tensorboard and tensorboard_available():
+            sinks.append(TensorBoardSink(bus, out / cfg.logging.tensorboard_dir / run_id))
+        elif cfg.logging.tensorboard:
+            log.info(
+                "TensorBoard logging is off: pip install tensorboard (or the 'monitor' extra) to turn it on"
+            )
         unsubscribe = [bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))]
         try:
             log.info("run %s starting in %s (%d process(es))", run_id, out.resolve(), env.world_size)

@@ -1,0 +1,57 @@
+"""Monitoring: TensorBoard event files read back with the ``tensorboard`` package's own reader; the GPU
+monitor and the system check on this machine (no GPU here: the GPU paths run through the device tool)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, prepared_plays, run_cli
+
+TRAIN = ["-m", "llm_training.cli.train"]
+
+
+def test_training_writes_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prepared = prepared_plays(tmp_path, 3)
+    proc = run_cli([*TRAIN, "--data-dir", str(prepared), "--output-dir", "run", "--max-steps", "20", *TINY,
+                    "--set", "training.log_interval=5", "--set", "training.eval_interval=10",
+                    "--device", "cpu"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "run" / "runs").iterdir())
+    assert len(runs) == 1  # one folder a run, named by its run id (as in logs/system.log)
+    assert f"run={runs[0].name}" in (tmp_path / "run" / "logs" / "system.log").read_text()
+    acc = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/memory_gb",
+            "validation/loss", "validation/perplexity", "validation/bits_per_byte"} <= scalars  # fmt: skip
+    losses = acc.Scalars("train/loss")
+    assert [e.step for e in losses] == [5, 10, 15, 20] and losses[-1].value < losses[0].value
+    assert {10, 20} <= {e.step for e in acc.Scalars("validation/loss")}
+    assert "sample/text_summary" in acc.Tags()["tensors"]
+
+
+def test_gpu_monitor_without_a_gpu_says_so_and_exits_0(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli(["-m", "llm_training.cli.monitor_gpu", "--interval", "1", "--count", "1"], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert proc.stdout.strip().count("\n") == 0 and "no NVIDIA GPU" in proc.stdout
+
+
+def test_check_system_reports_this_machine(tmp_path):
+    proc = run_cli(["-m", "llm_training.cli.check_system"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for needle in ("Python", "PyTorch", "CPU", "RAM", "disk", "tokenizers", "onnxruntime"):
+        assert needle in out, needle
+    assert "CUDA" in out
+    proc = run_cli(["-m", "llm_training.cli.check_system", "--json"], tmp_path)
+    import json
+
+    report = json.loads(proc.stdout)
+    assert report["python"]["ok"] and report["torch"]["version"] and report["ram_gb"] > 1
