@@ -55,3 +55,37 @@ def test_check_system_reports_this_machine(tmp_path):
 
     report = json.loads(proc.stdout)
     assert report["python"]["ok"] and report["torch"]["version"] and report["ram_gb"] > 1
+
+
+def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_MODEL
+
+    logs = ["-m", "llm_training.cli.logs"]
+    empty = run_cli(logs, tmp_path)
+    assert empty.returncode == 0 and "no training runs" in empty.stdout
+    prepared = prepared_plays(tmp_path, 3)
+    training = subprocess.Popen([sys.executable, *TRAIN, "--data-dir", str(prepared), "--output-dir", "live",
+                                 "--max-time", "6s", *TINY_MODEL, "--set", "training.log_interval=5",
+                                 "--set", "training.sample_tokens=0", "--device", "cpu"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "live" / "logs" / "system.log"
+    for _ in range(300):
+        if log.is_file() and "run_start" in log.read_text():
+            break
+        time.sleep(0.1)
+    follow = run_cli([*logs, "--training-id", "latest", "--follow", "--interval", "0.2"], tmp_path)
+    assert training.wait(120) == 0
+    assert follow.returncode == 0
+    lines = follow.stdout.strip().splitlines()
+    assert " run_start " in follow.stdout and " step_end " in follow.stdout and " run_end " in lines[-1]
+    listing = run_cli(logs, tmp_path)
+    run_id = lines[0].split(" run=")[1].split()[0]
+    assert run_id in listing.stdout and "completed" in listing.stdout
+    metrics = run_cli([*logs, "--training-id", run_id, "--metrics"], tmp_path).stdout.splitlines()
+    assert metrics and all(line.startswith("{") for line in metrics)
+    missing = run_cli([*logs, "--training-id", "19990101-000000"], tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no run '19990101-000000'")

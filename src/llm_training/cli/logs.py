@@ -1,0 +1,96 @@
+"""``llm-logs``: the training runs under a folder, or one run's log (and metrics), followed live."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from llm_training.cli.common import parser, run
+
+
+def build_parser():
+    p = parser("llm-logs", "Without --training-id: list the runs found under --root (their id, folder, status, "
+                           "last step and loss). With it: print that run's log lines, and with --follow keep "
+                           "printing new ones until the run ends (Ctrl-C to stop). 'latest' names the newest run.")  # fmt: skip
+    p.add_argument("--training-id", help="A run id as listed (e.g. 20260101-120000), or 'latest'.")
+    p.add_argument("--follow", "-f", action="store_true", help="Keep printing new lines until the run ends.")
+    p.add_argument("--metrics", action="store_true", help="Print the run's metrics.jsonl records instead.")
+    p.add_argument(
+        "--root", default=".", help="Folder searched for runs (output directories), 4 levels deep."
+    )
+    p.add_argument("--interval", type=float, default=1.0, help="Seconds between checks with --follow.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from llm_training.errors import UserError
+        from llm_training.monitor.runs import find_runs, run_lines
+
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        runs = find_runs(args.root)
+        if not args.training_id:
+            if not runs:
+                print(f"no training runs under {args.root} (a run writes <output_dir>/logs/system.log)")
+                return 0
+            print(f"{'run id':<18} {'status':<19} {'step':>7} {'loss':>8}  folder")
+            for r in runs:
+                loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
+                print(
+                    f"{r.run_id:<18} {r.status:<19} {r.last_step if r.last_step is not None else '-':>7} {loss:>8}  {r.folder}"
+                )
+            return 0
+        wanted = (
+            runs[-1:] if args.training_id == "latest" else [r for r in runs if r.run_id == args.training_id]
+        )
+        if not wanted:
+            known = ", ".join(r.run_id for r in runs[-5:]) or "none"
+            raise UserError(
+                f"no run {args.training_id!r} under {args.root} (recent: {known}); llm-logs lists them"
+            )
+        target = wanted[0]
+        if args.metrics:
+            return _metrics(target, args)
+        shown = 0
+        while True:
+            lines = run_lines(target)
+            for line in lines[shown:]:
+                print(line, flush=True)
+            shown = len(lines)
+            if not args.follow or any(" run_end " in line for line in lines):
+                return 0
+            time.sleep(args.interval)
+
+    return run(body)
+
+
+def _metrics(target, args) -> int:
+    """The records of the run's metrics.jsonl written since it started (one folder may hold several runs)."""
+    import datetime
+
+    path = target.folder / "metrics.jsonl"
+    if not path.is_file():
+        print(f"{path}: no metrics yet")
+        return 0
+    start = datetime.datetime.strptime(target.run_id, "%Y%m%d-%H%M%S").timestamp()
+    shown = 0
+    while True:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [r for r in records if r.get("time", 0) >= start - 1]
+        for r in records[shown:]:
+            print(json.dumps(r), flush=True)
+        shown = len(records)
+        if not args.follow or any(" run_end " in line for line in _tail(target)):
+            return 0
+        time.sleep(args.interval)
+
+
+def _tail(target) -> list[str]:
+    from llm_training.monitor.runs import run_lines
+
+    return run_lines(target)[-3:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Finding training runs and their log lines: what ``llm-logs`` reads.
+
+A run is identified by the id in each of its ``logs/system.log`` lines (``run=20260101-120000``, the time it
+started); its folder is the output directory that holds that log. Runs are looked for under a root folder
+(default: the current one), a few levels deep.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG_NAME = "system.log"
+_RUN = re.compile(r" run=(\S+) rank=")
+_FIELD = re.compile(r"(\w+)=(\S+)")
+SKIP_DIRS = {"venv", ".venv", ".git", "node_modules", "__pycache__", "prepared_data", "checkpoints", "runs"}
+
+
+@dataclass
+class Run:
+    run_id: str
+    folder: Path  # the output directory
+    log: Path
+    started: str = ""
+    last_step: int | None = None
+    last_loss: float | None = None
+    status: str = "running or stopped"  # from its run_end line, when there is one
+    lines: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def log_files(root: Path, depth: int = 4) -> list[Path]:
+    found = []
+
+    def walk(folder: Path, level: int) -> None:
+        candidate = folder / "logs" / LOG_NAME
+        if candidate.is_file():
+            found.append(candidate)
+        if level >= depth:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP_DIRS)
+        except OSError:
+            return
+        for child in children:
+            walk(child, level + 1)
+
+    walk(root, 0)
+    return found
+
+
+def _all_lines(log: Path) -> list[str]:
+    """The log and its rotated predecessors (system.log.5 ... system.log.1, system.log), oldest first."""
+    parts = sorted(
+        log.parent.glob(LOG_NAME + ".*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0
+    )
+    lines: list[str] = []
+    for part in [*parts, log]:
+        lines += part.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines
+
+
+def find_runs(root: str | Path = ".") -> list[Run]:
+    runs: dict[str, Run] = {}
+    for log in log_files(Path(root)):
+        for line in _all_lines(log):
+            match = _RUN.search(line)
+            if not match:
+                continue
+            run = runs.setdefault(
+                match.group(1), Run(match.group(1), log.parent.parent, log, started=line[:19])
+            )
+            run.lines += 1
+            if " step_end " in line or " run_end " in line:
+                values = dict(_FIELD.findall(line.split(": ", 1)[-1]))
+                if "step" in values or "steps" in values:
+                    run.last_step = int(values.get("step", values.get("steps")))
+                loss = values.get("loss") or values.get("train_loss")
+                if loss:
+                    run.last_loss = float(loss)
+                if " run_end " in line:
+                    run.status = values.get("status", "ended")
+    return sorted(runs.values(), key=lambda r: r.run_id)
+
+
+def run_lines(run: Run) -> list[str]:
+    return [line for line in _all_lines(run.log) if f" run={run.run_id} " in line]
