@@ -89,3 +89,22 @@ def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
     assert metrics and all(line.startswith("{") for line in metrics)
     missing = run_cli([*logs, "--training-id", "19990101-000000"], tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no run '19990101-000000'")
+
+
+def test_debug_mode_and_profiler_trace(tmp_path):
+    """--debug: DEBUG lines in system.log (anomaly detection on); --profile-steps: a torch.profiler trace
+    that TensorBoard's profiler plugin reads (``*.pt.trace.json`` under runs/profile)."""
+    import json
+
+    prepared = prepared_plays(tmp_path, 3)
+    proc = run_cli([*TRAIN, "--data-dir", str(prepared), "--output-dir", "dbg", "--max-steps", "8", *TINY, "--debug",
+                    "--profile-steps", "3", "--device", "cpu"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "dbg" / "logs" / "system.log").read_text()
+    assert " DEBUG " in log and "anomaly detection is on" in log
+    traces = list((tmp_path / "dbg" / "runs" / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("aten::" in str(e.get("name", "")) for e in events)
+    bad = run_cli([*TRAIN, "--data-dir", str(prepared), "--profile-steps", "-2"], tmp_path)
+    assert bad.returncode == 2 and "logging.profile_steps cannot be negative" in bad.stderr

@@ -177,6 +177,8 @@ class LoggingConfig:
         True  # event files under <output_dir>/<tensorboard_dir>/<run id> when tensorboard is installed
     )
     tensorboard_dir: str = "runs"
+    debug: bool = False  # DEBUG log level and autograd anomaly detection (slow; for hunting NaNs)
+    profile_steps: int = 0  # record this many training steps with torch.profiler (TensorBoard's profiler tab)
 
 
 @dataclass
@@ -568,6 +570,7 @@ def validate(cfg: Config) -> None:
     _one_of(r.strategy, {"ddp", "fsdp"}, "resources.strategy")
     _require((parse_duration(r.timeout, "resources.timeout") or 0) > 0, "resources.timeout must be positive")
     _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
+    _require(cfg.logging.profile_steps >= 0, "logging.profile_steps cannot be negative")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

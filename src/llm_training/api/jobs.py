@@ -122,7 +122,9 @@ def run_training_on(
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         run_id = time.strftime("%Y%m%d-%H%M%S")
-        handler = setup_logging(out / cfg.logging.log_dir, cfg.logging.level, run_id)
+        handler = setup_logging(
+            out / cfg.logging.log_dir, "DEBUG" if cfg.logging.debug else cfg.logging.level, run_id
+        )
         sinks = [
             ConsoleSink(bus, enabled=console and cfg.logging.progress_bar),
             LogSink(bus),

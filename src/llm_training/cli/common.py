@@ -27,6 +27,11 @@ def add_set_flag(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="Set any config key on the command line, e.g. --set model.num_layers=6 (repeatable).",
     )
+    p.add_argument("--debug", dest="overrides", action="append_const", const="logging.debug=true",
+                   help="Debug mode: DEBUG log lines and autograd anomaly detection (slow).")  # fmt: skip
+    p.add_argument("--profile-steps", dest="overrides", action="append", metavar="N",
+                   type=lambda n: f"logging.profile_steps={n}",
+                   help="Record N training steps with torch.profiler (TensorBoard's profiler tab).")  # fmt: skip
 
 
 def add_resume_flags(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ from llm_training.train.distributed import (
 )
 from llm_training.train.optim import build_optimizer, lr_at, set_lr
 from llm_training.train.preempt import PreemptionGuard
+from llm_training.train.profiling import StepProfiler, anomaly_detection
 from llm_training.train.recovery import ErrorRecovery, LossMonitor, TrainingAnomaly, is_out_of_memory
 from llm_training.train.step import train_step
 
@@ -164,6 +165,7 @@ class Trainer:
         self.data_dir = Path(data_dir)
         self.out_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self.profiler: StepProfiler | None = None  # logging.profile_steps
         self.runtime = runtime = resolve_runtime(cfg)
         torch.manual_seed(t.seed)
         self.tokenizer = Tokenizer.load(self.data_dir / "vocab.json")
@@ -412,9 +414,11 @@ class Trainer:
     ) -> TrainResult:
         """Train, continuing from the checkpoint ``resume`` when given (loaded from ``resumed_from``)."""
         try:
-            with PreemptionGuard(handle_signals) as guard:
+            with PreemptionGuard(handle_signals) as guard, anomaly_detection(self.cfg.logging.debug):
                 return self._run(resume, resumed_from, guard)
         finally:
+            if self.profiler is not None:
+                self.profiler.close()
             try:
                 self.checkpointer.close()
             except Exception as exc:  # already failing: the first error is the one to report
@@ -463,6 +467,9 @@ class Trainer:
             self.first_val = self._validate()["val_loss"]
 
         self.stream = self._batches()
+        if cfg.logging.profile_steps and self.env.is_main:
+            self.profiler = StepProfiler(self.out_dir / cfg.logging.tensorboard_dir / "profile",
+                                         cfg.logging.profile_steps, runtime.device)  # fmt: skip
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
         self.good = (self.step, self.loader.state_dict())
         self.awaiting_progress = False
@@ -500,6 +507,8 @@ class Trainer:
                     grad_norm = grad_norm.full_tensor()
                 self.nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
                 self.step += 1
+                if self.profiler is not None:
+                    self.profiler.step()
                 self.tokens_seen += tokens_per_step
                 self.checkpointer.poll()
                 payload = {
