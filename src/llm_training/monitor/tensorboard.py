@@ -31,16 +31,22 @@ def available() -> bool:
 
 class TensorBoardSink(Sink):
     def __init__(self, bus: EventBus, log_dir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        self._writer = None  # made at the first event: a run that fails on its input leaves no files
         self.listen(bus, events.STEP_END, self._step)
         self.listen(bus, events.EVAL_END, self._eval)
         self.listen(bus, events.SAMPLE, self._sample)
         self.listen(bus, events.RECOVERY, self._recovery)
         self.listen(bus, events.RUN_END, lambda _e: self.writer.flush())
         self.listen(bus, "metric", self._custom)
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
 
     def _step(self, event: Event) -> None:
         p = event.payload
@@ -73,4 +79,5 @@ class TensorBoardSink(Sink):
 
     def close(self) -> None:
         super().close()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
