@@ -425,6 +425,24 @@ def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config
     return cfg
 
 
+def model_config_json(cfg: ModelConfig) -> str:
+    """The model config as the JSON that exports carry (ONNX metadata, TorchScript and GGUF extras, ...)."""
+    import json
+
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def model_config_from_json(text: str, where: str) -> ModelConfig:
+    """The model config an export carries, checked like any config (``where`` names the file in errors)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: its model config is not valid JSON ({exc})") from None
+    return config_from_dict({"model": data}, where).model
+
+
 # ------------------------------------------------------------------------------------------- validation
 
 MODEL_TYPES = {"gpt2": "gpt2", "transformer": "gpt2", "gpt": "gpt2", "llama": "llama"}

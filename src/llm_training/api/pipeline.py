@@ -203,20 +203,21 @@ class Pipeline:
         return evaluate_prepared(checkpoint, data_dir, metrics, batch_size)
 
     def _export(self, options: dict, results: dict) -> dict:
-        from llm_training.export.exporter import ExportOptions, export_checkpoint
+        from llm_training.export.exporter import (
+            ExportOptions,
+            default_output,
+            export_checkpoint,
+            normalise_format,
+        )
 
         checkpoint = self._checkpoint(options, results, "export")
         fmt = options.pop("format", "onnx")
-        output = options.pop("output_path", None) or self.output_dir / "exports" / ("model" + _suffix(fmt))
+        output = options.pop("output_path", None) or default_output(
+            Path(checkpoint), normalise_format(fmt), self.output_dir / "exports", "model"
+        )
         quantize = options.pop("quantization", options.pop("quantize", "none"))
         spec = ExportOptions(format=fmt, output=output, quantize=quantize, overwrite=True, **options)
         return export_checkpoint(checkpoint, spec).as_dict()
-
-
-def _suffix(fmt: str) -> str:
-    from llm_training.export.exporter import FORMATS, normalise_format
-
-    return FORMATS[normalise_format(fmt)]
 
 
 def _fingerprint(name: str, options: dict, before: dict) -> str:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from llm_training.errors import UserError
-from llm_training.serve.app import OPTIONS_ENV, ServeOptions, create_app
+from llm_training.serve.app import OPTIONS_ENV, ServeOptions, create_app, make_engine
 
 
 class ModelServer:
@@ -90,10 +90,7 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, work
         uvicorn.run("llm_training.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level="warning", timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip
         return
-    from llm_training.serve.engine import Engine
-
-    engine = Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
-                    options.max_pending, options.truncate)  # fmt: skip
+    engine = make_engine(options)
     engine.load()  # here, so that a bad model path is an error before the port opens
     config = uvicorn.Config(create_app(options, engine), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip

@@ -18,6 +18,16 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+
+
+def add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """What the commands that score a model on test data share."""
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
+    add_device_flag(p)
+
+
 def add_set_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_scoring_flags, parser, run
 from llm_training.errors import UserError
 
 DESCRIPTION = """\
@@ -17,13 +17,12 @@ with the same numbers as JSON beside it (<output>.json)."""
 
 def build_parser():
     p = parser("llm-compare", DESCRIPTION)
-    p.add_argument("--models", nargs="+", required=True, help="Checkpoints (.pt) to compare.")
+    p.add_argument("--models", nargs="+", required=True, help="Checkpoints (.pt) or exports to compare.")
     p.add_argument("--test-data", required=True, help="Test file: .txt, .jsonl or .json.")
     p.add_argument("--metrics", help="Comma-separated metrics (default: loss, perplexity, bits_per_byte, accuracy; "
                    "plus f1 on labelled data).")  # fmt: skip
     p.add_argument("--output", required=True, help="The HTML report to write (folders are created).")
-    p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    add_scoring_flags(p)
     return p
 
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.report.compare import render
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        missing = [m for m in args.models if not Path(m).is_file()]
+        missing = [m for m in args.models if not Path(m).exists()]  # a Hugging Face export is a folder
         if missing:
             raise UserError(f"checkpoint not found: {', '.join(missing)}")
         data = read_test_data(args.test_data)  # once, for every model

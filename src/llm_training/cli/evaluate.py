@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_scoring_flags, parser, run
 from llm_training.eval.metrics import METRICS
 
 DESCRIPTION = """\
@@ -29,19 +29,15 @@ def build_parser():
         "--metrics", default="loss,perplexity,bits_per_byte,accuracy", help="Comma-separated metric names."
     )
     p.add_argument("--output", help="Write the results here as JSON (folders are created).")
-    p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    add_scoring_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        from llm_training.errors import UserError
         from llm_training.eval.runner import evaluate_checkpoint
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        if args.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
         results = evaluate_checkpoint(
             args.model_path, args.test_data, args.metrics, args.batch_size, args.device
         )

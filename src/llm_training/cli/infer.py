@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_device_flag, parser, run
 from llm_training.errors import DataError, UserError
 
 DESCRIPTION = """\
@@ -43,7 +43,7 @@ def build_parser():
         action="store_true",
         help="Fail on a prompt longer than the context instead of cutting it.",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    add_device_flag(p)
     return p
 
 
@@ -94,12 +94,10 @@ def count_prompts(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        import torch
         from tqdm.auto import tqdm
 
-        from llm_training.export.runtime import load_model
+        from llm_training.export.runtime import load_for_generation
         from llm_training.model.generate import Sampling, generate_tokens, stop_text_check
-        from llm_training.train.device import pick_device, pick_precision
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         source, target = Path(args.input), Path(args.output)
@@ -115,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"{target} has {done} lines but {source} only {total} prompts: a different input?"
             )
-        device = pick_device(args.device)
-        trained = load_model(args.model, device)
-        if trained.kind not in ("onnx", "torchscript") and pick_precision("auto", device) == "bf16":
-            trained.module.to(torch.bfloat16)  # bf16 weights: autocast would recast them every token
+        trained = load_for_generation(args.model, args.device)
         tok = trained.tokenizer
         stops = [s for s in args.stop if s]
 

@@ -69,6 +69,8 @@ def _metrics(target, args) -> int:
     """The records of the run's metrics.jsonl written since it started (one folder may hold several runs)."""
     import datetime
 
+    from llm_training.monitor.runs import run_lines
+
     path = target.folder / "metrics.jsonl"
     if not path.is_file():
         print(f"{path}: no metrics yet")
@@ -81,15 +83,9 @@ def _metrics(target, args) -> int:
         for r in records[shown:]:
             print(json.dumps(r), flush=True)
         shown = len(records)
-        if not args.follow or any(" run_end " in line for line in _tail(target)):
+        if not args.follow or any(" run_end " in line for line in run_lines(target)[-3:]):
             return 0
         time.sleep(args.interval)
-
-
-def _tail(target) -> list[str]:
-    from llm_training.monitor.runs import run_lines
-
-    return run_lines(target)[-3:]
 
 
 if __name__ == "__main__":

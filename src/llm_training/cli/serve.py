@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_device_flag, parser, run
 
 DESCRIPTION = """\
 Serve a model over HTTP on loopback by default (--host 0.0.0.0 to listen on every interface).
@@ -31,7 +31,7 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     p.add_argument("--workers", type=int, default=1, help="Worker processes (each loads the model).")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
+    add_device_flag(p)
     p.add_argument("--api-key", action="append", default=[], help="Accepted API key (repeatable).")
     p.add_argument("--max-batch-size", type=int, default=32, help="Requests generated together at most.")
     p.add_argument(

@@ -52,7 +52,7 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
     autocast = autocast or contextlib.nullcontext
     device = device_of(model)
     context = model.cfg.max_seq_length
-    tokens = torch.tensor(stream)
+    tokens = torch.as_tensor(stream, dtype=torch.long)  # a list or a numpy array of ids
     starts = list(range(0, len(stream) - 1, context))
     nll, correct, counted = 0.0, 0, 0
     for b in range(0, len(starts), batch_size):
@@ -70,6 +70,14 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
         correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
         counted += int(mask.sum())
     return {"nll": nll, "tokens": counted, "correct": correct}
+
+
+def text_metrics(scores: dict, num_bytes: float) -> dict:
+    """loss, perplexity, bits per byte and accuracy from ``score_tokens``' sums (see ``METRICS``)."""
+    loss = scores["nll"] / max(1, scores["tokens"])
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": scores["nll"] / math.log(2) / max(1, num_bytes),
+            "accuracy": scores["correct"] / max(1, scores["tokens"])}  # fmt: skip
 
 
 def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
@@ -140,7 +148,7 @@ def evaluate_model(
                 )
             s = _text_scores(model, tokenizer, data.documents, batch_size, autocast)
             results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
-            values = {"accuracy": s["correct"] / s["tokens"]}
+            values = {}
         else:
             scores = _choice_logprobs(model, tokenizer, data.items, batch_size, autocast)
             predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
@@ -157,10 +165,8 @@ def evaluate_model(
                         for item in data.items]  # fmt: skip
                 s = _text_scores(model, tokenizer, gold, batch_size, autocast)
                 results["tokens"] = s["tokens"]
-        if s is not None:
-            loss = s["nll"] / s["tokens"]
-            values.update(loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                          bits_per_byte=s["nll"] / math.log(2) / max(1, s["bytes"]))  # fmt: skip
+        if s is not None:  # labelled data keeps its own accuracy
+            values = {**text_metrics(s, s["bytes"]), **values}
         return {**results, **{m: values[m] for m in metrics}}
     finally:
         model.train(was_training)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from llm_training.errors import ConfigError
 from llm_training.eval.data import ChoiceSet, TextSet, read_test_data
-from llm_training.eval.metrics import evaluate_model, parse_metrics
+from llm_training.eval.metrics import LABELLED_ONLY, evaluate_model, parse_metrics, score_tokens, text_metrics
 
 
 def default_metrics(data: TextSet | ChoiceSet) -> list[str]:
@@ -28,14 +29,16 @@ def evaluate_checkpoint(
     import torch
 
     from llm_training.export.runtime import load_model
-    from llm_training.train.device import pick_device, pick_precision
+    from llm_training.train.device import pick_device
 
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
     data = read_test_data(test_data) if isinstance(test_data, (str, Path)) else test_data
     names = parse_metrics(metrics) if metrics is not None else default_metrics(data)
     target = pick_device(device)  # bad data and metric names fail above, before the model is loaded
     trained = load_model(model_path, target)
-    bf16 = trained.kind not in ("onnx", "torchscript") and pick_precision("auto", target) == "bf16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
+    # evaluation keeps fp32 weights and computes under bf16 autocast where the device prefers it
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if trained.prefers_bf16 else None
     start = time.perf_counter()
     results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast)
     return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
@@ -51,21 +54,13 @@ def evaluate_prepared(
 ) -> dict:
     """Plain-text metrics of a model on the validation split of prepared data (its token shards, read as
     they are: no text is tokenized again); bits per byte from the manifest's byte count."""
-    import math
-
     import numpy as np
 
     from llm_training.data.loader import TokenDataset
-    from llm_training.errors import ConfigError
-    from llm_training.eval.metrics import LABELLED_ONLY, score_tokens
     from llm_training.export.runtime import load_model
     from llm_training.train.device import pick_device
 
-    names = (
-        parse_metrics(metrics)
-        if metrics is not None
-        else parse_metrics("loss,perplexity,bits_per_byte,accuracy")
-    )
+    names = parse_metrics(metrics)
     if any(m in LABELLED_ONLY for m in names):
         raise ConfigError(
             f"--metrics {', '.join(m for m in names if m in LABELLED_ONLY)} needs labelled test data"
@@ -73,11 +68,9 @@ def evaluate_prepared(
     manifest = Path(data_dir) / "validation.json"
     loaded = load_model(model_path, pick_device(device))
     data = TokenDataset(manifest, loaded.cfg.max_seq_length)
-    stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards]).tolist()
+    stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards])
     start = time.perf_counter()
     s = score_tokens(loaded.module, stream, batch_size)
-    loss = s["nll"] / s["tokens"]
-    values = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": s["correct"] / s["tokens"],
-              "bits_per_byte": loss / math.log(2) / data.bytes_per_token}  # fmt: skip
+    values = text_metrics(s, s["tokens"] * data.bytes_per_token)
     return {"model": str(model_path), "step": loaded.step, "test_data": str(manifest), "data_kind": "prepared",
             "tokens": s["tokens"], **{m: values[m] for m in names}, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip

@@ -11,9 +11,7 @@ reported and bounded. A check that fails is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llm_training.config import ModelConfig, model_config_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.export.quiet import quiet
@@ -29,12 +28,12 @@ from llm_training.model.transformer import Transformer
 
 log = logging.getLogger("llm_training.export")
 
-# format -> file suffix ("" for a folder)
+# format -> what ends the name of its output (hf: a folder)
 FORMATS = {
     "onnx": ".onnx",
     "torchscript": ".torchscript.pt",
     "safetensors": ".safetensors",
-    "hf": "",
+    "hf": "_hf",
     "gguf": ".gguf",
 }
 ALIASES = {"huggingface": "hf", "transformers": "hf", "jit": "torchscript", "ts": "torchscript"}
@@ -86,14 +85,23 @@ class ExportResult:
 
 
 @dataclass
+class _Validation:
+    tokens: list[int]
+    name: str  # where the text came from
+    perplexity: float | None = None  # of the (pruned) checkpoint: the reference of every quantized export
+
+
+@dataclass
 class _Source:
+    """The checkpoint's model as every export of one command starts from it, with its validation text
+    tokenized (and scored) once."""
+
     model: Transformer
     tokenizer: Tokenizer
     path: Path
     step: int
     pruning: dict | None = None
-    perplexity_before_pruning: float | None = None
-    tokens: dict = field(default_factory=dict)  # cache: validation tokens
+    validation: dict[str, _Validation] = field(default_factory=dict)  # by validation_data
 
 
 def normalise_format(name: str) -> str:
@@ -103,31 +111,36 @@ def normalise_format(name: str) -> str:
     return key
 
 
-def check_options(options: ExportOptions) -> str:
+def check_options(options: ExportOptions) -> tuple[str, str]:
+    """The format and the quantization, normalised; unknown or mismatched ones are refused."""
     fmt = normalise_format(options.format)
     quantize = (options.quantize or "none").lower()
     if quantize not in QUANTIZE[fmt]:
         raise UserError(
             f"--quantize {quantize!r} is not available for {fmt}; valid there: {', '.join(QUANTIZE[fmt])}"
         )
-    return fmt
+    return fmt, quantize
 
 
 def default_output(checkpoint: Path, fmt: str, folder: Path | None = None, stem: str | None = None) -> Path:
-    folder = folder if folder is not None else Path("exports")
+    """``exports/<checkpoint name><suffix>``; a Hugging Face export is a folder ``<name>_hf`` (``hf`` when
+    the name is ``model``, as in ``--output-dir``)."""
     stem = stem or checkpoint.stem
-    return folder / (
-        stem + "_hf" if fmt == "hf" and stem != "model" else "hf" if fmt == "hf" else stem + FORMATS[fmt]
-    )
+    name = "hf" if fmt == "hf" and stem == "model" else stem + FORMATS[fmt]
+    return (folder if folder is not None else Path("exports")) / name
 
 
-def _files_of(fmt: str, target: Path) -> list[Path]:
-    """Every path an export to ``target`` writes (for the overwrite check)."""
+def _refuse_existing(fmt: str, target: Path, overwrite: bool) -> None:
+    """Every path an export to ``target`` writes must be free, unless overwriting."""
     if fmt == "safetensors":
-        return [target, target.parent / "config.json", target.parent / "tokenizer.json"]
-    if fmt == "onnx":
-        return [target, target.parent / (target.name + ".data")]
-    return [target]
+        paths = [target, target.parent / "config.json", target.parent / "tokenizer.json"]
+    elif fmt == "onnx":
+        paths = [target, target.parent / (target.name + ".data")]
+    else:
+        paths = [target]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def load_source(
@@ -140,10 +153,14 @@ def load_source(
     trained = load_trained(checkpoint, "cpu")
     source = _Source(trained.model.float().eval(), trained.tokenizer, Path(checkpoint), trained.step)
     if spec is not None:
-        source.perplexity_before_pruning = _perplexity(source.model, source, validation_data, check_tokens)
+        before = _perplexity(source.model, _validation(source, validation_data, check_tokens))
         report = magnitude_prune(source.model, *spec)
-        source.pruning = {**report.as_dict(), "perplexity_before": round(source.perplexity_before_pruning, 4),
-                          "perplexity_after": round(_perplexity(source.model, source, validation_data, check_tokens), 4)}  # fmt: skip
+        after = _reference_perplexity(source, validation_data, check_tokens)
+        source.pruning = {
+            **report.as_dict(),
+            "perplexity_before": round(before, 4),
+            "perplexity_after": round(after, 4),
+        }
         log.info("pruned to %.1f%% sparsity of the hidden matrices (%.1f%% of all weights); perplexity %.3f -> %.3f",
                  100 * report.pruned_sparsity, 100 * report.overall_sparsity, source.pruning["perplexity_before"],
                  source.pruning["perplexity_after"])  # fmt: skip
@@ -154,15 +171,12 @@ def export_checkpoint(
     checkpoint: str | Path, options: ExportOptions, source: _Source | None = None
 ) -> ExportResult:
     """Export ``checkpoint`` as ``options`` say, check it, and move it into place; see the module docstring."""
-    fmt = check_options(options)
-    quantize = (options.quantize or "none").lower()
+    fmt, quantize = check_options(options)
     checkpoint = Path(checkpoint)
     target = Path(options.output) if options.output else default_output(checkpoint, fmt)
     if fmt != "hf" and target.suffix == "" and target.is_dir():
         target = default_output(checkpoint, fmt, folder=target)
-    existing = [p for p in _files_of(fmt, target) if p.exists()]
-    if existing and not options.overwrite:
-        raise UserError(f"{existing[0]} exists; pass --overwrite (overwrite=True) to replace it")
+    _refuse_existing(fmt, target, options.overwrite)
     started = time.perf_counter()
     source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -178,16 +192,13 @@ def export_checkpoint(
             _write(fmt, quantize, options, source, staged)
         log.info("checking %s with %s", target.name, _runtime_name(fmt))
         check = _check(fmt, quantize, options, source, staged)
-        files = _move_into_place(fmt, staging, target)
+        files = _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(_size(f) for f in files)
     source_bytes = 4 * sum(p.numel() for p in source.model.parameters())  # parameters() lists tied ones once
-    result = ExportResult(fmt, target, files, size, source_bytes, quantize, check, source.pruning,
-                          round(time.perf_counter() - started, 2))  # fmt: skip
-    log.debug("%s: %s (%.1f%% of the fp32 weights), largest logit difference %.2e",
-             target, _human(size), 100 * size / max(1, source_bytes), check["max_logit_diff"])  # fmt: skip
-    return result
+    return ExportResult(fmt, target, files, size, source_bytes, quantize, check, source.pruning,
+                        round(time.perf_counter() - started, 2))  # fmt: skip
 
 
 def export_all(
@@ -206,9 +217,7 @@ def export_all(
         check_options(opts)
         plans.append(opts)
     for opts in plans:  # refuse before anything is written
-        clash = [p for p in _files_of(opts.format, Path(opts.output)) if p.exists()]
-        if clash and not opts.overwrite:
-            raise UserError(f"{clash[0]} exists; pass --overwrite (overwrite=True) to replace it")
+        _refuse_existing(opts.format, Path(opts.output), opts.overwrite)
     first = plans[0]
     source = load_source(checkpoint, first.pruning, first.validation_data, first.check_tokens)
     return [export_checkpoint(checkpoint, opts, source) for opts in plans]
@@ -217,13 +226,9 @@ def export_all(
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _model_config_json(model: Transformer) -> str:
-    return json.dumps(dataclasses.asdict(model.cfg))
-
-
 def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path) -> None:
     model, tokenizer = source.model, source.tokenizer
-    config = _model_config_json(model)
+    config = model_config_json(model.cfg)
     if fmt == "onnx":
         from llm_training.export.onnx import (
             META_CONFIG,
@@ -277,7 +282,7 @@ def _as(model: Transformer, quantize: str) -> Transformer:
     return copy.deepcopy(model).half()
 
 
-def _move_into_place(fmt: str, staging: Path, target: Path) -> list[Path]:
+def _move_into_place(staging: Path, target: Path) -> list[Path]:
     moved = []
     for item in sorted(staging.iterdir()):
         final = target.parent / item.name
@@ -294,53 +299,34 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return str(size)
-
-
 # ------------------------------------------------------------------------------------------------ checking
 
 
-def _runtime_for(fmt: str, path: Path):
+def _runtime_for(fmt: str, path: Path, cfg: ModelConfig):
     """The exported model as run by the runtime that reads its format: an ``nn.Module`` giving logits."""
-    if fmt == "hf":
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
+    from llm_training.export.runtime import RuntimeModule, load_model
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        hf = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
+    if fmt != "hf":
+        return load_model(path).module
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-        class _HF(torch.nn.Module):
-            cfg = None
-
-            def forward(self, ids):
-                return hf(input_ids=ids).logits
-
-        return _HF()
-    from llm_training.export.runtime import load_model
-
-    return load_model(path).module
-
-
-def _probe_ids(source: _Source) -> torch.Tensor:
-    """Two rows of real text tokens (fall back to a ramp of ids for a model whose text is too short)."""
-    context = source.model.cfg.max_seq_length
-    tokens = _validation_tokens(source, None, 4 * context)
-    width = min(context, 64, max(1, len(tokens) // 2))
-    if len(tokens) >= 2 * width:
-        return torch.tensor(tokens[: 2 * width]).view(2, width)
-    return torch.arange(2 * width).remainder(source.model.cfg.vocab_size).view(2, width)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
+    return RuntimeModule(cfg, lambda ids: hf(input_ids=ids).logits, "transformers")
 
 
 @torch.no_grad()
 def _check(fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path) -> dict:
-    runtime = _runtime_for(fmt, path)
-    ids = _probe_ids(source)
+    runtime = _runtime_for(fmt, path, source.model.cfg)
+    validation = _validation(source, options.validation_data, options.check_tokens)
+    # two rows of the validation tokens (a ramp of ids where the text is too short)
+    width = min(source.model.cfg.max_seq_length, 64, max(1, len(validation.tokens) // 2))
+    if len(validation.tokens) >= 2 * width:
+        ids = torch.tensor(validation.tokens[: 2 * width]).view(2, width)
+    else:
+        ids = torch.arange(2 * width).remainder(source.model.cfg.vocab_size).view(2, width)
     reference = source.model(ids).float()
     got = runtime(ids).float()
     if got.shape != reference.shape:
@@ -360,12 +346,12 @@ def _check(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
                 f"(allowed {check['tolerance']:.3g}); nothing was written"
             )
     if quantize != "none":
-        before = _perplexity(source.model, source, options.validation_data, options.check_tokens)
-        after = _perplexity(runtime, source, options.validation_data, options.check_tokens)
+        before = _reference_perplexity(source, options.validation_data, options.check_tokens)
+        after = _perplexity(runtime, validation)
         change = after / before - 1
         check.update(perplexity_before=round(before, 4), perplexity_after=round(after, 4),
-                     perplexity_change=round(change, 5), validation_tokens=source.tokens.get("scored", 0),
-                     validation_text=source.tokens.get("source"))  # fmt: skip
+                     perplexity_change=round(change, 5), validation_tokens=len(validation.tokens) - 1,
+                     validation_text=validation.name)  # fmt: skip
         if not change <= options.max_perplexity_increase:
             raise ExportCheckError(
                 f"{fmt} {quantize} export check failed: perplexity {before:.3f} -> {after:.3f} "
@@ -379,9 +365,11 @@ def _runtime_name(fmt: str) -> str:
             "hf": "transformers", "gguf": "gguf reader"}[fmt]  # fmt: skip
 
 
-def _validation_tokens(source: _Source, validation_data, limit: int) -> list[int]:
-    key = (str(validation_data), limit)
-    if key not in source.tokens:
+def _validation(source: _Source, validation_data, limit: int) -> _Validation:
+    """The first ``limit`` tokens of the validation text (``validation_data``, else the built-in sample),
+    tokenized once per command."""
+    key = str(validation_data)
+    if key not in source.validation:
         from llm_training.eval.data import TextSet, read_test_data
 
         if validation_data is not None:
@@ -392,26 +380,28 @@ def _validation_tokens(source: _Source, validation_data, limit: int) -> list[int
                 )
             documents, name = data.documents, str(validation_data)
         else:
-            documents, name = _sample_documents(), "built-in sample (Python Language Reference)"
+            from llm_training.data.sources import read_documents, sample_data_path
+
+            documents = [d.text for d in read_documents(str(sample_data_path()))]
+            name = "built-in sample (Python Language Reference)"
         stream: list[int] = []
         for ids in source.tokenizer.encode_batch(documents[:2000]):
             stream += ids + [source.tokenizer.eot_id]
             if len(stream) >= limit:
                 break
-        source.tokens[key] = stream[:limit]
-        source.tokens["source"] = name
-    return source.tokens[key]
+        source.validation[key] = _Validation(stream[:limit], name)
+    return source.validation[key]
 
 
-def _sample_documents() -> list[str]:
-    from llm_training.data.sources import read_documents, sample_data_path
+def _perplexity(model, validation: _Validation) -> float:
+    from llm_training.eval.metrics import score_tokens, text_metrics
 
-    return [d.text for d in read_documents(str(sample_data_path()))]
+    return text_metrics(score_tokens(model, validation.tokens, batch_size=8), 1)["perplexity"]
 
 
-def _perplexity(model, source: _Source, validation_data, limit: int) -> float:
-    from llm_training.eval.metrics import score_tokens
-
-    scores = score_tokens(model, _validation_tokens(source, validation_data, limit), batch_size=8)
-    source.tokens["scored"] = scores["tokens"]
-    return math.exp(min(scores["nll"] / max(1, scores["tokens"]), 50.0))
+def _reference_perplexity(source: _Source, validation_data, limit: int) -> float:
+    """The checkpoint model's perplexity (after pruning), computed once for all its quantized exports."""
+    validation = _validation(source, validation_data, limit)
+    if validation.perplexity is None:
+        validation.perplexity = _perplexity(source.model, validation)
+    return validation.perplexity

@@ -14,17 +14,15 @@ back to f16 under q8_0, as llama.cpp's converter does.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llm_training.config import ModelConfig
+from llm_training.config import ModelConfig, model_config_from_json, model_config_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
-from llm_training.export.hf import _style, hf_state
+from llm_training.export.hf import _style, hf_names, hf_state, load_state
 from llm_training.model.transformer import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -40,32 +38,42 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
-    """GGUF name -> fp32 array, in llama.cpp's layout."""
+def _name_map(cfg: ModelConfig):
+    """``gguf``'s own map from Hugging Face names to llama.cpp's, for the architecture of ``cfg``."""
     import gguf
 
+    arch = gguf.MODEL_ARCH.GPT2 if _style(cfg) == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in hf_names(cfg)}
+
+
+def _relayout(cfg: ModelConfig, hf_name: str, data: np.ndarray, to_gguf: bool) -> np.ndarray:
+    """llama.cpp's layout of a tensor (``to_gguf``) or back: GPT-2's Conv1D matrices as (out, in), and the
+    rows of Llama-style queries and keys permuted per head."""
+    if _style(cfg) == "gpt2":
+        return data.T if hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) else data
+    permute = _permute if to_gguf else _unpermute
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return permute(data, cfg.num_attention_heads)
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return permute(data, cfg.num_kv_heads or cfg.num_attention_heads)
+    return data
+
+
+def _gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """GGUF name -> fp32 array, in llama.cpp's layout."""
     cfg = model.cfg
     if cfg.qk_norm:
         raise UserError("GGUF: QK-norm has no llama.cpp equivalent in the llama and gpt2 architectures")
     gpt2 = _style(cfg) == "gpt2"
     if gpt2 and cfg.num_kv_heads not in (None, cfg.num_attention_heads):
         raise UserError("GGUF: llama.cpp's gpt2 architecture has no grouped-query attention; use Llama style")
-    arch = gguf.MODEL_ARCH.GPT2 if gpt2 else gguf.MODEL_ARCH.LLAMA
-    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_kv_heads or cfg.num_attention_heads
+    names = _name_map(cfg)
     out: dict[str, np.ndarray] = {}
     for name, tensor in hf_state(model).items():
-        data = tensor.numpy()
-        if gpt2 and data.ndim == 2 and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-            data = data.T  # back from Conv1D's (in, out)
-        elif name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _permute(data, heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _permute(data, kv_heads)
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None:
+        if names[name] is None:
             raise RuntimeError(f"GGUF: no llama.cpp name for {name}")  # a bug, not bad input
-        out[new] = np.ascontiguousarray(data, dtype=np.float32)
+        out[names[name]] = np.ascontiguousarray(_relayout(cfg, name, tensor.numpy(), True), dtype=np.float32)
     if gpt2 and "output.weight" not in out:  # llama.cpp's converter writes the tied head out for gpt2
         out["output.weight"] = out["token_embd.weight"]
     return out
@@ -121,7 +129,7 @@ def save_gguf(
     writer.add_file_type(
         {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
     )  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
-    writer.add_string(META_CONFIG, json.dumps(dataclasses.asdict(cfg)))
+    writer.add_string(META_CONFIG, model_config_json(cfg))
     _tokenizer_fields(writer, tokenizer)
     for tensor_name, data in tensors.items():
         if data.ndim == 1 or dtype == "f32":
@@ -149,44 +157,25 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
     field = reader.fields.get(META_CONFIG)
     if field is None:
         raise UserError(f"{path}: GGUF without llm_training's config; only files this tool wrote can be read")
-    cfg = ModelConfig(**json.loads(field.contents()))
-    model = Transformer(cfg)
-    gpt2 = _style(cfg) == "gpt2"
-    names = {v: k for k, v in _name_table(model).items()}  # gguf name -> hf name
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_kv_heads or cfg.num_attention_heads
+    cfg = model_config_from_json(field.contents(), str(path))
+    names = {v: k for k, v in _name_map(cfg).items()}  # gguf name -> hf name
     hf: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGML lists dimensions fastest first
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
         hf_name = names.get(tensor.name)
         if hf_name is None:
             continue  # gpt2's duplicated tied head
-        if gpt2 and data.ndim == 2 and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-            data = data.T
-        elif hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _unpermute(data, heads)
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _unpermute(data, kv_heads)
-        hf[hf_name] = torch.from_numpy(np.ascontiguousarray(data))
-    from llm_training.export.hf import load_state
-
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGML lists dimensions fastest first
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+        hf[hf_name] = torch.from_numpy(np.ascontiguousarray(_relayout(cfg, hf_name, data, False)))
+    model = Transformer(cfg)
     load_state(model, hf, str(path))
     return model, _tokenizer_from(reader)
 
 
-def _name_table(model: Transformer) -> dict[str, str]:
-    import gguf
-
-    cfg = model.cfg
-    arch = gguf.MODEL_ARCH.GPT2 if _style(cfg) == "gpt2" else gguf.MODEL_ARCH.LLAMA
-    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
-    return {k: names.get_name(k, try_suffixes=(".weight", ".bias")) for k in hf_state(model)}
-
-
 def _tokenizer_from(reader) -> Tokenizer | None:
     """The byte-level BPE back from ``tokenizer.ggml.*`` (vocabulary, merges, special tokens)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
 
     fields = reader.fields
     if "tokenizer.ggml.tokens" not in fields:
@@ -199,8 +188,6 @@ def _tokenizer_from(reader) -> Tokenizer | None:
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-
     backend.add_special_tokens([AddedToken(t, special=True) for t in special])
     if any(backend.token_to_id(t) != tokens.index(t) for t in special):
         raise UserError("GGUF: special tokens are not where the vocabulary puts them")

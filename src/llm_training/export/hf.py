@@ -103,6 +103,11 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
     return t
 
 
+def hf_names(cfg: ModelConfig) -> list[str]:
+    """The ``transformers`` names of every tensor, in the order ``hf_state`` gives them."""
+    return [e.hf for e in _table(cfg)]
+
+
 def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Our weights under ``transformers``' names (contiguous fp32 copies); a bias we do not have (GPT-2 style
     without biases) is zeros, as ``GPT2LMHeadModel`` always has one."""

@@ -15,12 +15,12 @@ Weights over 1.8 GB go to a ``.data`` file beside the model (protobuf's 2 GB lim
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.export.quiet import quiet
 from llm_training.model.transformer import Transformer
 
@@ -70,8 +70,7 @@ class WithPast(nn.Module):
         return (logits, *(t for layer in cache.layers for t in layer.present))
 
 
-def kv_shape(model: Transformer, batch: int, length: int) -> tuple[int, int, int, int]:
-    cfg = model.cfg
+def kv_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
     return (
         batch,
         cfg.num_kv_heads or cfg.num_attention_heads,
@@ -96,7 +95,7 @@ def export_onnx(model: Transformer, path: Path, metadata: dict[str, str], past: 
     auto = torch.export.Dim.AUTO
     if past:
         inputs, outputs = past_names(cfg.num_layers)
-        kv = [torch.zeros(kv_shape(model, 2, 3)) for _ in inputs]
+        kv = [torch.zeros(kv_shape(cfg, 2, 3)) for _ in inputs]
         args = (ids, torch.ones(2, 3 + sample_len, dtype=torch.long), *kv)
         module: nn.Module = WithPast(model).eval()
         names, out_names = ["input_ids", "attention_mask", *inputs], ["logits", *outputs]
@@ -138,15 +137,14 @@ def _save(proto, path: Path, external: bool) -> None:
 
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantization (weights int8 ahead of time, activations at run time) of every MatMul and
-    Gather, with onnxruntime's quantizer; the metadata is carried over."""
+    Gather, with onnxruntime's quantizer (which keeps the model's metadata)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet():
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
                          use_external_data_format=_external(source))  # fmt: skip
-    _copy_metadata(source, target)
-    onnx.checker.check_model(str(target))
+    onnx.checker.check_model(str(target))  # the quantizer keeps the metadata
 
 
 def convert_fp16(source: Path, target: Path) -> None:
@@ -166,25 +164,10 @@ def _external(path: Path) -> bool:
     return (path.parent / (path.name + ".data")).exists()
 
 
-def _copy_metadata(source: Path, target: Path) -> None:
-    import onnx
-
-    meta = read_metadata(source)
-    proto = onnx.load(str(target))
-    _set_metadata(proto, meta)
-    _save(proto, target, _external(target))
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 class OnnxRunner:
-    """An exported ONNX model run by onnxruntime: ``logits(ids)`` for whole sequences, and ``step`` for
-    generation with past keys and values when the file has them."""
+    """An exported ONNX model run by onnxruntime: ``logits(ids)`` for whole sequences, and ``run`` with past
+    keys and values (generation) when the file has them. ``cfg``: the model config it carries (None for an
+    ONNX file that another tool wrote)."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -198,7 +181,7 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
-        self.config = json.loads(meta[META_CONFIG]) if META_CONFIG in meta else None
+        self.cfg = model_config_from_json(meta[META_CONFIG], str(path)) if META_CONFIG in meta else None
         self.has_past = meta.get(META_PAST) == "1"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -206,9 +189,7 @@ class OnnxRunner:
     def empty_past(self, batch: int):
         import numpy as np
 
-        cfg = self.config
-        heads = cfg.get("num_kv_heads") or cfg["num_attention_heads"]
-        shape = (batch, heads, 0, cfg["hidden_size"] // cfg["num_attention_heads"])
+        shape = kv_shape(self.cfg, batch, 0)
         return [np.zeros(shape, dtype=np.float32) for _ in self.input_names[2:]]
 
     def run(self, input_ids, attention_mask=None, past=None):

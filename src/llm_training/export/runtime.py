@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm_training.config import ModelConfig
+from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 
@@ -82,6 +82,30 @@ class LoadedModel:
     path: Path
     step: int | None = None
 
+    @property
+    def in_torch(self) -> bool:
+        """Whether ``module`` is our ``Transformer`` (not an ONNX or TorchScript runtime behind a wrapper)."""
+        return self.kind not in ("onnx", "torchscript")
+
+    @property
+    def prefers_bf16(self) -> bool:
+        """A torch model on a device that computes in bf16 (CUDA with bf16 support)."""
+        from llm_training.train.device import pick_precision
+
+        device = next(self.module.parameters()).device if self.in_torch else torch.device("cpu")
+        return self.in_torch and pick_precision("auto", device) == "bf16"
+
+
+def load_for_generation(path: str | Path, device: str = "auto") -> LoadedModel:
+    """``load_model`` on ``device`` ("auto": CUDA when present), with the weights cast to bf16 where the
+    device computes in bf16: autocast would cast every weight again at every generated token."""
+    from llm_training.train.device import pick_device
+
+    loaded = load_model(path, pick_device(device))
+    if loaded.prefers_bf16:
+        loaded.module.to(torch.bfloat16)
+    return loaded
+
 
 def detect_format(path: str | Path) -> str:
     """Which of ``FORMATS`` the file or folder at ``path`` is (by content, not by name)."""
@@ -123,13 +147,6 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _config(text: str, where: Path) -> ModelConfig:
-    try:
-        return ModelConfig(**json.loads(text))
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{where}: its model config cannot be read ({exc})") from None
-
-
 def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:
     if tokenizer is None:
         raise UserError(f"{path}: holds no tokenizer; export it again with this tool")
@@ -140,7 +157,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """The model at ``path`` in eval mode; torch formats on ``device``, ONNX on onnxruntime's best provider."""
     path = Path(path)
     kind = detect_format(path)
-    step = None
     if kind == "checkpoint":
         from llm_training.train.artifacts import load_trained
 
@@ -157,16 +173,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             ) from None
         if META_CONFIG not in runner.metadata:
             raise UserError(f"{path}: an ONNX model without llm_training's metadata (config and tokenizer)")
-        cfg = _config(runner.metadata[META_CONFIG], path)
         tokenizer = Tokenizer.from_json(runner.metadata[META_TOKENIZER])
-        return LoadedModel(kind, RuntimeModule(cfg, runner.logits, kind, runner).eval(), tokenizer, cfg, path)
+        module = RuntimeModule(runner.cfg, runner.logits, kind, runner).eval()
+        return LoadedModel(kind, module, tokenizer, runner.cfg, path)
     if kind == "torchscript":
         from llm_training.export.torchscript import load_torchscript
 
         module, extra = load_torchscript(path)
         if "config.json" not in extra:
             raise UserError(f"{path}: TorchScript without llm_training's config.json inside")
-        cfg = _config(extra["config.json"], path)
+        cfg = model_config_from_json(extra["config.json"], str(path))
         tokenizer = Tokenizer.from_json(extra["tokenizer.json"]) if "tokenizer.json" in extra else None
 
         def run(ids: torch.Tensor) -> torch.Tensor:
@@ -187,4 +203,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         from llm_training.export.gguf import load_gguf
 
         model, tokenizer = load_gguf(path)
-    return LoadedModel(kind, model.to(device).eval(), _need_tokenizer(tokenizer, path), model.cfg, path, step)
+    return LoadedModel(kind, model.to(device).eval(), _need_tokenizer(tokenizer, path), model.cfg, path)

@@ -3,12 +3,11 @@ beside the weights file, and both also in the file's header metadata so that the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from llm_training.config import ModelConfig
+from llm_training.config import model_config_from_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.model.transformer import Transformer
@@ -56,7 +55,7 @@ def load_weights(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
         raise UserError(
             f"{path}: safetensors without llm_training's config (a Hugging Face folder? pass the folder)"
         )
-    cfg = ModelConfig(**json.loads(metadata["config"]))
+    cfg = model_config_from_json(metadata["config"], str(path))
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]

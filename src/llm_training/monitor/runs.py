@@ -8,7 +8,7 @@ started); its folder is the output directory that holds that log. Runs are looke
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG_NAME = "system.log"
@@ -27,7 +27,6 @@ class Run:
     last_loss: float | None = None
     status: str = "running or stopped"  # from its run_end line, when there is one
     lines: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def log_files(root: Path, depth: int = 4) -> list[Path]:

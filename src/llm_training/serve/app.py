@@ -48,6 +48,11 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+def make_engine(options: ServeOptions) -> Engine:
+    return Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
+                  options.max_pending, options.truncate)  # fmt: skip
+
+
 def create_app(options: ServeOptions, engine: Engine | None = None):
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
@@ -56,8 +61,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
 
     from llm_training.serve.metrics import ServeMetrics
 
-    engine = engine or Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait,
-                              options.batching, options.max_pending, options.truncate)  # fmt: skip
+    engine = engine or make_engine(options)
     metrics = ServeMetrics(engine)
     started = time.time()
 
@@ -130,12 +134,12 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         out = []
         for prompt in prompts:
-            tokens = engine.count_tokens(prompt)
-            if not options.truncate and tokens + max_new > engine.context:
-                raise ApiError(400, f"prompt of {tokens} tokens + {max_new} new tokens exceeds the context of "
+            ids = engine.encode(prompt)  # once: the engine generates from these
+            if not options.truncate and len(ids) + max_new > engine.context:
+                raise ApiError(400, f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the context of "
                                     f"{engine.context} tokens", code="context_length_exceeded")  # fmt: skip
             out.append(Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                               tuple(s for s in stops if s), body.seed))  # fmt: skip
+                               tuple(s for s in stops if s), body.seed, ids))  # fmt: skip
         return out
 
     def submit(request: Request, on_text=None):

@@ -41,6 +41,7 @@ class Request:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ids: list[int] | None = None  # the prompt's tokens when the caller already has them
 
     def group(self) -> tuple:
         """Requests generated together must share these."""
@@ -84,15 +85,9 @@ class Engine:
 
     def load(self) -> None:
         """Load the model (in the caller's thread, so a bad path fails the start) and start the worker."""
-        import torch
+        from llm_training.export.runtime import load_for_generation
 
-        from llm_training.export.runtime import load_model
-        from llm_training.train.device import pick_device, pick_precision
-
-        device = pick_device(self.device_name)
-        self.loaded = load_model(self.model_path, device)
-        if self.loaded.kind not in ("onnx", "torchscript") and pick_precision("auto", device) == "bf16":
-            self.loaded.module.to(torch.bfloat16)
+        self.loaded = load_for_generation(self.model_path, self.device_name)
         self.thread.start()
         self.ready.set()
 
@@ -106,8 +101,8 @@ class Engine:
     def context(self) -> int:
         return self.loaded.cfg.max_seq_length
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.loaded.tokenizer.encode(text))
+    def encode(self, text: str) -> list[int]:
+        return self.loaded.tokenizer.encode(text)
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None) -> Job:
         if self.stopping or not self.ready.is_set():
@@ -189,7 +184,7 @@ class Engine:
         stops = first.stop  # shared by the group
         sampling = Sampling(max(j.request.max_new_tokens for j in jobs), first.temperature, first.top_k, first.top_p,
                             first.repetition_penalty, first.seed)  # fmt: skip
-        prompts = [tok.encode(j.request.prompt) for j in jobs]
+        prompts = [j.request.ids if j.request.ids is not None else tok.encode(j.request.prompt) for j in jobs]
 
         def final_text(tokens: list[int]) -> str:
             text = tok.decode(tokens)
