@@ -107,34 +107,25 @@ def free_port() -> int:
 def test_two_nodes_on_loopback_train_to_the_end(tmp_path, data, single):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                *TRAIN,
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--num-gpus",
-                "1",
-                "--rdzv-endpoint",
-                f"127.0.0.1:{port}",
-                "--data-dir",
-                str(data),
-                "--output-dir",
-                str(tmp_path / "run"),
-                *settings(4),
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    # Output to files, not pipes: a node whose pipe nobody reads (its store retries while node 0 starts fill
+    # it) would block on a write, never reach the exit barrier, and hold node 0 there too.
+    logs = [(tmp_path / f"node{rank}.out", tmp_path / f"node{rank}.err") for rank in (0, 1)]
+    nodes = []
+    for rank, (out, err) in enumerate(logs):
+        command = [sys.executable, *TRAIN, "--nnodes", "2", "--node-rank", str(rank), "--num-gpus", "1",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--data-dir", str(data),
+                   "--output-dir", str(tmp_path / "run"), *settings(4)]  # fmt: skip
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=stdout, stderr=stderr))
+    try:
+        for node in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    outputs = [(out.read_text(), err.read_text()[-3000:]) for out, err in logs]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "done: 6 steps" in outputs[0][0] and "done:" not in outputs[1][0]
     assert close(losses(tmp_path / "run"), single[1])
