@@ -37,6 +37,7 @@ _EXPORTS = {
     "EventBus": "llm_training.events",
     "UserError": "llm_training.errors",
     "ModelServer": "llm_training.api.serve",
+    "MetricsDashboard": "llm_training.monitor.dashboard",
     "Pipeline": "llm_training.api.pipeline",
     "PipelineError": "llm_training.api.pipeline",
     "ModelExporter": "llm_training.api.export",
@@ -51,6 +52,7 @@ __all__ = [
     "DataLoaderOutput",
     "ErrorRecovery",
     "ModelCheckpointer",
+    "MetricsDashboard",
     "ModelExporter",
     "ModelServer",
     "Pipeline",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.data.sources import DataSourceConnector, DataSourceConnectorOutput, Document
     from llm_training.errors import UserError
     from llm_training.events import EventBus
+    from llm_training.monitor.dashboard import MetricsDashboard
     from llm_training.train.checkpoint import load_checkpoint
     from llm_training.train.recovery import ErrorRecovery, RecoveryExhausted
 

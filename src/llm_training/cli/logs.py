@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         target = wanted[0]
         if args.metrics:
-            return _metrics(target, args)
+            return _metrics(target, runs, args)
         shown = 0
         while True:
             lines = run_lines(target)
@@ -65,21 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(body)
 
 
-def _metrics(target, args) -> int:
-    """The records of the run's metrics.jsonl written since it started (one folder may hold several runs)."""
-    import datetime
-
-    from llm_training.monitor.runs import run_lines
+def _metrics(target, runs, args) -> int:
+    """The records of the run's metrics.jsonl (one folder may hold several runs: only this one's)."""
+    from llm_training.monitor.runs import read_records, records_of, run_lines
 
     path = target.folder / "metrics.jsonl"
     if not path.is_file():
         print(f"{path}: no metrics yet")
         return 0
-    start = datetime.datetime.strptime(target.run_id, "%Y%m%d-%H%M%S").timestamp()
     shown = 0
     while True:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        records = [r for r in records if r.get("time", 0) >= start - 1]
+        records = records_of(target, read_records(path), runs)
         for r in records[shown:]:
             print(json.dumps(r), flush=True)
         shown = len(records)

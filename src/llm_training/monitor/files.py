@@ -58,12 +58,12 @@ class LogSink(Sink):
 
 
 class MetricsFileSink(Sink):
-    """Appends logged steps, validations and recoveries to ``metrics.jsonl``."""
+    """Appends logged steps, validations, recoveries and custom metrics to ``metrics.jsonl``."""
 
     def __init__(self, bus: EventBus, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for topic in (events.STEP_END, events.EVAL_END, events.RECOVERY):
+        for topic in (events.STEP_END, events.EVAL_END, events.RECOVERY, events.METRIC):
             self.listen(bus, topic, self._write)
 
     def _write(self, event: Event) -> None:

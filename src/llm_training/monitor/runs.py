@@ -7,6 +7,8 @@ started); its folder is the output directory that holds that log. Runs are looke
 
 from __future__ import annotations
 
+import datetime
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,3 +87,33 @@ def find_runs(root: str | Path = ".") -> list[Run]:
 
 def run_lines(run: Run) -> list[str]:
     return [line for line in _all_lines(run.log) if f" run={run.run_id} " in line]
+
+
+def started_at(run: Run) -> float:
+    """The run's start as a Unix time, from its id (the local time it started); 0 when the id is not one."""
+    try:
+        return datetime.datetime.strptime(run.run_id[:15], "%Y%m%d-%H%M%S").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line being written (no newline yet) or damaged is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def records_of(run: Run, records: list[dict], runs: list[Run]) -> list[dict]:
+    """The records of ``run`` among its folder's ``metrics.jsonl`` records: one folder may hold several runs
+    (a resume starts a new one), each owns the records from its start to the next run's start."""
+    start = started_at(run) - 1
+    later = [started_at(r) - 1 for r in runs if r.folder == run.folder and started_at(r) > started_at(run)]
+    end = min(later, default=float("inf"))
+    return [r for r in records if start <= r.get("time", 0) < end]

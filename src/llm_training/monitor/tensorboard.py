@@ -38,7 +38,7 @@ class TensorBoardSink(Sink):
         self.listen(bus, events.SAMPLE, self._sample)
         self.listen(bus, events.RECOVERY, self._recovery)
         self.listen(bus, events.RUN_END, lambda _e: self.writer.flush())
-        self.listen(bus, "metric", self._custom)
+        self.listen(bus, events.METRIC, self._custom)
 
     @property
     def writer(self):

@@ -1,0 +1,478 @@
+"""``MetricsDashboard``: a local web page with live charts of every training run under a folder (loss,
+validation loss, learning rate, throughput, gradient norm, custom metrics), and the same charts as one
+self-contained HTML file (``generate_report``) that works offline.
+
+The runs are the ones ``llm-logs`` finds (``<output_dir>/logs/system.log``); their numbers come from each
+run's ``metrics.jsonl``, read incrementally, so a run in another process shows up and updates while it
+trains. Charts are drawn by plotly.js, served from the ``plotly`` package (never a CDN) and inlined in the
+report. The server is FastAPI under uvicorn in a background thread.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request model of a handler defined inside app()
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_training import events
+from llm_training.errors import UserError
+from llm_training.monitor import runs as run_index
+from llm_training.report.page import CSS, esc
+
+log = logging.getLogger("llm_training.dashboard")
+
+# chart id -> (title, y axis, the step_end key it plots); loss also plots eval_end's val_loss
+CHARTS = {
+    "loss": ("Loss (solid: training, dashed: validation)", "loss", "loss"),
+    "lr": ("Learning rate", "learning rate", "lr"),
+    "throughput": ("Throughput", "tokens / s", "tokens_per_second"),
+    "grad_norm": ("Gradient norm", "norm", "grad_norm"),
+}
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]  # fmt: skip
+OWN = "added here"
+RUNNING_WITHIN = 180.0  # seconds since a run's last log line within which it counts as running  # the series name of metrics given to add_metric
+
+
+@dataclass
+class _Series:
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+
+    def add(self, x: float, y: float) -> None:
+        self.x.append(x)
+        self.y.append(y)
+
+
+class _Tail:
+    """A ``metrics.jsonl`` read from where the last read stopped (the file only grows while a run trains)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.records = path, 0, []
+
+    def read(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return self.records
+        if size < self.offset:  # replaced or truncated: start again
+            self.offset, self.records = 0, []
+        if size > self.offset:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read(size - self.offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
+            self.offset += len(complete)
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    self.records.append(record)
+        return self.records
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+class MetricsDashboard:
+    """``MetricsDashboard(port=8080).start()`` serves http://127.0.0.1:8080 with the runs under ``root``
+    (default: the current folder), refreshed every ``refresh`` seconds. ``port=0`` takes any free port
+    (``dashboard.url`` says which). ``add_metric(name, value=...)`` adds a point to a custom chart;
+    ``generate_report(path)`` writes the charts to one HTML file. ``start()`` returns at once (the server
+    runs in a background thread until ``stop()`` or the end of the program; ``wait()`` blocks)."""
+
+    def __init__(
+        self,
+        port: int = 8080,
+        host: str = "127.0.0.1",
+        root: str | Path = ".",
+        refresh: float = 2.0,
+        title: str = "llm_training runs",
+    ) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise UserError(f"MetricsDashboard: port must be 0 to 65535, got {port}")
+        if refresh <= 0:
+            raise UserError(f"MetricsDashboard: refresh must be above 0 seconds, got {refresh}")
+        self.port, self.host, self.root = int(port), host, Path(root)
+        self.refresh, self.title = float(refresh), title
+        self._own: dict[str, _Series] = {}
+        self._tails: dict[Path, _Tail] = {}
+        self._runs_key: tuple = ()
+        self._runs: list[run_index.Run] = []
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ data
+    def add_metric(self, name: str, value: float, step: int | float | None = None) -> None:
+        """One point of the custom chart ``name``: at ``step`` if given, else after the last point."""
+        if not isinstance(name, str) or not name.strip():
+            raise UserError("add_metric: name must be a non-empty string")
+        number = _number(value)
+        if number is None:
+            raise UserError(f"add_metric({name!r}): value must be a finite number, got {value!r}")
+        if step is not None and _number(step) is None:
+            raise UserError(f"add_metric({name!r}): step must be a number, got {step!r}")
+        with self._lock:
+            series = self._own.setdefault(name.strip(), _Series())
+            series.add(float(step) if step is not None else float(len(series.x) + 1), number)
+
+    def _find_runs(self) -> list[run_index.Run]:
+        """The runs under the root; the logs are parsed again only when one of them changed."""
+        logs = run_index.log_files(self.root)
+        key = []
+        for path in logs:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            key.append((str(path), stat.st_mtime_ns, stat.st_size))
+        if tuple(key) != self._runs_key:
+            self._runs, self._runs_key = run_index.find_runs(self.root), tuple(key)
+        return self._runs
+
+    def snapshot(self) -> dict:
+        """Every run's table row and series, the custom metrics, and the charts built from them."""
+        with self._lock:
+            runs = self._find_runs()
+            rows, charts = [], {key: [] for key in CHARTS}
+            custom: dict[str, list[tuple[str, _Series, str]]] = {}
+            for index, run in enumerate(runs):
+                color = COLORS[index % len(COLORS)]
+                path = run.folder / "metrics.jsonl"
+                tail = self._tails.setdefault(path, _Tail(path))
+                records = run_index.records_of(run, tail.read(), runs)
+                series, extra, summary = _series_of(records)
+                for key in CHARTS:
+                    if series[key].x:
+                        charts[key].append(_trace(f"{run.run_id}", series[key], color))
+                if series["val_loss"].x:
+                    charts["loss"].append(_trace(f"{run.run_id} validation", series["val_loss"], color, True))
+                for name, points in extra.items():
+                    custom.setdefault(name, []).append((run.run_id, points, color))
+                status = _status(run, runs)
+                rows.append({"run": run.run_id, "folder": str(run.folder), "status": status, **summary})
+            for name, points in self._own.items():
+                custom.setdefault(name, []).append((OWN, _Series(list(points.x), list(points.y)), "#444"))
+        figures = [_figure(key, *CHARTS[key][:2], charts[key]) for key in CHARTS]
+        for name in sorted(custom):
+            traces = [_trace(label, points, color) for label, points, color in custom[name]]
+            figures.append(_figure(f"custom-{_slug(name)}", name, name, traces))
+        return {
+            "title": self.title,
+            "root": str(self.root.resolve()),
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "runs": rows,
+            "charts": figures,
+        }
+
+    # ------------------------------------------------------------------------------------------ pages
+    def page(self, live: bool) -> str:
+        """The dashboard page (``live``: polls ``api/data``) or the report (plotly.js and data inline)."""
+        data = self.snapshot()
+        return _html(data, plotly="" if live else _plotly_js(), refresh=self.refresh if live else 0.0)
+
+    def generate_report(self, path: str | Path) -> Path:
+        """Write the charts of every run as one self-contained HTML file (no network needed to view it)."""
+        target = Path(path)
+        if target.is_dir():
+            raise UserError(
+                f"{target} is a folder; give the report's file name, e.g. {target / 'report.html'}"
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_text(self.page(live=False), encoding="utf-8")
+            os.replace(partial, target)  # an earlier report stays whole until the new one is complete
+        except OSError as exc:
+            raise UserError(f"cannot write the report {target}: {exc.strerror or exc}") from None
+        return target
+
+    # ------------------------------------------------------------------------------------------ server
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self):
+        from fastapi import FastAPI, HTTPException
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from pydantic import BaseModel
+
+        class Point(BaseModel):
+            name: str
+            value: float
+            step: float | None = None
+
+        app = FastAPI(title="llm_training dashboard", docs_url=None, redoc_url=None)
+        script = _plotly_js()
+
+        @app.get("/", response_class=HTMLResponse)
+        def index() -> str:
+            return self.page(live=True)
+
+        @app.get("/plotly.min.js")
+        def plotly_js() -> Response:
+            return Response(script, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
+
+        @app.get("/api/data")
+        def data() -> JSONResponse:
+            return JSONResponse(self.snapshot())
+
+        @app.post("/api/metrics")
+        def add(point: Point) -> dict:
+            try:
+                self.add_metric(point.name, point.value, point.step)
+            except UserError as exc:
+                raise HTTPException(422, str(exc)) from None
+            return {"ok": True}
+
+        @app.get("/health")
+        def health() -> dict:
+            return {"status": "ok"}
+
+        return app
+
+    def start(self, wait: float = 30.0) -> "MetricsDashboard":
+        """Serve in a background thread; returns once the page answers."""
+        import uvicorn
+
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise UserError(
+                f"the dashboard cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
+                "pass another port, or port=0 for any free one"
+            ) from None
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="llm-dashboard", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + wait
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise UserError(f"the dashboard did not start on {self.url}; see the messages above")
+            time.sleep(0.02)
+        log.info("dashboard: %s (runs under %s)", self.url, self.root.resolve())
+        return self
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C stops it)."""
+        try:
+            while self._thread is not None and self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._server = self._thread = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _series_of(records: list[dict]) -> tuple[dict[str, _Series], dict[str, _Series], dict]:
+    """One run's records as series by key, its custom metrics by name, and its table row's numbers."""
+    series = {key: _Series() for key in [*CHARTS, "val_loss"]}
+    extra: dict[str, _Series] = {}
+    summary: dict[str, Any] = {"step": None, "loss": None, "best_val_loss": None, "tokens_per_second": None}
+    last = {}  # step -> index, so that a step logged again (after a resume or rollback) replaces its point
+    for record in records:
+        step = _number(record.get("step"))
+        kind = record.get("event")
+        if kind == events.STEP_END and step is not None:
+            for key in CHARTS:
+                value = _number(record.get(CHARTS[key][2]))
+                if value is not None:
+                    _put(series[key], last, key, step, value)
+            summary["step"] = int(step)
+            summary["loss"] = _number(record.get("loss")) or summary["loss"]
+            summary["tokens_per_second"] = (
+                _number(record.get("tokens_per_second")) or summary["tokens_per_second"]
+            )
+        elif kind == events.EVAL_END and step is not None:
+            value = _number(record.get("val_loss"))
+            if value is not None:
+                _put(series["val_loss"], last, "val_loss", step, value)
+                best = summary["best_val_loss"]
+                summary["best_val_loss"] = value if best is None else min(best, value)
+        elif kind == events.METRIC and isinstance(record.get("name"), str):
+            value = _number(record.get("value"))
+            if value is not None:
+                points = extra.setdefault(record["name"], _Series())
+                points.add(step if step is not None else float(len(points.x) + 1), value)
+    return series, extra, summary
+
+
+def _status(run: run_index.Run, runs: list[run_index.Run]) -> str:
+    """A run without a run_end line is running while its log grows, else stopped (killed, or its machine
+    went away); only the newest run of a folder can still be running."""
+    if run.status != run_index.Run.status:
+        return run.status
+    newest = max((r for r in runs if r.folder == run.folder), key=run_index.started_at)
+    try:
+        recent = time.time() - run.log.stat().st_mtime < RUNNING_WITHIN
+    except OSError:
+        recent = False
+    return "running" if recent and newest is run else "stopped"
+
+
+def _put(series: _Series, last: dict, key: str, step: float, value: float) -> None:
+    index = last.get((key, step))
+    if index is not None and index < len(series.y):
+        series.y[index] = value
+        return
+    if series.x and step < series.x[-1]:  # a rollback: the later points are replaced as they come again
+        keep = sum(1 for x in series.x if x < step)
+        del series.x[keep:], series.y[keep:]
+        for k in [k for k in last if k[0] == key and k[1] >= step]:
+            del last[k]
+    last[(key, step)] = len(series.x)
+    series.add(step, value)
+
+
+def _trace(name: str, series: _Series, color: str, dashed: bool = False) -> dict:
+    return {
+        "type": "scatter",
+        "mode": "lines+markers" if len(series.x) < 40 else "lines",
+        "name": name,
+        "x": series.x,
+        "y": series.y,
+        "line": {"color": color, "width": 2, **({"dash": "dash"} if dashed else {})},
+        "marker": {"size": 5, "color": color},
+    }
+
+
+def _figure(key: str, title: str, y_title: str, traces: list[dict]) -> dict:
+    layout = {
+        "title": {"text": title, "font": {"size": 15}},
+        "xaxis": {"title": {"text": "step"}, "automargin": True},
+        "yaxis": {"title": {"text": y_title}, "automargin": True},
+        "margin": {"l": 60, "r": 20, "t": 45, "b": 50},
+        "height": 340,
+        "legend": {"orientation": "h", "y": -0.3, "yanchor": "top"},
+        "uirevision": key,  # zoom and hidden traces survive the updates
+        "template": {"layout": {"paper_bgcolor": "#fff", "plot_bgcolor": "#fafbfc"}},
+    }
+    if not traces:
+        layout["annotations"] = [{"text": "no data yet", "showarrow": False, "font": {"size": 14},
+                                  "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]  # fmt: skip
+    return {"id": key, "data": traces, "layout": layout}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "metric"
+
+
+def _plotly_js() -> str:
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        raise UserError(
+            "the dashboard draws its charts with plotly: pip install 'llm-training[monitor]'"
+        ) from None
+    return get_plotlyjs()
+
+
+SCRIPT = """
+const REFRESH = %(refresh)s;
+function cell(row, value, cls) {
+  const td = row.insertCell(); td.textContent = value === null || value === undefined ? "-" : value;
+  if (cls) td.className = cls;
+}
+function fixed(value, digits) { return value === null || value === undefined ? null : value.toFixed(digits); }
+function draw(data) {
+  document.getElementById("updated").textContent = data.updated;
+  const body = document.getElementById("runs");
+  body.replaceChildren();
+  for (const run of data.runs) {
+    const row = body.insertRow();
+    cell(row, run.run, "l"); cell(row, run.status, "l"); cell(row, run.step);
+    cell(row, fixed(run.loss, 4)); cell(row, fixed(run.best_val_loss, 4));
+    cell(row, run.tokens_per_second === null ? null : Math.round(run.tokens_per_second).toLocaleString());
+    cell(row, run.folder, "l");
+  }
+  document.getElementById("none").hidden = data.runs.length > 0;
+  const charts = document.getElementById("charts");
+  for (const chart of data.charts) {
+    let div = document.getElementById("chart-" + chart.id);
+    if (!div) {
+      div = document.createElement("div"); div.id = "chart-" + chart.id; div.className = "chart";
+      charts.appendChild(div);
+    }
+    Plotly.react(div, chart.data, chart.layout, {responsive: true, displaylogo: false});
+  }
+}
+async function poll() {
+  const state = document.getElementById("state");
+  try {
+    const answer = await fetch("api/data", {cache: "no-store"});
+    if (!answer.ok) throw new Error(answer.status);
+    draw(await answer.json());
+    state.textContent = "live, every " + REFRESH + " s"; state.className = "ok";
+  } catch (error) {
+    state.textContent = "cannot reach the dashboard server"; state.className = "fail";
+  }
+  setTimeout(poll, REFRESH * 1000);
+}
+draw(JSON.parse(document.getElementById("data").textContent));
+if (REFRESH > 0) setTimeout(poll, REFRESH * 1000);
+"""
+
+STYLE = """
+body { max-width: 1500px; }
+#charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }
+.chart { border: 1px solid #d9e1ea; border-radius: 6px; padding: 0.3rem; min-height: 330px; }
+"""
+
+
+def _html(data: dict, plotly: str, refresh: float) -> str:
+    """The page: plotly.js inline (the report) or from the server, the snapshot as JSON, the drawing script."""
+    payload = json.dumps(data).replace("</", "<\\/")  # nothing in the data can close the script element
+    script = (
+        f"<script>{plotly}</script>" if plotly else "<script src='plotly.min.js'></script>"
+    )  # the report inlines plotly.js; the live page loads it from its own server
+    state = (
+        f"<span id='state' class='ok'>live, every {refresh:g} s</span>"
+        if refresh
+        else "<span id='state'>report</span>"
+    )
+    header = ["run", "status", "step", "train loss", "best val loss", "tokens/s", "folder"]
+    head = "".join(
+        f"<th{' class=l' if h in ('run', 'status', 'folder') else ''}>{esc(h)}</th>" for h in header
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(data['title'])}</title><style>{CSS}{STYLE}</style>{script}</head><body>"
+        f"<h1>{esc(data['title'])}</h1>"
+        f"<p class='sub'>Runs under <code>{esc(data['root'])}</code> &middot; updated "
+        f"<span id='updated'>{esc(data['updated'])}</span> &middot; {state}</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody id='runs'></tbody></table>"
+        "<p id='none' class='note' hidden>No runs yet: a training run writes "
+        "<code>&lt;output_dir&gt;/logs/system.log</code> and <code>metrics.jsonl</code>.</p>"
+        "<div id='charts'></div>"
+        f"<script type='application/json' id='data'>{payload}</script>"
+        f"<script>{SCRIPT % {'refresh': json.dumps(refresh)}}</script></body></html>\n"
+    )
