@@ -112,6 +112,14 @@ def train_on_plays(root: Path, steps: int, **settings) -> tuple[Path, Path, list
     return Path(result.final_checkpoint), text, plays
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for_health(url: str, seconds: float = 120.0) -> None:
     """Wait until a server started in another process answers ``url``/health with 200."""
     import time
@@ -132,3 +140,12 @@ def wait_for_health(url: str, seconds: float = 120.0) -> None:
 def set_flags(values: dict) -> list[str]:
     """``--set key=value`` for each config value (None as null)."""
     return [x for k, v in values.items() for x in ("--set", f"{k}={'null' if v is None else v}")]
+
+
+@pytest.fixture(autouse=True)
+def _no_runtime_overrides():
+    """A test's ConfigurationAdaptor.update_config must not reach the next test (they are process-wide)."""
+    yield
+    from llm_training.overrides import RUNTIME
+
+    RUNTIME.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, prepared_plays, run_cli, set_flags
+from conftest import REPO, TINY, assert_user_error, free_port, prepared_plays, run_cli, set_flags
 from llm_training.monitor.files import step_losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -96,12 +95,6 @@ def test_checkpoints_resume_on_another_number_of_processes(tmp_path, data, singl
                 *settings(4, **{"resources.strategy": "fsdp"}),
                 "--resume", str(single[0] / "checkpoints" / "model_step_3.pt")], tmp_path))  # fmt: skip
     assert close(losses(back), {s: v for s, v in single[1].items() if s > 3})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_loopback_train_to_the_end(tmp_path, data, single):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import train_on_plays, wait_for_health
+from conftest import free_port, train_on_plays, wait_for_health
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -20,12 +19,6 @@ pytest.importorskip("onnxruntime")
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -43,35 +43,53 @@ _EXPORTS = {
     "ModelExporter": "llm_training.api.export",
     "ModelExporterInput": "llm_training.api.export",
     "ModelExporterOutput": "llm_training.api.export",
+    "EventBusAdaptor": "llm_training.events",
+    "ComputeResourceManager": "llm_training.api.resources",
+    "LossCalculator": "llm_training.api.losses",
+    "LossCalculatorInput": "llm_training.api.losses",
+    "LossCalculatorOutput": "llm_training.api.losses",
+    "MetricsCollector": "llm_training.api.metrics",
+    "MetricsCollectorInput": "llm_training.api.metrics",
+    "MetricsCollectorOutput": "llm_training.api.metrics",
+    "ConfigurationAdaptor": "llm_training.api.configuration",
 }
 
 __all__ = [
+    "ComputeResourceManager",
     "Config",
+    "ConfigurationAdaptor",
     "DataLoader",
     "DataLoaderInput",
     "DataLoaderOutput",
+    "DataPreparationPipeline",
+    "DataSourceConnector",
+    "DataSourceConnectorOutput",
+    "Document",
     "ErrorRecovery",
-    "ModelCheckpointer",
+    "EventBus",
+    "EventBusAdaptor",
+    "LossCalculator",
+    "LossCalculatorInput",
+    "LossCalculatorOutput",
+    "MetricsCollector",
+    "MetricsCollectorInput",
+    "MetricsCollectorOutput",
     "MetricsDashboard",
+    "ModelCheckpointer",
     "ModelExporter",
+    "ModelExporterInput",
+    "ModelExporterOutput",
+    "ModelInitializer",
+    "ModelInitializerInput",
+    "ModelInitializerOutput",
     "ModelServer",
     "Pipeline",
     "PipelineError",
-    "ModelExporterInput",
-    "ModelExporterOutput",
     "RecoveryExhausted",
     "Trainer",
     "TrainingOrchestrator",
     "TrainingOrchestratorInput",
     "TrainingOrchestratorOutput",
-    "DataPreparationPipeline",
-    "DataSourceConnector",
-    "DataSourceConnectorOutput",
-    "Document",
-    "EventBus",
-    "ModelInitializer",
-    "ModelInitializerInput",
-    "ModelInitializerOutput",
     "UserError",
     "__version__",
     "load_checkpoint",
@@ -80,10 +98,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from llm_training.api.configuration import ConfigurationAdaptor
     from llm_training.api.data import DataPreparationPipeline
     from llm_training.api.export import ModelExporter, ModelExporterInput, ModelExporterOutput
+    from llm_training.api.losses import LossCalculator, LossCalculatorInput, LossCalculatorOutput
+    from llm_training.api.metrics import MetricsCollector, MetricsCollectorInput, MetricsCollectorOutput
     from llm_training.api.model import ModelInitializer, ModelInitializerInput, ModelInitializerOutput
     from llm_training.api.pipeline import Pipeline, PipelineError
+    from llm_training.api.resources import ComputeResourceManager
     from llm_training.api.serve import ModelServer
     from llm_training.api.trainer import Trainer
     from llm_training.api.training import (
@@ -99,7 +121,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.config import Config, load_config
     from llm_training.data.sources import DataSourceConnector, DataSourceConnectorOutput, Document
     from llm_training.errors import UserError
-    from llm_training.events import EventBus
+    from llm_training.events import EventBus, EventBusAdaptor
     from llm_training.monitor.dashboard import MetricsDashboard
     from llm_training.train.checkpoint import load_checkpoint
     from llm_training.train.recovery import ErrorRecovery, RecoveryExhausted

@@ -90,6 +90,8 @@ class TrainingConfig:
     num_epochs: int | None = None  # passes over the data; None means 1, or unlimited under a time budget
     max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
     max_time: str | float | None = None  # time budget, e.g. "70s", "15m", "2h"; the schedule fits it
+    # tokens a training window; None: model.max_seq_length (shorter windows for a curriculum, say)
+    seq_length: int | None = None
     learning_rate: float = 0.01
     min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
     lr_schedule: str = "cosine"  # after warm-up: cosine, linear (to the floor) or constant
@@ -195,9 +197,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole configuration as nested dictionaries (what checkpoints and config.yaml hold)."""
         return dataclasses.asdict(self)
 
     def get(self, section: str, key: str) -> Any:
+        """A value by its dotted name, e.g. cfg.get('training.batch_size')."""
         return getattr(_section(self, section, "runtime"), key)
 
     def update(self, section: str, key: str, value: Any, source: str = "runtime override") -> None:
@@ -392,12 +396,14 @@ def load_config(
     environ: typing.Mapping[str, str] | None = None,
     preset: dict[str, Any] | None = None,
     default_file: str | Path | None = DEFAULT_CONFIG_PATH,
+    runtime: bool = True,
 ) -> Config:
     """Resolve the hierarchy into a checked ``Config``.
 
     ``cli`` and ``overrides`` take dotted keys (``{'training.batch_size': 8}``) or nested mappings; ``None``
     values are skipped so unset flags do not mask lower layers. ``preset`` sits just above the hard-coded
-    defaults (the main job uses it for its quick-start budget).
+    defaults (the main job uses it for its quick-start budget). ``runtime``: include the runtime overrides
+    (``ConfigurationAdaptor.update_config``) at the top.
     """
     cfg = Config()
     if preset:
@@ -411,8 +417,13 @@ def load_config(
     apply_layer(cfg, env_layer(os.environ if environ is None else environ), "environment")
     if cli:
         apply_layer(cfg, dotted_to_nested(cli), "command line")
+    from llm_training.overrides import RUNTIME
+
     if overrides:
         apply_layer(cfg, dotted_to_nested(overrides), "runtime override")
+    live = RUNTIME.snapshot()[1] if runtime else {}  # ConfigurationAdaptor.update_config's values
+    if live:
+        apply_layer(cfg, dotted_to_nested(live), "runtime override")
     validate(cfg)
     return cfg
 
@@ -543,6 +554,10 @@ def validate(cfg: Config) -> None:
     _one_of(t.lr_schedule, {"cosine", "linear", "constant"}, "training.lr_schedule")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "training.warmup_steps cannot be negative")
+    _require(
+        t.seq_length is None or 1 <= t.seq_length <= cfg.model.max_seq_length,
+        f"training.seq_length must be 1 to model.max_seq_length ({cfg.model.max_seq_length}), got {t.seq_length}",
+    )
     _require(t.weight_decay >= 0, "training.weight_decay cannot be negative")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "training.beta1 and beta2 must be in [0, 1)")
     _require(t.grad_clip >= 0, "training.grad_clip cannot be negative (0 disables clipping)")

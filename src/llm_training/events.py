@@ -55,6 +55,7 @@ class EventBus:
         return unsubscribe
 
     def publish(self, topic: str, **payload: Any) -> Event:
+        """Call every handler of ``topic`` (and of '*') with an Event of ``payload``; returns the event."""
         event = Event(topic, payload)
         with self._lock:
             handlers = [*self._handlers.get(topic, ()), *self._handlers.get("*", ())]
@@ -64,6 +65,23 @@ class EventBus:
             except Exception:  # a broken sink must not stop training
                 log.exception("event handler %r failed on %s", handler, topic)
         return event
+
+
+class EventBusAdaptor(EventBus):
+    """The usage guide's name for the event bus that every component takes (``ModelInitializer(event_bus)``,
+    ...): ``subscribe(topic, handler)`` and ``publish(topic, **payload)`` as on ``EventBus``, plus
+    ``history`` (the last ``keep`` events, for a script or a notebook to look at)."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        super().__init__()
+        from collections import deque
+
+        self.history: deque[Event] = deque(maxlen=keep)
+        self.subscribe("*", self.history.append)
+
+    def events(self, topic: str | None = None) -> list[Event]:
+        """The kept events, of one topic or all."""
+        return [e for e in self.history if topic is None or e.topic == topic]
 
 
 class Sink:

@@ -44,6 +44,7 @@ class ModelExporter:
         self.event_bus = event_bus
 
     def export(self, spec: ModelExporterInput | None = None, **fields: Any) -> ModelExporterOutput:
+        """Export a checkpoint (a ModelExporterInput or its fields as keywords); returns the path, size and self-check, and publishes export_done."""
         from llm_training.errors import ConfigError
         from llm_training.export.exporter import ExportOptions, export_checkpoint
 

@@ -53,6 +53,7 @@ class ModelInitializer:
     def initialize(
         self, spec: ModelInitializerInput | None = None, **architecture: Any
     ) -> ModelInitializerOutput:
+        """Build a model from architecture keys (random, from a checkpoint or a Hugging Face folder); returns it registered under a model_id."""
         import torch
 
         from llm_training.model.transformer import Transformer

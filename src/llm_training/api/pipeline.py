@@ -43,6 +43,9 @@ class PipelineError(UserError):
 
 
 class Pipeline:
+    """``Pipeline().add_stage(name, **options)`` ... ``.run()``: the stages of the module's description, in
+    order, with their outputs and options recorded in ``<output_dir>/pipeline.json``."""
+
     def __init__(
         self, output_dir: str | Path = "pipeline_output", config_file: str | None = None, event_bus=None
     ):
@@ -52,6 +55,7 @@ class Pipeline:
         self.stages: list[tuple[str, dict]] = []
 
     def add_stage(self, name: str, **options: Any) -> Pipeline:
+        """Add a stage by name (data_collection, preprocessing, training, evaluation, export) with its options; returns the pipeline."""
         if name not in STAGES:
             raise UserError(f"unknown pipeline stage {name!r}; valid: {', '.join(STAGES)}")
         if any(existing == name for existing, _ in self.stages):
@@ -62,6 +66,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------- running
 
     def run(self, start_from: str | None = None) -> dict[str, dict]:
+        """Run the stages in order, each on the one before's output; returns the results by stage name."""
         if not self.stages:
             raise UserError("the pipeline has no stages; add some with add_stage(name, **options)")
         names = [n for n, _ in self.stages]

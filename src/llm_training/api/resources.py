@@ -29,6 +29,7 @@ class ComputeResourceManager:
         self._owns_group = False
 
     def devices(self) -> list[dict]:
+        """The devices this process can use: their kind, count and memory."""
         import torch
 
         found = []
@@ -40,6 +41,7 @@ class ComputeResourceManager:
         return found
 
     def device_type(self) -> str:
+        """'cuda', 'mps' or 'cpu': what training on this machine will use."""
         import torch
 
         wanted = self.resources.device
@@ -64,6 +66,7 @@ class ComputeResourceManager:
         }
 
     def init(self) -> DistEnv:
+        """Join the process group that torchrun or accelerate started (nothing for one process); returns this process's rank, world size and backend."""
         import torch.distributed as dist
 
         env = env_from_launcher()

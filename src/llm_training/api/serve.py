@@ -40,6 +40,7 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, block: bool = True, wait: float = 300.0) -> ModelServer:
+        """Serve until stopped (block=True, as in the guide), or in a child process that start(block=False) returns once /health answers."""
         if block:
             serve(self.options, self.host, self.port, self.workers)
             return self

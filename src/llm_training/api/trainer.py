@@ -26,6 +26,7 @@ class Trainer:
         self.result = None
 
     def config(self, **more: Any) -> Config:
+        """The configuration a train() with these keyword arguments would use."""
         values = {"data.data_dir": self.data_dir, "output_dir": self.output_dir}
         for key, value in {**self.overrides, **more}.items():
             values[key if "." in key else f"training.{key}"] = value
@@ -39,6 +40,7 @@ class Trainer:
         return self.result
 
     def final_checkpoint(self) -> Path:
+        """The checkpoint that evaluate() and export() use: the last train()'s final one, or the output folder's."""
         if self.result is not None:
             return Path(self.result.final_checkpoint)
         return Path(self.config().output_dir) / "checkpoints" / "model_final.pt"

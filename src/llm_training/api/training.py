@@ -25,10 +25,17 @@ class DataLoaderInput:
     num_workers: int = 0  # windows are read from memory-mapped shards in the loop: no worker processes needed
     prefetch_factor: int = 2
     seed: int = 42
+    # tokens a window; None: iterating gives the length the data was prepared for, training the model's
+    # context (a shorter length trains on shorter windows, as a curriculum does)
+    max_seq_length: int | None = None
 
 
 @dataclass
 class DataLoaderOutput:
+    """A prepared dataset ready to batch. ``len(loader)`` batches an epoch; iterating gives them as
+    dictionaries of ``input_ids`` and ``labels`` (labels are the inputs shifted by one token), a new epoch
+    (a new shuffle) each time it is iterated."""
+
     loader_id: str
     data_dir: Path
     dataset_path: Path
@@ -37,6 +44,28 @@ class DataLoaderOutput:
     num_tokens: int
     vocab_size: int
     seed: int = 42
+    max_seq_length: int | None = None
+    prepared_seq_length: int = 2048
+    _batches: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def batches(self):
+        """The ``BatchLoader`` over the training windows (made at first use)."""
+        if self._batches is None:
+            from llm_training.data.loader import BatchLoader, TokenDataset
+
+            windows = TokenDataset(self.dataset_path, self.max_seq_length or self.prepared_seq_length)
+            self._batches = BatchLoader(windows, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+        return self._batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __bool__(self) -> bool:  # a loader is there even before its windows are counted
+        return True
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 class DataLoader:
@@ -46,6 +75,7 @@ class DataLoader:
         self.event_bus = event_bus
 
     def create_loader(self, spec: DataLoaderInput | None = None, **options: Any) -> DataLoaderOutput:
+        """Check a prepared dataset (its train.json or folder) and return a DataLoaderOutput: registered by loader_id, iterable as batches, len() batches an epoch."""
         from llm_training.data.prepare import read_manifest
 
         spec = spec or DataLoaderInput(**options)
@@ -57,6 +87,8 @@ class DataLoader:
             )
         if spec.batch_size < 1:
             raise ConfigError(f"DataLoaderInput.batch_size must be at least 1, got {spec.batch_size}")
+        if spec.max_seq_length is not None and spec.max_seq_length < 1:
+            raise ConfigError(f"DataLoaderInput.max_seq_length must be at least 1, got {spec.max_seq_length}")
         manifest = read_manifest(manifest_path)
         data_dir = manifest_path.parent
         for needed in ("validation.json", "vocab.json"):
@@ -73,6 +105,8 @@ class DataLoader:
             num_tokens=int(manifest["num_tokens"]),
             vocab_size=int(manifest.get("vocab_size", 0)),
             seed=spec.seed,
+            max_seq_length=spec.max_seq_length,
+            prepared_seq_length=int(manifest.get("max_seq_length") or 2048),
         )
         LOADERS[output.loader_id] = output
         if self.event_bus is not None:
@@ -119,6 +153,7 @@ class TrainingOrchestrator:
         data_loader_output: DataLoaderOutput | None = None,
         checkpoint: dict | str | Path | None = None,
     ) -> TrainingOrchestratorOutput:
+        """Train the model of model_id (or the config's) on the loader's data; returns status, model_id, steps, final_checkpoint and validation figures."""
         from llm_training.api.jobs import run_training_on
         from llm_training.api.model import MODELS, register_model
         from llm_training.config import load_config
@@ -132,6 +167,8 @@ class TrainingOrchestrator:
             for k, v in spec.training_config.items()
         }
         values.setdefault("training.batch_size", loader.batch_size)
+        if loader.max_seq_length is not None:
+            values.setdefault("training.seq_length", loader.max_seq_length)
         values.setdefault("training.seed", loader.seed)
         if spec.model_id is not None:
             entry = MODELS.get(spec.model_id)
@@ -213,11 +250,13 @@ class ModelCheckpointer:
         return state
 
     def latest(self) -> Path | None:
+        """The newest checkpoint in the folder, or None."""
         from llm_training.train.checkpoint import latest_checkpoint
 
         return latest_checkpoint(self.checkpoint_dir)
 
     def list(self) -> list:
+        """The checkpoints a run can continue from (step files and model_final.pt), newest first."""
         from llm_training.train.checkpoint import resume_candidates
 
         return resume_candidates(self.checkpoint_dir)

@@ -102,6 +102,7 @@ class DataSourceConnector:
         self.connection: DataSourceConnectorOutput | None = None
 
     def connect(self, input_data: Any = None) -> DataSourceConnectorOutput:
+        """Open the source; returns a DataSourceConnectorOutput (connection_id, status, metadata) and publishes data_source_connected."""
         self.connection = DataSourceConnectorOutput(
             str(uuid.uuid4()), "connected", {"source": self.describe()}
         )
@@ -110,6 +111,7 @@ class DataSourceConnector:
         return self.connection
 
     def documents(self) -> Iterator[Document]:
+        """Yield the source's Documents (a subclass implements this)."""
         raise NotImplementedError(f"{type(self).__name__} must implement documents() to yield Documents")
 
     def to_document(self, record: Any, path: str, number: int) -> Document | None:
@@ -138,6 +140,7 @@ class DataSourceConnector:
         )
 
     def describe(self) -> str:
+        """A short description of the source, for logs and reports."""
         return type(self).__name__
 
     def __iter__(self) -> Iterator[Document]:

@@ -206,6 +206,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Loss (with ``labels``) or logits. With a ``cache`` (generation), ``input_ids`` continue the cached
         tokens: their keys and values are added to it and they attend to everything before them."""
+        if input_ids.dim() == 1:  # one sequence (a user scoring a single sample): logits (T, V)
+            out = self.forward(input_ids[None], None if labels is None else labels[None], cache)
+            return out if labels is not None else out[0]
         B, T = input_ids.shape
         if cache is None and self.cfg.max_seq_length < T:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_length})")

@@ -205,6 +205,7 @@ class MetricsDashboard:
         return f"http://{self.host}:{self.port}"
 
     def app(self):
+        """The FastAPI application: the page, plotly.js, /api/data, POST /api/metrics and /health."""
         from fastapi import FastAPI, HTTPException
         from fastapi.responses import HTMLResponse, JSONResponse, Response
         from pydantic import BaseModel
@@ -284,6 +285,7 @@ class MetricsDashboard:
             self.stop()
 
     def stop(self) -> None:
+        """Stop the server (the page stops updating); start() may be called again."""
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

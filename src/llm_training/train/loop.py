@@ -25,6 +25,7 @@ from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.model.generate import Sampling, generate_tokens
 from llm_training.model.transformer import Transformer
+from llm_training.overrides import LIVE_KEYS, RUNTIME
 from llm_training.train.autobatch import global_batch, resolve_batch
 from llm_training.train.checkpoint import (
     CHECKPOINT_VERSION,
@@ -170,8 +171,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.tokenizer = Tokenizer.load(self.data_dir / "vocab.json")
         _resolve_vocab(cfg, self.tokenizer)
-        self.train_set = TokenDataset(self.data_dir / "train.json", cfg.model.max_seq_length)
-        self.val_set = TokenDataset(self.data_dir / "validation.json", cfg.model.max_seq_length)
+        window = t.seq_length or cfg.model.max_seq_length
+        self.train_set = TokenDataset(self.data_dir / "train.json", window)
+        self.val_set = TokenDataset(self.data_dir / "validation.json", window)
         self.model = (model if model is not None else Transformer(cfg.model)).to(runtime.device)
         if env.enabled:  # the same initial weights everywhere, then a different dropout stream per process
             torch.manual_seed(t.seed + 1_000_003 * env.rank)
@@ -249,6 +251,12 @@ class Trainer:
         }
 
     def restore(self, state: dict[str, Any], source: str, *, rollback: bool = False) -> None:
+        saved = (state.get("config") or {}).get("training", {}).get("optimizer")
+        if saved and saved != self.cfg.training.optimizer:
+            raise UserError(
+                f"{source}: saved with training.optimizer {saved!r}, this run uses "
+                f"{self.cfg.training.optimizer!r}; resume with the same optimizer"
+            )
         try:
             if state.get("checkpoint_version", CHECKPOINT_VERSION) >= 2:  # name-keyed, any process count
                 set_full_state(self.model, self.optimizer, state["model"], state.get("optimizer"))
@@ -354,6 +362,36 @@ class Trainer:
         if flags[1] and guard.requested is None:
             guard.requested = "a signal to another process"
         return bool(flags[0]), guard.requested if flags[1] else None
+
+    def _apply_runtime(self) -> None:
+        """Runtime overrides (``ConfigurationAdaptor.update_config``) made since the last step: the keys that
+        are safe between two steps take effect now. With several processes, rank 0's overrides are sent to
+        every process at a log interval, so that all replicas change at the same step."""
+        version, values = RUNTIME.snapshot()
+        if self.env.enabled:
+            if self.step % self.cfg.training.log_interval:
+                return
+            changed = torch.tensor([float(self.env.is_main and version != self.runtime_version)],
+                                   device=self.runtime.device)  # fmt: skip
+            if not all_reduce(changed, self.env, "max").item():
+                return
+            box = [values]
+            torch.distributed.broadcast_object_list(box, src=0)
+            values = box[0]
+        elif version == self.runtime_version:
+            return
+        self.runtime_version = version
+        for dotted, value in values.items():
+            section, _, key = dotted.partition(".")
+            holder = getattr(self.cfg, section, None)
+            if dotted not in LIVE_KEYS:
+                if dotted not in self.deferred:
+                    self.deferred.add(dotted)
+                    log.warning("%s changed at runtime: it applies to the next run, not this one", dotted)
+            elif getattr(holder, key) != value:
+                setattr(holder, key, value)
+                log.info("runtime override %s=%s from step %d", dotted, value, self.step + 1)
+                self.bus.publish("config_applied", key=dotted, value=value, step=self.step + 1)
 
     def _rollback(self, anomaly: TrainingAnomaly) -> None:
         if self.recovery is None:
@@ -476,6 +514,8 @@ class Trainer:
         last_log, last_log_step, loss_value, loss = time.perf_counter(), self.step, float("nan"), None
         self.checked: tuple[int, float] = (self.step, float("nan"))  # the step last checked, its loss
         stopped_by = None
+        self.runtime_version = RUNTIME.snapshot()[0]  # the config above already has the overrides made so far
+        self.deferred: set[str] = set()
         self.model.train()
         while True:
             try:
@@ -501,6 +541,7 @@ class Trainer:
                     micro.append(batch)
                 if len(micro) < self.accum:
                     break
+                self._apply_runtime()
                 set_lr(self.optimizer, lr := lr_at(self.step, self.progress(), t), t.learning_rate)
                 loss, grad_norm = self._run_step(micro)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2: a distributed tensor

@@ -208,6 +208,7 @@ class ErrorRecovery:
         self._streak[group] = 0
 
     def report(self, headline: str = "recovery report") -> str:
+        """A summary of the recovery actions taken so far, one line each."""
         lines = [f"{headline}; {len(self.history)} recovery action(s):"]
         lines += [f"  {i}. {a.kind} after: {a.error} ({a.message})" for i, a in enumerate(self.history, 1)]
         return "\n".join(lines)
