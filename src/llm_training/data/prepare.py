@@ -19,6 +19,7 @@ dataset and an existing one survives a failed run. Same input, settings and seed
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -223,6 +224,25 @@ def _batched(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
+@contextlib.contextmanager
+def _main_not_rerun():
+    """Start spawned workers without running the user's script again in each of them: they only need this
+    module, and a script that calls preparation at its top level (no ``if __name__ == "__main__"``, as in the
+    usage guide's snippets) would otherwise start the whole job again in every worker."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    try:
+        for key in saved:
+            if key == "__file__":
+                delattr(main, key)
+            else:
+                setattr(main, key, None)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
 def _analysed_batches(
     documents: Iterable[Document], settings: FilterSettings, workers: int
 ) -> Iterator[tuple[list[Document], list[Analysed]]]:
@@ -234,7 +254,9 @@ def _analysed_batches(
         return
     # fork is fast and safe before torch starts threads; otherwise start clean interpreters
     method = "fork" if "torch" not in sys.modules and sys.platform == "linux" else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    with _main_not_rerun():  # the workers start here
+        pool = multiprocessing.get_context(method).Pool(workers)
+    with pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append((batch, pool.apply_async(analyse_batch, ([d.text for d in batch], settings))))
