@@ -54,7 +54,9 @@ def test_loss_calculator_is_the_models_own_loss(prepared):
     logits = model(batch["input_ids"])
     out = lib.LossCalculator().calculate(lib.LossCalculatorInput(predictions=logits, targets=batch["labels"]))
     assert torch.allclose(out.loss_value, model(batch["input_ids"], batch["labels"]), atol=1e-6)
-    assert out.num_tokens == 64 and out.perplexity == pytest.approx(float(out.loss_value.detach().exp()), rel=1e-5)
+    assert out.num_tokens == 64 and out.perplexity == pytest.approx(
+        float(out.loss_value.detach().exp()), rel=1e-5
+    )
     out.loss_value.backward()
     assert model.model.lm_head.weight.grad is not None
     calc = lib.LossCalculator()
@@ -148,3 +150,14 @@ def test_public_names_are_documented_and_the_import_is_cheap():
             assert (value.__doc__ or "").strip(), f"llm_training.{name} has no docstring"
     code = "import sys, llm_training; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_api_reference_page_is_current():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import api_reference
+    finally:
+        sys.path.pop(0)
+    assert (REPO / "docs" / "api.md").read_text(encoding="utf-8") == api_reference.render(), (
+        "docs/api.md is out of date: run python scripts/api_reference.py"
+    )

@@ -26,7 +26,7 @@ EXPECTED = {
 
 
 def test_every_example_is_listed():
-    assert EXAMPLES == sorted(EXPECTED)
+    assert sorted(EXPECTED) == EXAMPLES
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
