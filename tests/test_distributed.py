@@ -191,3 +191,38 @@ def test_fsdp2_composes_with_activation_checkpointing_and_compile(tmp_path, data
     ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *TRAIN, "--data-dir", str(data), "--output-dir", str(out),
                 *settings(4, **extra)], tmp_path, timeout=600))  # fmt: skip
     assert close(losses(out), single[1], tol=2e-3)  # compiled kernels round differently
+
+
+RUNTIME_SCRIPT = """
+import os, sys
+from llm_training import ConfigurationAdaptor, EventBusAdaptor, Trainer
+
+rank = os.environ["RANK"]
+bus = EventBusAdaptor()
+
+def at_step(event):
+    if event.payload["step"] == 2 and rank == "0":  # only rank 0 changes it: every process must follow
+        ConfigurationAdaptor().update_config("training", "learning_rate", 1e-5)
+
+bus.subscribe("step_end", at_step)
+bus.subscribe("config_applied", lambda e: print(f"rank {rank} applied {e.payload['key']} at {e.payload['step']}"))
+steps = {}
+bus.subscribe("step_end", lambda e: steps.setdefault(e.payload["step"], e.payload["lr"]))
+Trainer(data_dir=sys.argv[1], output_dir=sys.argv[2], event_bus=bus, max_steps=6, learning_rate=3e-3,
+        warmup_steps=0, lr_schedule="constant", log_interval=2, sample_tokens=0, batch_size=4,
+        **{"model.num_layers": 1, "model.hidden_size": 32, "model.max_seq_length": 32,
+           "resources.distributed_backend": "gloo"}).train()
+print(f"rank {rank} lrs {[steps[s] for s in sorted(steps)]}")
+"""
+
+
+def test_a_runtime_change_on_rank_0_reaches_every_process_at_the_same_step(tmp_path, data):
+    script = tmp_path / "runtime.py"
+    script.write_text(RUNTIME_SCRIPT)
+    proc = ok(
+        run_cli([*TORCHRUN, "--nproc_per_node=2", str(script), str(data), str(tmp_path / "run")], tmp_path)
+    )
+    out = proc.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} applied training.learning_rate at 3" in out, out[-3000:]
+        assert f"rank {rank} lrs [0.003, 0.003, 1e-05, 1e-05, 1e-05, 1e-05]" in out, out[-3000:]
