@@ -232,3 +232,22 @@ def test_cli_writes_the_report(runs, tmp_path):
                    tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "2 run(s)" in proc.stdout and (tmp_path / "out" / "report.html").stat().st_size > 1_000_000
+
+
+def test_cli_serves_until_ctrl_c(runs, tmp_path):
+    from conftest import free_port, wait_for_health
+
+    port = free_port()
+    with open(tmp_path / "err", "w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "llm_training.cli.dashboard", "--root", str(runs),
+                                   "--port", str(port)], stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", 60)
+        data = httpx.get(f"http://127.0.0.1:{port}/api/data").json()
+        assert len(data["runs"]) == 2 and "Plotly" in httpx.get(f"http://127.0.0.1:{port}/plotly.min.js").text
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=30)
+    assert server.returncode == 0 and f"dashboard: http://127.0.0.1:{port}" in out, (
+        tmp_path / "err"
+    ).read_text()
