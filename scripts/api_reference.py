@@ -12,7 +12,7 @@ import llm_training
 
 GROUPS = [
     ("High level", ["main", "Trainer", "load_checkpoint", "ModelServer", "MetricsDashboard"]),
-    ("Mid level", ["Pipeline", "PipelineError", "DataPreparationPipeline"]),
+    ("Mid level", ["Pipeline", "PipelineError", "DataPreparationPipeline", "MultiModalPreprocessor"]),
     ("Low level: components and their inputs and outputs", [
         "EventBus", "EventBusAdaptor", "ComputeResourceManager", "DataSourceConnector", "DataSourceConnectorOutput",
         "Document", "DataLoader", "DataLoaderInput", "DataLoaderOutput", "ModelInitializer", "ModelInitializerInput",

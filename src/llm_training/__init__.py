@@ -38,6 +38,7 @@ _EXPORTS = {
     "UserError": "llm_training.errors",
     "ModelServer": "llm_training.api.serve",
     "MetricsDashboard": "llm_training.monitor.dashboard",
+    "MultiModalPreprocessor": "llm_training.multimodal.preprocess",
     "Pipeline": "llm_training.api.pipeline",
     "PipelineError": "llm_training.api.pipeline",
     "ModelExporter": "llm_training.api.export",
@@ -75,6 +76,7 @@ __all__ = [
     "MetricsCollectorInput",
     "MetricsCollectorOutput",
     "MetricsDashboard",
+    "MultiModalPreprocessor",
     "ModelCheckpointer",
     "ModelExporter",
     "ModelExporterInput",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from llm_training.errors import UserError
     from llm_training.events import EventBus, EventBusAdaptor
     from llm_training.monitor.dashboard import MetricsDashboard
+    from llm_training.multimodal.preprocess import MultiModalPreprocessor
     from llm_training.train.checkpoint import load_checkpoint
     from llm_training.train.recovery import ErrorRecovery, RecoveryExhausted
 

@@ -184,6 +184,22 @@ class LoggingConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The image encoder of a text-and-image model (used when the prepared data holds images): a patch
+    transformer trained from scratch, or a pretrained one from a local Hugging Face folder (ViT, CLIP, ...).
+    Its outputs, projected to the language model's width, come before the caption as prefix tokens."""
+
+    image_size: int = 64  # the prepared images' size; pixels are normalised with mean and std
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    pretrained: str | None = None  # a local folder of a Hugging Face vision model instead of the above
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -195,6 +211,7 @@ class Config:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole configuration as nested dictionaries (what checkpoints and config.yaml hold)."""
@@ -273,6 +290,13 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{source}: '{key}' cannot be empty; expected {_type_names(kinds)}")
+    if list in kinds:  # a YAML list, or "0.5,0.5,0.5" from a flag or the environment
+        items = value.strip("[] ").split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            parsed = [_parse_scalar(i.strip()) if isinstance(i, str) else i for i in items]
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in parsed):
+                return [float(x) for x in parsed]
+        raise ConfigError(f"{source}: '{key}' expects a list of numbers, got {value!r}")
     if isinstance(value, str) and str not in kinds:
         value = _parse_scalar(value)  # environment variables and flags arrive as text
     elif isinstance(value, str) and int in kinds:  # an integer or a word such as "auto"
@@ -554,6 +578,14 @@ def validate(cfg: Config) -> None:
     _one_of(t.lr_schedule, {"cosine", "linear", "constant"}, "training.lr_schedule")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "training.warmup_steps cannot be negative")
+    v = cfg.vision
+    _require(v.patch_size >= 1 and v.image_size % v.patch_size == 0,
+             f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")  # fmt: skip
+    _require(v.hidden_size % v.num_attention_heads == 0,
+             "vision.hidden_size must be a multiple of vision.num_attention_heads")  # fmt: skip
+    _require(
+        len(v.mean) == 3 and len(v.std) == 3 and min(v.std) > 0, "vision.mean and vision.std need 3 values"
+    )
     _require(
         t.seq_length is None or 1 <= t.seq_length <= cfg.model.max_seq_length,
         f"training.seq_length must be 1 to model.max_seq_length ({cfg.model.max_seq_length}), got {t.seq_length}",

@@ -57,6 +57,15 @@ def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = Fals
     """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input."""
     if cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
         return Path(cfg.data.data_dir)
+    from llm_training.multimodal.data import is_image_text, prepare_from_config, summary
+
+    if is_image_text(_input_spec(cfg)):  # JSON Lines of captions and image paths: a text-and-image run
+        target = Path(cfg.output_dir) / cfg.data.prepared_dir
+        report = prepare_from_config(cfg, _input_spec(cfg), target)
+        log.info(summary(report, target))
+        if bus is not None:
+            bus.publish(events.DATA_PREPARED, path=str(target), **report)
+        return target
     try:  # resolving the input checks it exists and is not empty, before anything is written
         source = source_from_config(cfg.data, _input_spec(cfg), on_error="fail")
     except DataError as exc:

@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         cli = {f"data.{key}": getattr(args, flag) for flag, key in _FLAG_KEYS.items()}
         cli.update(parse_sets(args.overrides))
         cfg = load_config(args.config, cli={k: v for k, v in cli.items() if v is not None})
+        from llm_training.multimodal.data import is_image_text, prepare_from_config, summary
+
+        if is_image_text(args.input):  # captions with image paths or URLs
+            print(summary(prepare_from_config(cfg, args.input, args.output), args.output))
+            return 0
         source = source_from_config(cfg.data, args.input, on_error="skip")
         options = options_from_config(
             cfg.data,

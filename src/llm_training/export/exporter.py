@@ -167,6 +167,22 @@ def load_source(
     return source
 
 
+def _export_image_text(checkpoint: Path, fmt: str, quantize: str, target: Path, source, started: float):
+    """A text-and-image model: its weights as safetensors (the other formats hold a language model only)."""
+    from llm_training.multimodal.export import export_weights
+
+    if fmt != "safetensors" or quantize != "none":
+        raise UserError(
+            f"{checkpoint} is a text-and-image model: it exports as --format safetensors (fp32) only"
+        )
+    out = export_weights(checkpoint, target, overwrite=True)
+    size = sum(_size(f) for f in out["files"])
+    source_bytes = 4 * sum(p.numel() for p in source.model.parameters())
+    check = {"runtime": "safetensors", "max_logit_diff": out["max_logit_diff"]}
+    return ExportResult(fmt, target, out["files"], size, source_bytes, quantize, check, None,
+                        round(time.perf_counter() - started, 2))  # fmt: skip
+
+
 def export_checkpoint(
     checkpoint: str | Path, options: ExportOptions, source: _Source | None = None
 ) -> ExportResult:
@@ -179,6 +195,8 @@ def export_checkpoint(
     _refuse_existing(fmt, target, options.overwrite)
     started = time.perf_counter()
     source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
+    if getattr(source.model, "vision_cfg", None) is not None:
+        return _export_image_text(checkpoint, fmt, quantize, target, source, started)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.export-tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -202,17 +202,26 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss (with ``labels``) or logits. With a ``cache`` (generation), ``input_ids`` continue the cached
-        tokens: their keys and values are added to it and they attend to everything before them."""
+        tokens: their keys and values are added to it and they attend to everything before them. ``prefix``
+        (B, P, hidden): embeddings placed before the tokens (an image's), attended to but not predicted."""
         if input_ids.dim() == 1:  # one sequence (a user scoring a single sample): logits (T, V)
             out = self.forward(input_ids[None], None if labels is None else labels[None], cache)
             return out if labels is not None else out[0]
-        B, T = input_ids.shape
+        x = self.embed(input_ids)
+        P = 0
+        if prefix is not None:
+            P = prefix.size(1)
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        B, T = x.shape[:2]
         if cache is None and self.cfg.max_seq_length < T:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_length})")
-        x = self.embed(input_ids)
         rope = None
         if cache is not None:  # each row's own positions (left padding does not count)
             positions = cache.positions
@@ -233,6 +242,8 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope)
         h = self.norm(x)
+        if P:
+            h = h[:, P:]
         if labels is not None and self.cfg.loss_chunk_tokens:
             return chunked_loss(h, self.lm_head.weight, labels, self.cfg.loss_chunk_tokens)
         logits = self.lm_head(h)

@@ -28,11 +28,21 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     """The model of checkpoint ``path`` in eval mode on ``device``, with its tokenizer."""
     path = Path(path)
     state = load_checkpoint(path)
-    cfg = config_from_dict({"model": state["config"]["model"]}, str(path))
+    images = state.get("model_kind") == "image_text"
+    sections = {
+        "model": state["config"]["model"],
+        **({"vision": state["config"]["vision"]} if images else {}),
+    }
+    cfg = config_from_dict(sections, str(path))
     if not state.get("tokenizer_json"):
         raise UserError(f"{path}: holds no tokenizer (saved by another tool?); it cannot be evaluated alone")
     tokenizer = Tokenizer.from_json(state["tokenizer_json"])
-    model = Transformer(cfg.model)
+    if images:
+        from llm_training.model.vision import ImageCaptionModel
+
+        model = ImageCaptionModel(cfg.model, cfg.vision)
+    else:
+        model = Transformer(cfg.model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -20,6 +20,7 @@ import torch
 from llm_training import events
 from llm_training.config import Config, config_from_dict
 from llm_training.data.loader import BatchLoader, TokenDataset
+from llm_training.data.prepare import read_manifest
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
@@ -108,11 +109,13 @@ def evaluate_loss(
         indices = mine[b * batch_size : (b + 1) * batch_size]
         batch = dataset.batch(indices or [0])
         labels = batch["labels"].to(runtime.device)
+        extra = {k: v.to(runtime.device) for k, v in batch.items() if k not in ("input_ids", "labels")}
         with runtime.autocast():
-            loss = model(batch["input_ids"].to(runtime.device), labels)
+            loss = model(batch["input_ids"].to(runtime.device), labels, **extra)
         if indices:
-            sums[0] += loss.double() * labels.numel()
-            sums[1] += labels.numel()
+            counted = (labels != -100).sum()  # padding after a caption does not count
+            sums[0] += loss.double() * counted
+            sums[1] += counted
     model.train(was_training)
     all_reduce(sums, env)
     tokens = int(sums[1])
@@ -123,6 +126,35 @@ def evaluate_loss(
         "val_bpb": mean / math.log(2) / dataset.bytes_per_token,
         "val_tokens": tokens,
     }
+
+
+def build_model(cfg: Config, images: bool = False) -> torch.nn.Module:
+    """The config's language model, or with ``images`` the one that reads an image before its text."""
+    if not images:
+        return Transformer(cfg.model)
+    from llm_training.model.vision import ImageCaptionModel
+
+    return ImageCaptionModel(cfg.model, cfg.vision)
+
+
+def _caption_window(cfg: Config, data_dir: Path, window: int) -> int:
+    """Caption tokens a window: what the context leaves after the image's prefix. The images' size is the
+    prepared data's (recorded in the config, so the checkpoint rebuilds the same model)."""
+    v = cfg.vision
+    v.image_size = int(read_manifest(data_dir / "train.json")["image_size"])
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"the prepared images are {v.image_size} px, not a multiple of vision.patch_size ({v.patch_size})"
+        )
+    if v.pretrained:
+        return window
+    prefix = (v.image_size // v.patch_size) ** 2
+    if prefix >= cfg.model.max_seq_length:
+        raise ConfigError(
+            f"an image is {prefix} prefix tokens ({v.image_size} px in {v.patch_size} px patches), which fills "
+            f"model.max_seq_length ({cfg.model.max_seq_length}); raise it or vision.patch_size"
+        )
+    return min(window, cfg.model.max_seq_length - prefix)
 
 
 def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
@@ -172,9 +204,17 @@ class Trainer:
         self.tokenizer = Tokenizer.load(self.data_dir / "vocab.json")
         _resolve_vocab(cfg, self.tokenizer)
         window = t.seq_length or cfg.model.max_seq_length
-        self.train_set = TokenDataset(self.data_dir / "train.json", window)
-        self.val_set = TokenDataset(self.data_dir / "validation.json", window)
-        self.model = (model if model is not None else Transformer(cfg.model)).to(runtime.device)
+        self.images = read_manifest(self.data_dir / "train.json").get("kind") == "image_text"
+        if self.images:  # captions of images: the image's prefix tokens come first in the context
+            from llm_training.multimodal.data import CaptionDataset
+
+            window = _caption_window(cfg, self.data_dir, window)
+            self.train_set = CaptionDataset(self.data_dir / "train.json", window)
+            self.val_set = CaptionDataset(self.data_dir / "validation.json", window)
+        else:
+            self.train_set = TokenDataset(self.data_dir / "train.json", window)
+            self.val_set = TokenDataset(self.data_dir / "validation.json", window)
+        self.model = (model if model is not None else build_model(cfg, self.images)).to(runtime.device)
         if env.enabled:  # the same initial weights everywhere, then a different dropout stream per process
             torch.manual_seed(t.seed + 1_000_003 * env.rank)
         self.micro_batch, self.accum = resolve_batch(
@@ -238,6 +278,7 @@ class Trainer:
             "epoch": self.loader.epoch,
             "loader": self.loader.state_dict(),
             "micro_batch_split": self.split,
+            "model_kind": "image_text" if self.images else "text",
             "rng": rngs[0],
             "rng_ranks": rngs,
             "tokens_seen": self.tokens_seen,
@@ -597,16 +638,19 @@ class Trainer:
         self._keep_if_best(self._validate(final=True))
         self._save("model_final.pt", "final", val_loss=self.metrics["val_loss"], wait=True)
         final = self.ckpt_dir / "model_final.pt"
-        sample = sample_text(
-            self.model,
-            self.tokenizer,
-            runtime,
-            t.sample_prompt,
-            t.sample_tokens,
-            t.sample_temperature,
-            t.sample_top_k,
-            t.seed,
-        )
+        if self.images:  # a caption of the first validation image
+            image = self.val_set.batch([0])["images"].to(runtime.device)
+            ids = (
+                self.model.caption(image, self.tokenizer.eot_id, t.sample_tokens)[0]
+                if t.sample_tokens
+                else []
+            )
+            sample = self.tokenizer.decode(ids)
+        else:
+            sample = sample_text(
+                self.model, self.tokenizer, runtime, t.sample_prompt, t.sample_tokens, t.sample_temperature,
+                t.sample_top_k, t.seed,
+            )  # fmt: skip
         bus.publish(events.SAMPLE, step=self.step, prompt=t.sample_prompt, text=sample)
         return self._result("completed", seconds, final, loss_value, sample)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -65,7 +66,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         ]
         return _with_base_lr(_adamw(groups, cfg, device))
     if kind == "muon":
-        hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
+        # the transformer layers' matrices (a text-and-image model's too: lm.blocks, vision.encoder.layers)
+        hidden = [p for n, p in params if p.dim() == 2 and re.search(r"(^|\.)(blocks|layers)\.\d+\.", n)]
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for _, p in params if id(p) not in hidden_ids and p.dim() >= 2]
         rest_plain = [p for _, p in params if id(p) not in hidden_ids and p.dim() < 2]

@@ -21,8 +21,11 @@ def train_step(
     for batch, count in zip(micro_batches, counts, strict=True):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        extra = {
+            k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("input_ids", "labels")
+        }
         with runtime.autocast():
-            loss = model(input_ids, labels)
+            loss = model(input_ids, labels, **extra)  # extra: the images of a text-and-image model
         weight = count.to(device) / total_tokens
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
