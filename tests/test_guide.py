@@ -6,6 +6,7 @@ multi-modal snippet belongs to the multi-modal issue; the shell snippets are the
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import torch
 
 from conftest import REPO, corpus_records, free_port, prepared_plays, wait_for_health
 
-GUIDE = REPO.parent / "shared" / "seed" / "usage-guide.md"
+GUIDE = Path(os.environ.get("LLM_TRAINING_GUIDE", REPO.parent / "shared" / "seed" / "usage-guide.md"))
 TINY_ARCH = [("'num_layers': 12", "'num_layers': 2"), ("'hidden_size': 768", "'hidden_size': 64"),
              ("'num_attention_heads': 12", "'num_attention_heads': 4")]  # fmt: skip
 

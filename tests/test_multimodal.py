@@ -121,9 +121,11 @@ def test_preprocessor_gives_the_guides_numbers(tmp_path):
 def test_bad_images_are_skipped_and_counted_or_fail_on_request(tmp_path):
     good = captions(tmp_path, 6)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("LAB", (8, 8)).save(tmp_path / "images" / "lab.tif")  # a colour space with no RGB meaning here
     with open(good, "a") as handle:
         handle.write(json.dumps({"text": "a missing one", "image": "images/nope.png"}) + "\n")
         handle.write(json.dumps({"text": "a broken one", "image": "images/broken.png"}) + "\n")
+        handle.write(json.dumps({"text": "a lab one", "image": "images/lab.tif"}) + "\n")
         handle.write(json.dumps({"text": "no image field"}) + "\n")
         handle.write("{not json\n")
     report = prepare_image_text(good, tmp_path / "out", ImageTextOptions(vocab_size=280, image_size=32))
@@ -131,6 +133,7 @@ def test_bad_images_are_skipped_and_counted_or_fail_on_request(tmp_path):
     assert report["skipped"] == {
         "image_missing": 1,
         "image_corrupt": 1,
+        "image_mode": 1,
         "missing_field": 1,
         "invalid_json": 1,
     }
@@ -173,3 +176,46 @@ def test_weights_export_and_reload(trained, tmp_path):
     onnx = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(out / "checkpoints" / "model_final.pt"),
                     "--format", "onnx", "--output", str(tmp_path / "mm.onnx")], tmp_path)  # fmt: skip
     assert_user_error(onnx, "text-and-image model", "safetensors")
+
+
+def test_python_api_and_a_pretrained_vision_encoder_from_a_local_folder(trained, tmp_path):
+    """Trainer takes the same multi-modal config; vision.pretrained loads a Hugging Face vision model (here a
+    small random ViT saved by transformers, standing for a downloaded one)."""
+    transformers = pytest.importorskip("transformers")
+    from llm_training import Trainer
+
+    folder = tmp_path / "vit"
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    transformers.ViTModel(config).save_pretrained(folder)
+    prepared = trained[0] / "prepared_data"  # what the trained fixture's llm-train prepared
+    keys = {"vision.pretrained": str(folder), "vision.image_size": 32, "model.max_seq_length": 32,
+            "model.num_layers": 1, "model.hidden_size": 32, "model.num_attention_heads": 2}  # fmt: skip
+    trainer = Trainer(data_dir=str(prepared), output_dir=str(tmp_path / "run"), **keys)
+    result = trainer.train(max_steps=3, batch_size=8, sample_tokens=4, optimizer="adamw")
+    assert result.status == "completed" and result.steps == 3
+    from llm_training.train.artifacts import load_trained
+
+    model = load_trained(result.final_checkpoint).model
+    assert type(model.vision.model).__name__ == "ViTModel"
+
+
+def test_the_guides_multimodal_snippet(tmp_path):
+    """The guide's class (it imports ours, then defines its own of the same name, which calls a tokenize() it
+    does not define, and torchvision): defined as written, then run with our tokenize where torchvision is."""
+    from test_guide import run
+
+    import llm_training as lib
+
+    ns = run("Multi-Modal Training", {})
+    guide_class = ns["MultiModalPreprocessor"]
+    assert guide_class is not lib.MultiModalPreprocessor
+    pytest.importorskip("torchvision", reason="the guide's snippet uses torchvision (no CPU build here)")
+    path = tmp_path / "shape.png"
+    draw("circle", COLORS["green"], random.Random(3), size=64).save(path)
+    guide = guide_class()
+    guide.tokenize = lib.MultiModalPreprocessor().tokenize
+    theirs = guide.preprocess("a green circle", str(path))
+    ours = lib.MultiModalPreprocessor(backend="numpy").preprocess("a green circle", path)
+    assert theirs["image_tensor"].shape == ours["image_tensor"].shape == (3, 224, 224)
+    assert torch.allclose(theirs["image_tensor"], ours["image_tensor"], atol=0.05)

@@ -65,7 +65,7 @@ def resized(image, size: int | tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     height, width = (size, size) if isinstance(size, int) else size
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return np.array(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def to_tensor(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD):
