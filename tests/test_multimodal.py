@@ -160,7 +160,10 @@ def test_resume_of_a_text_and_image_run_continues_exactly(shapes, tmp_path):
         step_losses(tmp_path / "split" / "metrics.jsonl"),
     )
     assert straight.keys() == split.keys() and len(straight) > 10
-    assert all(abs(straight[s] - split[s]) < 1e-4 for s in straight), (straight, split)
+    # the CPU in fp32 is exact; a GPU in bf16 (with its non-deterministic kernels) agrees to rounding noise
+    tolerance = 1e-4 if not torch.cuda.is_available() else 3e-2
+    worst = max(abs(straight[s] - split[s]) for s in straight)
+    assert worst < tolerance, (worst, straight, split)
 
 
 def test_weights_export_and_reload(trained, tmp_path):
@@ -171,7 +174,7 @@ def test_weights_export_and_reload(trained, tmp_path):
                     "--format", "safetensors", "--output", str(tmp_path / "mm.safetensors")], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     model, tokenizer = load_weights(tmp_path / "mm.safetensors")
-    image = torch.from_numpy(np.asarray(draw("circle", COLORS["blue"], random.Random(5))))[None]
+    image = torch.from_numpy(np.array(draw("circle", COLORS["blue"], random.Random(5))))[None]
     assert tokenizer.decode(model.caption(image, tokenizer.eot_id, 8)[0]).strip().startswith("a ")
     onnx = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(out / "checkpoints" / "model_final.pt"),
                     "--format", "onnx", "--output", str(tmp_path / "mm.onnx")], tmp_path)  # fmt: skip
