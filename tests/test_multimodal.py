@@ -222,3 +222,18 @@ def test_the_guides_multimodal_snippet(tmp_path):
     ours = lib.MultiModalPreprocessor(backend="numpy").preprocess("a green circle", path)
     assert theirs["image_tensor"].shape == ours["image_tensor"].shape == (3, 224, 224)
     assert torch.allclose(theirs["image_tensor"], ours["image_tensor"], atol=0.05)
+
+
+def test_llm_evaluate_scores_captions_of_new_images(trained, tmp_path):
+    out, _ = trained
+    test = captions(tmp_path, 36, seed=123)  # images and captions the model never saw
+    checkpoint = str(out / "checkpoints" / "model_final.pt")
+    proc = run_cli(["-m", "llm_training.cli.evaluate", "--model-path", checkpoint, "--test-data", str(test),
+                    "--output", str(tmp_path / "scores.json")], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["pairs"] == 36 and scores["caption_loss"] < CHANCE_LOSS
+    assert scores["caption_exact_match"] > 3 / 12 and scores["perplexity"] > 1
+    (tmp_path / "plain.txt").write_text("some text without images\n")
+    assert_user_error(run_cli(["-m", "llm_training.cli.evaluate", "--model-path", checkpoint, "--test-data",
+                               str(tmp_path / "plain.txt")], tmp_path), "reads an image before its text")  # fmt: skip

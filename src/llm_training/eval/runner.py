@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llm_training.errors import ConfigError
+from llm_training.errors import ConfigError, UserError
 from llm_training.eval.data import ChoiceSet, TextSet, read_test_data
 from llm_training.eval.metrics import LABELLED_ONLY, evaluate_model, parse_metrics, score_tokens, text_metrics
 
@@ -33,10 +33,20 @@ def evaluate_checkpoint(
 
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if isinstance(test_data, (str, Path)):
+        from llm_training.multimodal.data import is_image_text
+
+        if is_image_text(test_data):  # captions with images: the text-and-image evaluation
+            from llm_training.multimodal.evaluate import evaluate_captions
+
+            return evaluate_captions(model_path, test_data, batch_size, device)
     data = read_test_data(test_data) if isinstance(test_data, (str, Path)) else test_data
     names = parse_metrics(metrics) if metrics is not None else default_metrics(data)
     target = pick_device(device)  # bad data and metric names fail above, before the model is loaded
     trained = load_model(model_path, target)
+    if getattr(trained.module, "vision_cfg", None) is not None:
+        raise UserError(f"{model_path} reads an image before its text: evaluate it on captions with images "
+                        '(JSON Lines of {"text": ..., "image": ...})')  # fmt: skip
     # evaluation keeps fp32 weights and computes under bf16 autocast where the device prefers it
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if trained.prefers_bf16 else None
     start = time.perf_counter()

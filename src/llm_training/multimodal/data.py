@@ -99,7 +99,7 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
         Tokenizer.load(options.tokenizer) if options.tokenizer else Tokenizer.train(texts, options.vocab_size)
     )
     order = np.random.default_rng(options.seed).permutation(len(texts))
-    n_val = max(1, round(len(texts) * options.validation_fraction))
+    n_val = max(1, min(len(texts), round(len(texts) * options.validation_fraction)))
     splits = {"validation": order[:n_val], "train": order[n_val:]}
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -109,6 +109,8 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
     report = {"source": str(source), "pairs": len(texts), "skipped": dict(problems), "examples": examples,
               "vocab_size": tokenizer.vocab_size, "image_size": options.image_size}  # fmt: skip
     for split, indices in splits.items():
+        if len(indices) == 0:  # evaluation data: everything in one split
+            continue
         ids = [tokenizer.encode(texts[i]) + [tokenizer.eot_id] for i in indices]
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         np.save(staging / f"{split}_images.npy", np.stack([pixels[i] for i in indices]))
@@ -121,6 +123,7 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
                     "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "eot_id": tokenizer.eot_id,
                     "max_seq_length": int(lengths.max())}  # fmt: skip
         (staging / f"{split}.json").write_text(json.dumps(manifest, indent=1))
+    for split, indices in splits.items():
         report[f"{split}_pairs"] = len(indices)
     (staging / "report.json").write_text(json.dumps(report, indent=1))
     if out.exists():
