@@ -128,8 +128,23 @@ def test_bad_images_are_skipped_and_counted_or_fail_on_request(tmp_path):
         handle.write(json.dumps({"text": "a lab one", "image": "images/lab.tif"}) + "\n")
         handle.write(json.dumps({"text": "no image field"}) + "\n")
         handle.write("{not json\n")
-    report = prepare_image_text(good, tmp_path / "out", ImageTextOptions(vocab_size=280, image_size=32))
-    assert report["pairs"] == 6
+    # an image by URL, from a real HTTP server on loopback
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with open(good, "a") as handle:
+        url = f"http://127.0.0.1:{server.server_address[1]}/images/0.png"
+        handle.write(json.dumps({"text": "a fetched one", "image": url}) + "\n")
+    try:
+        report = prepare_image_text(good, tmp_path / "out", ImageTextOptions(vocab_size=280, image_size=32))
+    finally:
+        server.shutdown()
+    assert report["pairs"] == 7
     assert report["skipped"] == {
         "image_missing": 1,
         "image_corrupt": 1,
