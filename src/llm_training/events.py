@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +74,6 @@ class EventBusAdaptor(EventBus):
 
     def __init__(self, keep: int = 1000) -> None:
         super().__init__()
-        from collections import deque
-
         self.history: deque[Event] = deque(maxlen=keep)
         self.subscribe("*", self.history.append)
 

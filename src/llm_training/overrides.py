@@ -42,10 +42,6 @@ class RuntimeOverrides:
             except Exception:  # a watcher's bug must not break the caller (often a training step)
                 log.exception("config watcher %r failed on %s", callback, key)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            return self._values.get(key, default)
-
     def snapshot(self) -> tuple[int, dict[str, Any]]:
         with self._lock:
             return self.version, dict(self._values)

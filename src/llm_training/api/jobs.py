@@ -59,15 +59,16 @@ def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = Fals
         return Path(cfg.data.data_dir)
     from llm_training.multimodal.data import is_image_text, prepare_from_config, summary
 
-    if is_image_text(_input_spec(cfg)):  # JSON Lines of captions and image paths: a text-and-image run
+    spec = _input_spec(cfg)
+    if is_image_text(spec):  # JSON Lines of captions and image paths: a text-and-image run
         target = Path(cfg.output_dir) / cfg.data.prepared_dir
-        report = prepare_from_config(cfg, _input_spec(cfg), target)
+        report = prepare_from_config(cfg, spec, target)
         log.info(summary(report, target))
         if bus is not None:
             bus.publish(events.DATA_PREPARED, path=str(target), **report)
         return target
     try:  # resolving the input checks it exists and is not empty, before anything is written
-        source = source_from_config(cfg.data, _input_spec(cfg), on_error="fail")
+        source = source_from_config(cfg.data, spec, on_error="fail")
     except DataError as exc:
         if cfg.data.data_dir and not cfg.data.input_file and "no input files" in str(exc):
             raise DataError(

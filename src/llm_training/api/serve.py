@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -44,10 +44,12 @@ class ModelServer:
         if block:
             serve(self.options, self.host, self.port, self.workers)
             return self
-        env = {**os.environ, OPTIONS_ENV: json.dumps(dataclasses.asdict(self.options))}
+        env = {**os.environ, OPTIONS_ENV: self.options.to_env()}
         command = [sys.executable, "-m", "llm_training.cli.serve", "--from-env", "--host", self.host,
                    "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        # a file, not a pipe: a pipe nobody reads while the server runs would fill and block its logging
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (closed by stop())
+        self.process = subprocess.Popen(command, env=env, stderr=self.stderr, text=True)
         self._wait_healthy(wait)
         return self
 
@@ -57,7 +59,8 @@ class ModelServer:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                lines = (self.process.stderr.read() or "").strip().splitlines()
+                self.stderr.seek(0)
+                lines = self.stderr.read().strip().splitlines()
                 raise UserError(f"the server stopped while starting: {lines[-1] if lines else 'no message'}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -79,6 +82,7 @@ class ModelServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.stderr.close()
         return self.process.returncode
 
 
@@ -86,15 +90,16 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, work
     """Run the server in this process until SIGINT/SIGTERM (uvicorn; several worker processes if asked)."""
     import uvicorn
 
+    grace = int(options.timeout) + 5  # requests in flight may finish after a SIGTERM
     if workers > 1:  # each worker process builds the app from the options in the environment
-        os.environ[OPTIONS_ENV] = json.dumps(dataclasses.asdict(options))
+        os.environ[OPTIONS_ENV] = options.to_env()
         uvicorn.run("llm_training.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip
+                    log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
         return
     engine = make_engine(options)
     engine.load()  # here, so that a bad model path is an error before the port opens
     config = uvicorn.Config(create_app(options, engine), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=int(options.timeout) + 5)  # fmt: skip
+                            timeout_graceful_shutdown=grace)  # fmt: skip
     _graceful_server_class()(config).run()
 
 

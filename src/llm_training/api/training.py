@@ -61,9 +61,6 @@ class DataLoaderOutput:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __bool__(self) -> bool:  # a loader is there even before its windows are counted
-        return True
-
     def __iter__(self):
         return iter(self.batches)
 
@@ -158,7 +155,7 @@ class TrainingOrchestrator:
         from llm_training.api.model import MODELS, register_model
         from llm_training.config import load_config
 
-        loader = data_loader_output or LOADERS.get(spec.loader_id or "")
+        loader = data_loader_output if data_loader_output is not None else LOADERS.get(spec.loader_id or "")
         if loader is None:
             raise UserError("TrainingOrchestrator.train needs data_loader_output (or a known loader_id)")
         model = None

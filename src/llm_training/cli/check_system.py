@@ -24,25 +24,25 @@ def main(argv: list[str] | None = None) -> int:
         r = system_report(args.path)
         if args.json:
             print(json.dumps(r, indent=2))
-            return 1 if r["errors"] else 0
-        t = r["torch"]
-        lines = [f"Python      {r['python']['version']}",
-                 f"PyTorch     {t['version']}  (CUDA {t['cuda_version'] or 'none'}, available: {t['cuda_available']}, "
-                 f"cuDNN {t['cudnn'] or 'none'})",
-                 f"Driver      {r['driver'] or 'none'}"]  # fmt: skip
-        lines += [f"GPU {g['index']}       {g['name']}, {g['memory_gb']} GB" for g in r["gpus"]] or [
-            "GPU         none"
-        ]
-        lines += [f"CPU         {r['cpu']} ({r['cpu_count']} logical cores)", f"RAM         {r['ram_gb']} GB",
-                  f"disk        {r['disk']['free_gb']} GB free of {r['disk']['total_gb']} GB at {r['disk']['path']}",
-                  "packages    " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in r["required"].items()),
-                  "optional    " + ", ".join(f"{k} {v or '-'}" for k, v in r["optional"].items())]  # fmt: skip
-        print("\n".join(lines))
-        for w in r["warnings"]:
-            print(f"warning: {w}")
-        for e in r["errors"]:
-            print(f"error: {e}")
-        print("not ready" if r["errors"] else "ready")
+        else:
+            t = r["torch"]
+            lines = [f"Python      {r['python']['version']}",
+                     f"PyTorch     {t['version']}  (CUDA {t['cuda_version'] or 'none'}, available: {t['cuda_available']}, "
+                     f"cuDNN {t['cudnn'] or 'none'})",
+                     f"Driver      {r['driver'] or 'none'}"]  # fmt: skip
+            lines += [f"GPU {g['index']}       {g['name']}, {g['memory_gb']} GB" for g in r["gpus"]] or [
+                "GPU         none"
+            ]
+            lines += [f"CPU         {r['cpu']} ({r['cpu_count']} logical cores)", f"RAM         {r['ram_gb']} GB",
+                      f"disk        {r['disk']['free_gb']} GB free of {r['disk']['total_gb']} GB at {r['disk']['path']}",
+                      "packages    " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in r["required"].items()),
+                      "optional    " + ", ".join(f"{k} {v or '-'}" for k, v in r["optional"].items())]  # fmt: skip
+            print("\n".join(lines))
+            for w in r["warnings"]:
+                print(f"warning: {w}")
+            for e in r["errors"]:
+                print(f"error: {e}")
+            print("not ready" if r["errors"] else "ready")
         return 1 if r["errors"] else 0
 
     return run(body)

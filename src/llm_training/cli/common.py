@@ -18,6 +18,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
+def add_root_flag(p: argparse.ArgumentParser) -> None:
+    """Where the commands that read runs (llm-logs, llm-dashboard) look for them."""
+    p.add_argument(
+        "--root", default=".", help="Folder searched for runs (output directories), 4 levels deep."
+    )
+
+
 def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
 

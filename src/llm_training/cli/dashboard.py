@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_root_flag, parser, run
 
 
 def build_parser():
     p = parser("llm-dashboard", "Serve a web page with live charts of every training run under --root (loss, "
                                 "learning rate, throughput, gradient norm, custom metrics) until Ctrl-C; with "
                                 "--report, write the same charts to one offline HTML file and exit.")  # fmt: skip
-    p.add_argument(
-        "--root", default=".", help="Folder searched for runs (output directories), 4 levels deep."
-    )
+    add_root_flag(p)
     p.add_argument("--port", type=int, default=8080, help="Port to listen on (0: any free port).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     p.add_argument("--refresh", type=float, default=2.0, help="Seconds between the page's updates.")
@@ -33,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--root {args.root}: no such folder")
         dashboard = MetricsDashboard(port=args.port, host=args.host, root=args.root, refresh=args.refresh)
         if args.report:
-            path = dashboard.generate_report(args.report)
-            print(f"report: {path} ({len(dashboard.snapshot()['runs'])} run(s))")
+            data = dashboard.snapshot()
+            path = dashboard.generate_report(args.report, data)
+            print(f"report: {path} ({len(data['runs'])} run(s))")
             return 0
         dashboard.start()
         print(

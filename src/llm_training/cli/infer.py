@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.auto import tqdm
 
         from llm_training.export.runtime import load_for_generation
-        from llm_training.model.generate import Sampling, generate_tokens, stop_text_check
+        from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         source, target = Path(args.input), Path(args.output)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = trained.tokenizer
         stops = [s for s in args.stop if s]
 
-        stop_check = stop_text_check(tok, stops) if stops else None
+        stop_check = stop_text_check(tok, stops)
 
         target.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=total, initial=done, unit="prompt", desc="infer", file=sys.stderr, disable=None)
@@ -144,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as exc:
                         raise UserError(f"{source}: {exc} (drop --no-truncate to cut long prompts)") from None
                     for (number, text, _), ids in zip(items, new, strict=True):
-                        completion = tok.decode(ids)
-                        for stop in stops:
-                            completion = completion.split(stop)[0]
-                        results[number] = {"prompt": text, "completion": completion, "new_tokens": len(ids)}
+                        results[number] = {"prompt": text, "completion": completion_text(tok, ids, stops),
+                                           "new_tokens": len(ids)}  # fmt: skip
                 for position, (number, _, record) in enumerate(batch):  # input order; ids default to it
                     row = {"id": record.get("id", index + position), **results[number]}
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from llm_training.cli.common import parser, run
+from llm_training.cli.common import add_root_flag, parser, run
 
 
 def build_parser():
@@ -16,9 +16,7 @@ def build_parser():
     p.add_argument("--training-id", help="A run id as listed (e.g. 20260101-120000), or 'latest'.")
     p.add_argument("--follow", "-f", action="store_true", help="Keep printing new lines until the run ends.")
     p.add_argument("--metrics", action="store_true", help="Print the run's metrics.jsonl records instead.")
-    p.add_argument(
-        "--root", default=".", help="Folder searched for runs (output directories), 4 levels deep."
-    )
+    add_root_flag(p)
     p.add_argument("--interval", type=float, default=1.0, help="Seconds between checks with --follow.")
     return p
 
@@ -67,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _metrics(target, runs, args) -> int:
     """The records of the run's metrics.jsonl (one folder may hold several runs: only this one's)."""
-    from llm_training.monitor.runs import read_records, records_of, run_lines
+    from llm_training.monitor.runs import RecordTail, records_of, run_lines
 
     path = target.folder / "metrics.jsonl"
     if not path.is_file():
         print(f"{path}: no metrics yet")
         return 0
-    shown = 0
+    shown, tail = 0, RecordTail(path)
     while True:
-        records = records_of(target, read_records(path), runs)
+        records = records_of(target, tail.read(), runs)
         for r in records[shown:]:
             print(json.dumps(r), flush=True)
         shown = len(records)

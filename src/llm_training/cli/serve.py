@@ -51,17 +51,16 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        import json
         import logging
 
         from llm_training.api.serve import serve
         from llm_training.errors import UserError
-        from llm_training.serve.app import OPTIONS_ENV, ServeOptions
+        from llm_training.serve.app import ServeOptions
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         if args.from_env:
-            options = ServeOptions(**json.loads(os.environ[OPTIONS_ENV]))
+            options = ServeOptions.from_env()
         else:
             if not args.model:
                 raise UserError("--model is required (a checkpoint or an exported model)")

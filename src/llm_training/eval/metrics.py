@@ -80,10 +80,20 @@ def text_metrics(scores: dict, num_bytes: float) -> dict:
             "accuracy": scores["correct"] / max(1, scores["tokens"])}  # fmt: skip
 
 
-def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
+def token_stream(tokenizer, documents: list[str], limit: int | None = None, chunk: int = 32) -> list[int]:
+    """The documents' tokens, each followed by end-of-text; with ``limit``, its first ``limit`` tokens
+    (documents are encoded a chunk at a time, so those past the limit are never encoded)."""
     stream: list[int] = []
-    for ids in tokenizer.encode_batch(documents):
-        stream += ids + [tokenizer.eot_id]
+    for first in range(0, len(documents), chunk):
+        for ids in tokenizer.encode_batch(documents[first : first + chunk]):
+            stream += ids + [tokenizer.eot_id]
+        if limit is not None and len(stream) >= limit:
+            return stream[:limit]
+    return stream
+
+
+def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
+    stream = token_stream(tokenizer, documents)
     scores = score_tokens(model, stream, batch_size, autocast)
     return {**scores, "bytes": sum(len(d.encode()) for d in documents)}
 

@@ -167,22 +167,6 @@ def load_source(
     return source
 
 
-def _export_image_text(checkpoint: Path, fmt: str, quantize: str, target: Path, source, started: float):
-    """A text-and-image model: its weights as safetensors (the other formats hold a language model only)."""
-    from llm_training.multimodal.export import export_weights
-
-    if fmt != "safetensors" or quantize != "none":
-        raise UserError(
-            f"{checkpoint} is a text-and-image model: it exports as --format safetensors (fp32) only"
-        )
-    out = export_weights(checkpoint, target, overwrite=True)
-    size = sum(_size(f) for f in out["files"])
-    source_bytes = 4 * sum(p.numel() for p in source.model.parameters())
-    check = {"runtime": "safetensors", "max_logit_diff": out["max_logit_diff"]}
-    return ExportResult(fmt, target, out["files"], size, source_bytes, quantize, check, None,
-                        round(time.perf_counter() - started, 2))  # fmt: skip
-
-
 def export_checkpoint(
     checkpoint: str | Path, options: ExportOptions, source: _Source | None = None
 ) -> ExportResult:
@@ -195,8 +179,11 @@ def export_checkpoint(
     _refuse_existing(fmt, target, options.overwrite)
     started = time.perf_counter()
     source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
-    if getattr(source.model, "vision_cfg", None) is not None:
-        return _export_image_text(checkpoint, fmt, quantize, target, source, started)
+    images = getattr(source.model, "vision_cfg", None) is not None
+    if images and (fmt != "safetensors" or quantize != "none"):  # the other formats hold a language model
+        raise UserError(
+            f"{checkpoint} is a text-and-image model: it exports as --format safetensors (fp32) only"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.export-tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -206,10 +193,16 @@ def export_checkpoint(
         log.info(
             "exporting %s to %s (%s)", checkpoint, target, fmt if quantize == "none" else f"{fmt}, {quantize}"
         )
-        with quiet():
-            _write(fmt, quantize, options, source, staged)
-        log.info("checking %s with %s", target.name, _runtime_name(fmt))
-        check = _check(fmt, quantize, options, source, staged)
+        if images:
+            from llm_training.multimodal.export import check_weights, write_weights
+
+            write_weights(source.model, source.tokenizer, staged)
+            check = check_weights(source.model, staged)
+        else:
+            with quiet():
+                _write(fmt, quantize, options, source, staged)
+            log.info("checking %s with %s", target.name, _runtime_name(fmt))
+            check = _check(fmt, quantize, options, source, staged)
         files = _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -332,7 +325,7 @@ def _runtime_for(fmt: str, path: Path, cfg: ModelConfig):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hf = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
-    return RuntimeModule(cfg, lambda ids: hf(input_ids=ids).logits, "transformers")
+    return RuntimeModule(cfg, lambda ids: hf(input_ids=ids).logits)
 
 
 @torch.no_grad()
@@ -402,12 +395,9 @@ def _validation(source: _Source, validation_data, limit: int) -> _Validation:
 
             documents = [d.text for d in read_documents(str(sample_data_path()))]
             name = "built-in sample (Python Language Reference)"
-        stream: list[int] = []
-        for ids in source.tokenizer.encode_batch(documents[:2000]):
-            stream += ids + [source.tokenizer.eot_id]
-            if len(stream) >= limit:
-                break
-        source.validation[key] = _Validation(stream[:limit], name)
+        from llm_training.eval.metrics import token_stream
+
+        source.validation[key] = _Validation(token_stream(source.tokenizer, documents[:2000], limit), name)
     return source.validation[key]
 
 

@@ -19,7 +19,7 @@ import torch
 from llm_training.config import MODEL_TYPES, ModelConfig
 from llm_training.data.tokenizer import BOS, EOT, PAD, Tokenizer
 from llm_training.errors import UserError
-from llm_training.model.transformer import MLP, Transformer
+from llm_training.model.transformer import Transformer, mlp_width
 
 
 def _style(cfg: ModelConfig) -> str:
@@ -34,7 +34,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
         if cfg.num_kv_heads not in (None, heads) or cfg.qk_norm:
             raise UserError("GPT-2 style with grouped-query attention or QK-norm has no transformers class; "
                             "export it in safetensors or ONNX instead")  # fmt: skip
-        inner = cfg.intermediate_size or 4 * width
+        inner = mlp_width(cfg, "gpt2")
         return {**common, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": width,
                 "n_layer": cfg.num_layers, "n_head": heads, "n_positions": cfg.max_seq_length, "n_inner": inner,
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
@@ -43,7 +43,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
         raise UserError(
             "Llama style with QK-norm has no LlamaForCausalLM equivalent; export safetensors or ONNX"
         )
-    inner = MLP(cfg, "llama").down.in_features  # the width rule lives in the model
+    inner = mlp_width(cfg, "llama")
     return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": width,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": heads,
             "num_key_value_heads": cfg.num_kv_heads or heads, "intermediate_size": inner,
@@ -82,7 +82,7 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
                       E(q + theirs + ".bias", p + ours + ".bias")]  # fmt: skip
         t += [E("transformer.ln_f.weight", "norm.weight"), E("transformer.ln_f.bias", "norm.bias")]
     else:
-        inner = MLP(cfg, "llama").down.in_features  # the width rule lives in the model
+        inner = mlp_width(cfg, "llama")
         t = [E("model.embed_tokens.weight", "embed.weight")]
         parts = ("weight", "bias") if cfg.bias else ("weight",)
         for i in range(cfg.num_layers):

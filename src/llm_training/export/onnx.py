@@ -22,7 +22,7 @@ from torch import nn
 
 from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.export.quiet import quiet
-from llm_training.model.transformer import Transformer
+from llm_training.model.transformer import Transformer, cache_mask
 
 META_CONFIG, META_TOKENIZER, META_PAST = "llm_training.config", "llm_training.tokenizer", "llm_training.past"
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -50,10 +50,7 @@ class _PastCache:
         start = total - new
         valid = attention_mask.bool()
         self.positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
-        queries = torch.arange(new, device=valid.device)[:, None] + start
-        keys = torch.arange(total, device=valid.device)[None, :]
-        allowed = (keys <= queries)[None] & valid[:, None, :]
-        self.mask = (allowed | (keys == queries)[None])[:, None]
+        self.mask = cache_mask(valid, torch.arange(new, device=valid.device) + start, total)
         self.layers = [_PastLayer(k, v, self.mask) for k, v in past]
 
 

@@ -82,7 +82,7 @@ def magnitude_prune(model: Transformer, sparsity: float, scope: str = "layer") -
     per = {name: float((m.weight == 0).float().mean()) for name, m in targets}
     zeros = sum(int((m.weight == 0).sum()) for _, m in targets)
     size = sum(m.weight.numel() for _, m in targets)
-    unique = {p.data_ptr(): p for p in model.parameters()}.values()
+    unique = list(model.parameters())  # a tied weight is listed once
     all_zeros = sum(int((p == 0).sum()) for p in unique)
     total = sum(p.numel() for p in unique)
     return PruneReport(sparsity, scope, zeros / max(1, size), all_zeros / max(1, total), per)

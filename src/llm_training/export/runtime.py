@@ -21,8 +21,6 @@ from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 
-FORMATS = ("checkpoint", "onnx", "torchscript", "safetensors", "hf", "gguf")
-
 
 class RuntimeModule(nn.Module):
     """A foreign runtime (onnxruntime, a TorchScript graph) behind ``forward(input_ids) -> logits`` (CPU
@@ -35,25 +33,18 @@ class RuntimeModule(nn.Module):
       without a cache is).
     """
 
-    def __init__(self, cfg: ModelConfig, run, kind: str, runner=None) -> None:
+    def __init__(self, cfg: ModelConfig, run, runner=None) -> None:
         super().__init__()
-        self.cfg, self._run, self.kind, self.runner = cfg, run, kind, runner
+        self.cfg, self._run, self.runner = cfg, run, runner
 
     @property
     def has_past(self) -> bool:
         return bool(getattr(self.runner, "has_past", False))
 
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         if cache is not None:
             return self._generation_step(input_ids.cpu(), cache)
-        logits = self._run(input_ids.cpu())
-        if labels is None:
-            return logits
-        return nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.cpu().reshape(-1), ignore_index=-100
-        )
+        return self._run(input_ids.cpu())
 
     def _generation_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         start, new = cache.length, ids.size(1)
@@ -83,17 +74,13 @@ class LoadedModel:
     step: int | None = None
 
     @property
-    def in_torch(self) -> bool:
-        """Whether ``module`` is our ``Transformer`` (not an ONNX or TorchScript runtime behind a wrapper)."""
-        return self.kind not in ("onnx", "torchscript")
-
-    @property
     def prefers_bf16(self) -> bool:
-        """A torch model on a device that computes in bf16 (CUDA with bf16 support)."""
+        """A torch model on a device that computes in bf16 (CUDA with bf16 support); a foreign runtime
+        (ONNX, TorchScript) counts as the CPU."""
+        from llm_training.model.transformer import device_of
         from llm_training.train.device import pick_precision
 
-        device = next(self.module.parameters()).device if self.in_torch else torch.device("cpu")
-        return self.in_torch and pick_precision("auto", device) == "bf16"
+        return pick_precision("auto", device_of(self.module)) == "bf16"
 
 
 def load_for_generation(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -108,7 +95,8 @@ def load_for_generation(path: str | Path, device: str = "auto") -> LoadedModel:
 
 
 def detect_format(path: str | Path) -> str:
-    """Which of ``FORMATS`` the file or folder at ``path`` is (by content, not by name)."""
+    """Which format (checkpoint, onnx, torchscript, safetensors, hf, gguf) the file or folder at ``path``
+    is (by content, not by name)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (nor an exported model)")
@@ -174,7 +162,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         if META_CONFIG not in runner.metadata:
             raise UserError(f"{path}: an ONNX model without llm_training's metadata (config and tokenizer)")
         tokenizer = Tokenizer.from_json(runner.metadata[META_TOKENIZER])
-        module = RuntimeModule(runner.cfg, runner.logits, kind, runner).eval()
+        module = RuntimeModule(runner.cfg, runner.logits, runner).eval()
         return LoadedModel(kind, module, tokenizer, runner.cfg, path)
     if kind == "torchscript":
         from llm_training.export.torchscript import load_torchscript
@@ -189,7 +177,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             with torch.no_grad():
                 return module(ids)
 
-        wrapped = RuntimeModule(cfg, run, kind).eval()
+        wrapped = RuntimeModule(cfg, run).eval()
         return LoadedModel(kind, wrapped, _need_tokenizer(tokenizer, path), cfg, path)
     if kind == "safetensors":
         from llm_training.export.weights import load_weights

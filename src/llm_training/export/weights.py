@@ -16,9 +16,15 @@ FORMAT_TAG = "llm_training"
 
 
 def save_weights(
-    model: Transformer, tokenizer: Tokenizer, path: Path, config: str, half: bool = False
+    model: Transformer,
+    tokenizer: Tokenizer,
+    path: Path,
+    config: str,
+    half: bool = False,
+    kind: str | None = None,
 ) -> list[Path]:
-    """Write ``path`` and the config and tokenizer beside it; returns every file written."""
+    """Write ``path`` and the config and tokenizer beside it; returns every file written. ``kind`` marks a
+    model other than the language model (``image_text``) in the metadata."""
     from safetensors.torch import save_file
 
     dtype = torch.float16 if half else torch.float32
@@ -34,6 +40,7 @@ def save_weights(
         "producer": FORMAT_TAG,
         "config": config,
         "tokenizer": tokenizer.backend.to_str(),
+        **({"kind": kind} if kind else {}),
     }
     save_file(state, str(path), metadata=metadata)
     (path.parent / "config.json").write_text(config + "\n")
@@ -41,16 +48,22 @@ def save_weights(
     return [path, path.parent / "config.json", path.parent / "tokenizer.json"]
 
 
-def load_weights(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
+def read_weights(path: str | Path) -> tuple[dict, dict]:
+    """(metadata, tensors by name) of a safetensors file; one clear error for a damaged one."""
     from safetensors import safe_open
 
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:  # safetensors raises its own SafetensorError on damaged headers
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    return metadata, state
+
+
+def load_weights(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
+    path = Path(path)
+    metadata, state = read_weights(path)
     if metadata.get("producer") != FORMAT_TAG:
         raise UserError(
             f"{path}: safetensors without llm_training's config (a Hugging Face folder? pass the folder)"

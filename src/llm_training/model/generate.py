@@ -82,9 +82,19 @@ def _ends_with(seq: list[int], stops: Sequence[Sequence[int]]) -> int:
     return 0
 
 
-def stop_text_check(tokenizer, stops: Sequence[str]) -> Callable[[list[int]], int]:
+def completion_text(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> str:
+    """The new tokens as text, cut at the first stop text."""
+    text = tokenizer.decode(ids)
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def stop_text_check(tokenizer, stops: Sequence[str]) -> Callable[[list[int]], int] | None:
     """A ``stop_check`` for stop texts: when one appears in the decoded end of the new tokens, how many
-    trailing tokens to drop so that none remains (0: go on)."""
+    trailing tokens to drop so that none remains (0: go on). None without stop texts."""
+    if not stops:
+        return None
 
     def check(new: list[int]) -> int:
         if not any(stop in tokenizer.decode(new[-32:]) for stop in stops):

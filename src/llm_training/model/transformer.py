@@ -85,16 +85,19 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def mlp_width(cfg: ModelConfig, style: str) -> int:
+    """The MLP's inner width: as set, else about 8/3 x for the gated (llama) MLP, rounded up to a multiple
+    of 64, which keeps parameters near the 4x of the GELU (gpt2) MLP."""
+    if cfg.intermediate_size:
+        return cfg.intermediate_size
+    return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64) if style == "llama" else 4 * cfg.hidden_size
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, style: str) -> None:
         super().__init__()
         self.gated = style == "llama"
-        if cfg.intermediate_size:
-            width = cfg.intermediate_size
-        elif self.gated:  # about 8/3 x, rounded up to a multiple of 64, keeps parameters near the 4x GELU MLP
-            width = 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
-        else:
-            width = 4 * cfg.hidden_size
+        width = mlp_width(cfg, style)
         self.up = nn.Linear(cfg.hidden_size, width * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(width, cfg.hidden_size, bias=cfg.bias)
         self.down.residual_scale = True  # type: ignore[attr-defined]
@@ -304,6 +307,15 @@ class LayerCache:
         return self.k, self.v
 
 
+def cache_mask(valid: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, 1, T, total) attention mask of T new tokens at cache ``slots`` over ``total`` cache places: causal,
+    padding (``valid`` False) hidden, and each token seeing itself so that no softmax row is empty."""
+    queries = slots[:, None]
+    keys = torch.arange(total, device=valid.device)[None, :]
+    allowed = (keys <= queries)[None] & valid[:, None, :]
+    return (allowed | (keys == queries)[None])[:, None]
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences being generated.
 
@@ -336,10 +348,7 @@ class KVCache:
         counts = torch.cumsum(valid.long(), dim=1)
         self.positions = (self.next_position[:, None] + counts - 1).clamp(min=0)
         self.next_position += counts[:, -1]
-        queries = self.slots[:, None]
-        keys = torch.arange(self.max_len, device=valid.device)[None, :]
-        allowed = (keys <= queries)[None] & self.valid[:, None, :]
-        self.mask = (allowed | (keys == queries)[None])[:, None]  # (B, 1, T, max_len)
+        self.mask = cache_mask(self.valid, self.slots, self.max_len)
 
     def advance(self) -> None:
         T = self.positions.size(1)

@@ -36,8 +36,8 @@ CHARTS = {
 }
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]  # fmt: skip
-OWN = "added here"
-RUNNING_WITHIN = 180.0  # seconds since a run's last log line within which it counts as running  # the series name of metrics given to add_metric
+OWN = "added here"  # the series name of metrics given to add_metric
+RUNNING_WITHIN = 180.0  # seconds since a run's last log line within which it counts as running
 
 
 @dataclass
@@ -48,35 +48,6 @@ class _Series:
     def add(self, x: float, y: float) -> None:
         self.x.append(x)
         self.y.append(y)
-
-
-class _Tail:
-    """A ``metrics.jsonl`` read from where the last read stopped (the file only grows while a run trains)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.records = path, 0, []
-
-    def read(self) -> list[dict]:
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return self.records
-        if size < self.offset:  # replaced or truncated: start again
-            self.offset, self.records = 0, []
-        if size > self.offset:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                chunk = handle.read(size - self.offset)
-            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
-            self.offset += len(complete)
-            for line in complete.decode("utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    self.records.append(record)
-        return self.records
 
 
 def _number(value: Any) -> float | None:
@@ -107,9 +78,9 @@ class MetricsDashboard:
         self.port, self.host, self.root = int(port), host, Path(root)
         self.refresh, self.title = float(refresh), title
         self._own: dict[str, _Series] = {}
-        self._tails: dict[Path, _Tail] = {}
-        self._runs_key: tuple = ()
-        self._runs: list[run_index.Run] = []
+        self._tails: dict[Path, run_index.RecordTail] = {}
+        self._parsed: dict[Path, tuple[tuple, list[run_index.Run]]] = {}  # log -> (its size and time, runs)
+        self._modified: dict[Path, float] = {}  # log -> when it last changed
         self._lock = threading.Lock()
         self._server = None
         self._thread: threading.Thread | None = None
@@ -129,18 +100,21 @@ class MetricsDashboard:
             series.add(float(step) if step is not None else float(len(series.x) + 1), number)
 
     def _find_runs(self) -> list[run_index.Run]:
-        """The runs under the root; the logs are parsed again only when one of them changed."""
-        logs = run_index.log_files(self.root)
-        key = []
-        for path in logs:
+        """The runs under the root: a log is parsed again only when it changed (its size or time)."""
+        parsed, self._modified = {}, {}
+        for log in run_index.log_files(self.root):
             try:
-                stat = path.stat()
+                stat = log.stat()
             except OSError:
                 continue
-            key.append((str(path), stat.st_mtime_ns, stat.st_size))
-        if tuple(key) != self._runs_key:
-            self._runs, self._runs_key = run_index.find_runs(self.root), tuple(key)
-        return self._runs
+            key = (stat.st_mtime_ns, stat.st_size)
+            known = self._parsed.get(log)
+            parsed[log] = (
+                known if known is not None and known[0] == key else (key, run_index.runs_in_log(log))
+            )
+            self._modified[log] = stat.st_mtime
+        self._parsed = parsed
+        return run_index.merge_runs(runs for _, runs in parsed.values())
 
     def snapshot(self) -> dict:
         """Every run's table row and series, the custom metrics, and the charts built from them."""
@@ -151,7 +125,7 @@ class MetricsDashboard:
             for index, run in enumerate(runs):
                 color = COLORS[index % len(COLORS)]
                 path = run.folder / "metrics.jsonl"
-                tail = self._tails.setdefault(path, _Tail(path))
+                tail = self._tails.setdefault(path, run_index.RecordTail(path))
                 records = run_index.records_of(run, tail.read(), runs)
                 series, extra, summary = _series_of(records)
                 for key in CHARTS:
@@ -161,7 +135,7 @@ class MetricsDashboard:
                     charts["loss"].append(_trace(f"{run.run_id} validation", series["val_loss"], color, True))
                 for name, points in extra.items():
                     custom.setdefault(name, []).append((run.run_id, points, color))
-                status = _status(run, runs)
+                status = _status(run, runs, self._modified.get(run.log, 0.0))
                 rows.append({"run": run.run_id, "folder": str(run.folder), "status": status, **summary})
             for name, points in self._own.items():
                 custom.setdefault(name, []).append((OWN, _Series(list(points.x), list(points.y)), "#444"))
@@ -178,13 +152,15 @@ class MetricsDashboard:
         }
 
     # ------------------------------------------------------------------------------------------ pages
-    def page(self, live: bool) -> str:
-        """The dashboard page (``live``: polls ``api/data``) or the report (plotly.js and data inline)."""
-        data = self.snapshot()
+    def page(self, live: bool, data: dict | None = None) -> str:
+        """The dashboard page (``live``: polls ``api/data``) or the report (plotly.js and data inline), of
+        ``data`` (a ``snapshot()``; taken now when not given)."""
+        data = data or self.snapshot()
         return _html(data, plotly="" if live else _plotly_js(), refresh=self.refresh if live else 0.0)
 
-    def generate_report(self, path: str | Path) -> Path:
-        """Write the charts of every run as one self-contained HTML file (no network needed to view it)."""
+    def generate_report(self, path: str | Path, data: dict | None = None) -> Path:
+        """Write the charts of every run (of ``data``, a ``snapshot()``, when given) as one self-contained
+        HTML file (no network needed to view it)."""
         target = Path(path)
         if target.is_dir():
             raise UserError(
@@ -193,7 +169,7 @@ class MetricsDashboard:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.partial")
-            partial.write_text(self.page(live=False), encoding="utf-8")
+            partial.write_text(self.page(live=False, data=data), encoding="utf-8")
             os.replace(partial, target)  # an earlier report stays whole until the new one is complete
         except OSError as exc:
             raise UserError(f"cannot write the report {target}: {exc.strerror or exc}") from None
@@ -327,16 +303,13 @@ def _series_of(records: list[dict]) -> tuple[dict[str, _Series], dict[str, _Seri
     return series, extra, summary
 
 
-def _status(run: run_index.Run, runs: list[run_index.Run]) -> str:
-    """A run without a run_end line is running while its log grows, else stopped (killed, or its machine
-    went away); only the newest run of a folder can still be running."""
+def _status(run: run_index.Run, runs: list[run_index.Run], modified: float) -> str:
+    """A run without a run_end line is running while its log grows (``modified``: when it last changed),
+    else stopped (killed, or its machine went away); only the newest run of a folder can still be running."""
     if run.status != run_index.Run.status:
         return run.status
     newest = max((r for r in runs if r.folder == run.folder), key=run_index.started_at)
-    try:
-        recent = time.time() - run.log.stat().st_mtime < RUNNING_WITHIN
-    except OSError:
-        recent = False
+    recent = time.time() - modified < RUNNING_WITHIN
     return "running" if recent and newest is run else "stopped"
 
 

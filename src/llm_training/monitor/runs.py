@@ -7,9 +7,11 @@ started); its folder is the output directory that holds that log. Runs are looke
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +26,9 @@ class Run:
     run_id: str
     folder: Path  # the output directory
     log: Path
-    started: str = ""
     last_step: int | None = None
     last_loss: float | None = None
     status: str = "running or stopped"  # from its run_end line, when there is one
-    lines: int = 0
 
 
 def log_files(root: Path, depth: int = 4) -> list[Path]:
@@ -62,27 +62,44 @@ def _all_lines(log: Path) -> list[str]:
     return lines
 
 
-def find_runs(root: str | Path = ".") -> list[Run]:
+def runs_in_log(log: Path) -> list[Run]:
+    """The runs one log (with its rotated parts) has lines of, with their last step, loss and status."""
     runs: dict[str, Run] = {}
-    for log in log_files(Path(root)):
-        for line in _all_lines(log):
-            match = _RUN.search(line)
-            if not match:
+    for line in _all_lines(log):
+        match = _RUN.search(line)
+        if not match:
+            continue
+        run = runs.setdefault(match.group(1), Run(match.group(1), log.parent.parent, log))
+        if " step_end " in line or " run_end " in line:
+            values = dict(_FIELD.findall(line.split(": ", 1)[-1]))
+            if "step" in values or "steps" in values:
+                run.last_step = int(values.get("step", values.get("steps")))
+            loss = values.get("loss") or values.get("train_loss")
+            if loss:
+                run.last_loss = float(loss)
+            if " run_end " in line:
+                run.status = values.get("status", "ended")
+    return list(runs.values())
+
+
+def merge_runs(per_log: Iterable[list[Run]]) -> list[Run]:
+    """One run per id, by id: a run seen in several logs keeps its first log and folder, and takes what
+    the later logs say of it (copies: the parsed lists are not changed)."""
+    runs: dict[str, Run] = {}
+    for found in per_log:
+        for run in found:
+            known = runs.get(run.run_id)
+            if known is None:
+                runs[run.run_id] = dataclasses.replace(run)
                 continue
-            run = runs.setdefault(
-                match.group(1), Run(match.group(1), log.parent.parent, log, started=line[:19])
-            )
-            run.lines += 1
-            if " step_end " in line or " run_end " in line:
-                values = dict(_FIELD.findall(line.split(": ", 1)[-1]))
-                if "step" in values or "steps" in values:
-                    run.last_step = int(values.get("step", values.get("steps")))
-                loss = values.get("loss") or values.get("train_loss")
-                if loss:
-                    run.last_loss = float(loss)
-                if " run_end " in line:
-                    run.status = values.get("status", "ended")
+            known.last_step = run.last_step if run.last_step is not None else known.last_step
+            known.last_loss = run.last_loss if run.last_loss is not None else known.last_loss
+            known.status = run.status if run.status != Run.status else known.status
     return sorted(runs.values(), key=lambda r: r.run_id)
+
+
+def find_runs(root: str | Path = ".") -> list[Run]:
+    return merge_runs(runs_in_log(log) for log in log_files(Path(root)))
 
 
 def run_lines(run: Run) -> list[str]:
@@ -97,10 +114,10 @@ def started_at(run: Run) -> float:
         return 0.0
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a line being written (no newline yet) or damaged is skipped."""
+def parse_records(text: str) -> list[dict]:
+    """JSON lines as records; a damaged line (or one still being written) is skipped."""
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -108,6 +125,34 @@ def read_records(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``."""
+    return parse_records(path.read_text(encoding="utf-8", errors="replace"))
+
+
+class RecordTail:
+    """A ``metrics.jsonl`` read from where the last read stopped (the file only grows while a run trains)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.records = path, 0, []
+
+    def read(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return self.records
+        if size < self.offset:  # replaced or truncated: start again
+            self.offset, self.records = 0, []
+        if size > self.offset:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read(size - self.offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
+            self.offset += len(complete)
+            self.records += parse_records(complete.decode("utf-8", errors="replace"))
+        return self.records
 
 
 def records_of(run: Run, records: list[dict], runs: list[Run]) -> list[dict]:

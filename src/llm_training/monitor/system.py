@@ -85,16 +85,11 @@ def system_report(path: str = ".") -> dict:
                         (" (MPS is available)" if report["torch"]["mps_available"] else ""))  # fmt: skip
     if report["gpus"] and not torch.cuda.is_available():
         errors.append("a GPU is present but this PyTorch has no CUDA: install a CUDA build of torch")
-    disk = shutil.disk_usage(path)
-    report["disk"] = {
-        "path": os.path.abspath(path),
-        "free_gb": round(disk.free / 1e9, 1),
-        "total_gb": round(disk.total / 1e9, 1),
-    }
-    if disk.free / 1e9 < MIN_DISK_GB:
-        warnings.append(
-            f"only {disk.free / 1e9:.1f} GB free on {os.path.abspath(path)}: checkpoints need room"
-        )
+    disk, where = shutil.disk_usage(path), os.path.abspath(path)
+    free_gb = disk.free / 1e9
+    report["disk"] = {"path": where, "free_gb": round(free_gb, 1), "total_gb": round(disk.total / 1e9, 1)}
+    if free_gb < MIN_DISK_GB:
+        warnings.append(f"only {free_gb:.1f} GB free on {where}: checkpoints need room")
     report["required"] = {p: _version(p) for p in REQUIRED}
     for package, version in report["required"].items():
         if version is None:

@@ -111,7 +111,7 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
     for split, indices in splits.items():
         if len(indices) == 0:  # evaluation data: everything in one split
             continue
-        ids = [tokenizer.encode(texts[i]) + [tokenizer.eot_id] for i in indices]
+        ids = [row + [tokenizer.eot_id] for row in tokenizer.encode_batch([texts[i] for i in indices])]
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         np.save(staging / f"{split}_images.npy", np.stack([pixels[i] for i in indices]))
         np.save(staging / f"{split}_captions.npy", np.concatenate([np.array(x, dtype=dtype) for x in ids]))

@@ -37,6 +37,14 @@ class MultiModalPreprocessor:
             tokenizer = Tokenizer.load(tokenizer)
         self.tokenizer = tokenizer
         self.backend = self._backend(backend)
+        self._transform = None
+        if self.backend == "torchvision":  # the guide's pipeline, built once
+            import torchvision.transforms as transforms
+
+            size = (image_size, image_size) if isinstance(image_size, int) else image_size
+            self._transform = transforms.Compose(
+                [transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+            )
 
     @staticmethod
     def _backend(wanted: str) -> str:
@@ -59,14 +67,8 @@ class MultiModalPreprocessor:
     def image_tensor(self, image_path: str | Path):
         """The image at a path or URL as a normalised (3, H, W) float tensor."""
         image = load_image(image_path)
-        if self.backend == "torchvision":
-            import torchvision.transforms as transforms
-
-            size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
-            transform = transforms.Compose(
-                [transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
-            )
-            return transform(image)
+        if self._transform is not None:
+            return self._transform(image)
         return to_tensor(resized(image, self.image_size), self.mean, self.std)
 
     def preprocess(self, text: str, image_path: str | Path) -> dict:

@@ -39,6 +39,18 @@ class ServeOptions:
     timeout: float = 120.0  # seconds a request may take, waiting included
     truncate: bool = False  # prompts longer than the context: 400 (False) or cut from the left (True)
 
+    def to_env(self) -> str:
+        """The options as the JSON a child process or uvicorn worker reads from ``OPTIONS_ENV``."""
+        import dataclasses
+
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ServeOptions:
+        import os
+
+        return cls(**json.loads(os.environ[OPTIONS_ENV]))
+
 
 class ApiError(Exception):
     def __init__(
@@ -89,6 +101,14 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         return error(exc.status, exc.message, exc.kind, exc.code)
+
+    @app.exception_handler(Overloaded)  # engine.submit: too many requests waiting
+    async def overloaded(_request, exc: Overloaded):
+        return error(429, str(exc), "rate_limit_error", "overloaded")
+
+    @app.exception_handler(Unavailable)  # engine.submit: starting or shutting down
+    async def unavailable(_request, exc: Unavailable):
+        return error(503, str(exc), "server_error", "unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
@@ -142,14 +162,6 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                                tuple(s for s in stops if s), body.seed, ids))  # fmt: skip
         return out
 
-    def submit(request: Request, on_text=None):
-        try:
-            return engine.submit(request, on_text)
-        except Overloaded as exc:
-            raise ApiError(429, str(exc), "rate_limit_error", "overloaded") from None
-        except Unavailable as exc:
-            raise ApiError(503, str(exc), "server_error", "unavailable") from None
-
     async def wait(jobs):
         try:
             return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
@@ -157,8 +169,6 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         except asyncio.TimeoutError:
             raise ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
                            "server_error", "timeout") from None  # fmt: skip
-        except Unavailable as exc:
-            raise ApiError(503, str(exc), "server_error", "unavailable") from None
         except ValueError as exc:  # the generator's own checks (a prompt that cannot fit)
             raise ApiError(400, str(exc), code="invalid_prompt") from None
 
@@ -187,7 +197,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
     async def predict(body: PredictBody):
         begin = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        jobs = [submit(r) for r in requests_of(prompts, body.max_new_tokens, body)]
+        jobs = [engine.submit(r) for r in requests_of(prompts, body.max_new_tokens, body)]
         done = await wait(jobs)
         metrics.tokens(sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done))
         return {"model": engine.model_id,
@@ -210,7 +220,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         model_id = engine.model_id
         if not body.stream:
-            done = await wait([submit(r) for r in requests])
+            done = await wait([engine.submit(r) for r in requests])
             usage = {"prompt_tokens": sum(c.prompt_tokens for c in done[:: body.n]),
                      "completion_tokens": sum(c.completion_tokens for c in done)}  # fmt: skip
             metrics.tokens(usage["prompt_tokens"], usage["completion_tokens"])
@@ -226,7 +236,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             def on_text(text: str, index: int = index) -> None:  # called in the engine's thread
                 loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
 
-            job = submit(request, on_text)
+            job = engine.submit(request, on_text)
             # scheduled after the job's last text (the engine streams, then resolves), so it arrives last
             job.future.add_done_callback(
                 lambda _f, index=index: loop.call_soon_threadsafe(pieces.put_nowait, (index, None))
@@ -273,6 +283,5 @@ OPTIONS_ENV = "LLM_SERVE_OPTIONS"
 def app_from_env():
     """The app for uvicorn's worker processes (``--workers N``): options come as JSON in an environment
     variable, since each worker imports the app anew."""
-    import os
 
-    return create_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])))
+    return create_app(ServeOptions.from_env())

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llm_training.errors import UserError
 
@@ -61,7 +62,6 @@ class Job:
     request: Request
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # receives each new piece of text (streaming)
-    submitted: float = field(default_factory=time.monotonic)
     sent: int = 0  # characters streamed so far
 
 
@@ -69,16 +69,16 @@ class Engine:
     def __init__(self, model_path: str, device: str = "auto", max_batch_size: int = 32, batch_wait: float = 0.005,
                  batching: bool = True, max_pending: int = 256, truncate: bool = True) -> None:  # fmt: skip
         self.model_path, self.device_name = model_path, device
+        self.model_id = Path(model_path).name
         self.max_batch_size = max_batch_size if batching else 1
         self.batch_wait = batch_wait if batching else 0.0
         self.max_pending, self.truncate = max_pending, truncate
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pending = 0  # submitted, not finished
         self.lock = threading.Lock()
-        self.ready = threading.Event()
         self.stopping = False
         self.loaded = None
-        self.batches: list[int] = []  # sizes of recent batches (metrics read and clear it)
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's size (the metrics)
         self.thread = threading.Thread(target=self._work, name="llm-serve-engine", daemon=True)
 
     # -------------------------------------------------------------------------------------------- control
@@ -89,13 +89,6 @@ class Engine:
 
         self.loaded = load_for_generation(self.model_path, self.device_name)
         self.thread.start()
-        self.ready.set()
-
-    @property
-    def model_id(self) -> str:
-        from pathlib import Path
-
-        return Path(self.model_path).name
 
     @property
     def context(self) -> int:
@@ -105,7 +98,7 @@ class Engine:
         return self.loaded.tokenizer.encode(text)
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None) -> Job:
-        if self.stopping or not self.ready.is_set():
+        if self.stopping or self.loaded is None:
             raise Unavailable("the model is not serving (starting or shutting down)")
         with self.lock:
             if self.pending >= self.max_pending:
@@ -122,17 +115,9 @@ class Engine:
         with self.lock:
             self.pending -= 1
 
-    def close(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop taking requests; with ``drain`` finish those already submitted, else fail them."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests and finish those already submitted."""
         self.stopping = True
-        if not drain:
-            while True:
-                try:
-                    job = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.future.set_exception(Unavailable("the server is shutting down"))
         self.queue.put(None)
         if self.thread.is_alive():
             self.thread.join(timeout)
@@ -166,7 +151,8 @@ class Engine:
             groups: dict[tuple, list[Job]] = {}
             for job in live:
                 groups.setdefault(job.request.group(), []).append(job)
-            self.batches.append(len(live))
+            if self.on_batch is not None:
+                self.on_batch(len(live))
             for jobs in groups.values():
                 try:
                     self._generate(jobs)
@@ -177,7 +163,7 @@ class Engine:
                             job.future.set_exception(exc)
 
     def _generate(self, jobs: list[Job]) -> None:
-        from llm_training.model.generate import Sampling, generate_tokens, stop_text_check
+        from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
 
         tok = self.loaded.tokenizer
         first = jobs[0].request
@@ -186,17 +172,11 @@ class Engine:
                             first.repetition_penalty, first.seed)  # fmt: skip
         prompts = [j.request.ids if j.request.ids is not None else tok.encode(j.request.prompt) for j in jobs]
 
-        def final_text(tokens: list[int]) -> str:
-            text = tok.decode(tokens)
-            for stop in stops:
-                text = text.split(stop)[0]
-            return text
-
         def on_update(i: int, tokens: list[int], finished: bool) -> None:
             job = jobs[i]
             if job.on_text is None:
                 return
-            safe = final_text(tokens) if finished else _streamable(tok.decode(tokens), stops)
+            safe = completion_text(tok, tokens, stops) if finished else _streamable(tok.decode(tokens), stops)
             if len(safe) > job.sent:
                 job.on_text(safe[job.sent :])
                 job.sent = len(safe)
@@ -204,12 +184,13 @@ class Engine:
         streaming = any(j.on_text is not None for j in jobs)
         new = generate_tokens(self.loaded.module, prompts, sampling, eos_id=tok.eot_id, truncate=self.truncate,
                               limits=[j.request.max_new_tokens for j in jobs],
-                              stop_check=stop_text_check(tok, stops) if stops else None,
+                              stop_check=stop_text_check(tok, stops),
                               on_update=on_update if streaming else None)  # fmt: skip
-        for i, job in enumerate(jobs):
-            on_update(i, new[i], True)
+        for i, job in enumerate(jobs):  # streamed rows got their last text as they finished
             reason = "length" if len(new[i]) >= job.request.max_new_tokens else "stop"
-            job.future.set_result(Completion(final_text(new[i]), len(prompts[i]), len(new[i]), reason))
+            job.future.set_result(
+                Completion(completion_text(tok, new[i], stops), len(prompts[i]), len(new[i]), reason)
+            )
 
 
 def _streamable(text: str, stops: tuple[str, ...]) -> str:

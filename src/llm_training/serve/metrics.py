@@ -24,6 +24,7 @@ class ServeMetrics:
         self.pending = Gauge(
             "llm_pending_requests", "Requests waiting or being generated", registry=self.registry
         )
+        engine.on_batch = self.batch_size.observe  # thread-safe: recorded as each batch starts
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         if path not in ("/predict", "/v1/completions", "/v1/models", "/health", "/metrics"):
@@ -40,8 +41,5 @@ class ServeMetrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        sizes, self.engine.batches[:] = list(self.engine.batches), []
-        for size in sizes:
-            self.batch_size.observe(size)
         self.pending.set(self.engine.pending)
         return generate_latest(self.registry)

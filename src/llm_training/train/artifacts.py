@@ -11,13 +11,13 @@ import torch
 from llm_training.config import Config, config_from_dict
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
-from llm_training.model.transformer import Transformer
+from llm_training.model import build_model
 from llm_training.train.checkpoint import load_checkpoint
 
 
 @dataclass
 class TrainedModel:
-    model: Transformer
+    model: torch.nn.Module  # Transformer, or ImageCaptionModel for a text-and-image checkpoint
     tokenizer: Tokenizer
     config: Config
     step: int
@@ -37,12 +37,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     if not state.get("tokenizer_json"):
         raise UserError(f"{path}: holds no tokenizer (saved by another tool?); it cannot be evaluated alone")
     tokenizer = Tokenizer.from_json(state["tokenizer_json"])
-    if images:
-        from llm_training.model.vision import ImageCaptionModel
-
-        model = ImageCaptionModel(cfg.model, cfg.vision)
-    else:
-        model = Transformer(cfg.model)
+    model = build_model(cfg, images)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -24,8 +24,8 @@ from llm_training.data.prepare import read_manifest
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
+from llm_training.model import build_model
 from llm_training.model.generate import Sampling, generate_tokens
-from llm_training.model.transformer import Transformer
 from llm_training.overrides import LIVE_KEYS, RUNTIME
 from llm_training.train.autobatch import global_batch, resolve_batch
 from llm_training.train.checkpoint import (
@@ -52,7 +52,7 @@ from llm_training.train.optim import build_optimizer, lr_at, set_lr
 from llm_training.train.preempt import PreemptionGuard
 from llm_training.train.profiling import StepProfiler, anomaly_detection
 from llm_training.train.recovery import ErrorRecovery, LossMonitor, TrainingAnomaly, is_out_of_memory
-from llm_training.train.step import train_step
+from llm_training.train.step import forward_loss, train_step
 
 log = logging.getLogger("llm_training.train")
 SINGLE = DistEnv()
@@ -107,11 +107,7 @@ def evaluate_loss(
     sums = torch.zeros(2, device=runtime.device, dtype=torch.float64)  # loss x tokens, tokens
     for b in range(batches):
         indices = mine[b * batch_size : (b + 1) * batch_size]
-        batch = dataset.batch(indices or [0])
-        labels = batch["labels"].to(runtime.device)
-        extra = {k: v.to(runtime.device) for k, v in batch.items() if k not in ("input_ids", "labels")}
-        with runtime.autocast():
-            loss = model(batch["input_ids"].to(runtime.device), labels, **extra)
+        loss, labels = forward_loss(model, dataset.batch(indices or [0]), runtime)
         if indices:
             counted = (labels != -100).sum()  # padding after a caption does not count
             sums[0] += loss.double() * counted
@@ -128,20 +124,11 @@ def evaluate_loss(
     }
 
 
-def build_model(cfg: Config, images: bool = False) -> torch.nn.Module:
-    """The config's language model, or with ``images`` the one that reads an image before its text."""
-    if not images:
-        return Transformer(cfg.model)
-    from llm_training.model.vision import ImageCaptionModel
-
-    return ImageCaptionModel(cfg.model, cfg.vision)
-
-
-def _caption_window(cfg: Config, data_dir: Path, window: int) -> int:
+def _caption_window(cfg: Config, image_size: int, window: int) -> int:
     """Caption tokens a window: what the context leaves after the image's prefix. The images' size is the
     prepared data's (recorded in the config, so the checkpoint rebuilds the same model)."""
     v = cfg.vision
-    v.image_size = int(read_manifest(data_dir / "train.json")["image_size"])
+    v.image_size = image_size
     if v.image_size % v.patch_size:
         raise ConfigError(
             f"the prepared images are {v.image_size} px, not a multiple of vision.patch_size ({v.patch_size})"
@@ -204,11 +191,12 @@ class Trainer:
         self.tokenizer = Tokenizer.load(self.data_dir / "vocab.json")
         _resolve_vocab(cfg, self.tokenizer)
         window = t.seq_length or cfg.model.max_seq_length
-        self.images = read_manifest(self.data_dir / "train.json").get("kind") == "image_text"
+        manifest = read_manifest(self.data_dir / "train.json")
+        self.images = manifest.get("kind") == "image_text"
         if self.images:  # captions of images: the image's prefix tokens come first in the context
             from llm_training.multimodal.data import CaptionDataset
 
-            window = _caption_window(cfg, self.data_dir, window)
+            window = _caption_window(cfg, int(manifest["image_size"]), window)
             self.train_set = CaptionDataset(self.data_dir / "train.json", window)
             self.val_set = CaptionDataset(self.data_dir / "validation.json", window)
         else:

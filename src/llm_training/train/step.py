@@ -5,6 +5,18 @@ from __future__ import annotations
 import torch
 
 
+def forward_loss(
+    model, batch: dict, runtime, non_blocking: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, labels on the device) of one batch: ``input_ids`` and ``labels``, and any other tensors (the
+    images of a text-and-image model) passed to the model as keywords."""
+    device = runtime.device
+    moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    input_ids, labels = moved.pop("input_ids"), moved.pop("labels")
+    with runtime.autocast():
+        return model(input_ids, labels, **moved), labels
+
+
 def train_step(
     model, micro_batches, optimizer, runtime, *, grad_clip: float, scaler=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,13 +31,7 @@ def train_step(
     total_tokens = torch.stack(counts).sum().clamp(min=1).to(device)
     loss_sum = torch.zeros((), device=device)
     for batch, count in zip(micro_batches, counts, strict=True):
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        extra = {
-            k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("input_ids", "labels")
-        }
-        with runtime.autocast():
-            loss = model(input_ids, labels, **extra)  # extra: the images of a text-and-image model
+        loss, _ = forward_loss(model, batch, runtime, non_blocking=True)
         weight = count.to(device) / total_tokens
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
