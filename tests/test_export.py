@@ -297,3 +297,23 @@ def test_infer_and_evaluate_take_exported_models(trained, tmp_path):
         assert proc.returncode == 0, proc.stderr
         scores[name] = json.loads(out.read_text())
     assert scores["onnx"]["perplexity"] == pytest.approx(scores["checkpoint"]["perplexity"], rel=1e-4)
+
+
+def test_fp16_torchscript_and_hugging_face_folders_store_fp16(trained, tmp_path):
+    """--quantize fp16 halves what is stored (the self-check still passes within fp16's tolerance)."""
+    from safetensors import safe_open
+
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+    from llm_training.export.torchscript import load_torchscript
+
+    checkpoint, text = trained
+    script = export_checkpoint(checkpoint, ExportOptions(format="torchscript", quantize="fp16",
+                                                         output=str(tmp_path / "m.ts.pt"), validation_data=str(text)))  # fmt: skip
+    module, _ = load_torchscript(script.export_path)
+    assert {p.dtype for p in module.parameters()} == {torch.float16} and script.check["top1_agreement"] > 0.9
+    folder = export_checkpoint(checkpoint, ExportOptions(format="hf", quantize="fp16", output=str(tmp_path / "hf"),
+                                                         validation_data=str(text)))  # fmt: skip
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert folder.size_bytes < 0.6 * folder.source_bytes

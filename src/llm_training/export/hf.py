@@ -26,10 +26,10 @@ def _style(cfg: ModelConfig) -> str:
     return MODEL_TYPES[cfg.model_type.lower()]
 
 
-def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict:
     heads, width = cfg.num_attention_heads, cfg.hidden_size
     common = {"vocab_size": cfg.vocab_size, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id,
-              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}  # fmt: skip
+              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype}  # fmt: skip
     if _style(cfg) == "gpt2":
         if cfg.num_kv_heads not in (None, heads) or cfg.qk_norm:
             raise UserError("GPT-2 style with grouped-query attention or QK-norm has no transformers class; "
@@ -108,9 +108,9 @@ def hf_names(cfg: ModelConfig) -> list[str]:
     return [e.hf for e in _table(cfg)]
 
 
-def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under ``transformers``' names (contiguous fp32 copies); a bias we do not have (GPT-2 style
-    without biases) is zeros, as ``GPT2LMHeadModel`` always has one."""
+def hf_state(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our weights under ``transformers``' names (contiguous copies in ``dtype``); a bias we do not have
+    (GPT-2 style without biases) is zeros, as ``GPT2LMHeadModel`` always has one."""
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for e in _table(model.cfg):
@@ -120,7 +120,7 @@ def hf_state(model: Transformer) -> dict[str, torch.Tensor]:
             continue
         value = sd[e.ours] if e.rows is None else sd[e.ours][e.rows[0] : e.rows[1]]
         out[e.hf] = value.t() if e.transpose else value
-    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+    return {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}
 
 
 def load_state(model: Transformer, hf: dict[str, torch.Tensor], where: str) -> None:
@@ -149,12 +149,13 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = hf_config(model.cfg, tokenizer)
+    dtype = next(model.parameters()).dtype  # fp16 when exported with --quantize fp16
+    config = hf_config(model.cfg, tokenizer, str(dtype).removeprefix("torch."))
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(
         json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id}, indent=2) + "\n"
     )
-    save_file(hf_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_state(model, dtype), str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.backend.save(str(folder / "tokenizer.json"))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOT,
                   "pad_token": PAD, "model_max_length": model.cfg.max_seq_length,

@@ -18,7 +18,7 @@ from llm_training.model.transformer import Transformer
 
 
 def export_torchscript(model: Transformer, path: Path, extra: dict[str, str]) -> None:
-    model = model.float().eval()
+    model = model.eval()  # in its own dtype: an fp16 export is traced (and stored) in fp16
     ids = torch.randint(0, model.cfg.vocab_size, (2, min(8, model.cfg.max_seq_length)))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the deprecation and tracer warnings: checked by running it below
