@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -30,22 +31,25 @@ SHAPES = {
 }  # fmt: skip
 
 
-def measure(model, batch: int, prompt: int, new: int, use_cache: bool, autocast) -> float:
+def measure(model, batch: int, prompt: int, new: int, use_cache: bool, autocast, repeats: int) -> float:
+    """New tokens/s, the median of ``repeats`` timed runs after a short warm-up."""
     torch.manual_seed(0)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt)).tolist()
     sampling = Sampling(max_new_tokens=new, temperature=0)
     generate_tokens(
         model, prompts, Sampling(max_new_tokens=4, temperature=0), use_cache=use_cache, autocast=autocast
     )
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = generate_tokens(model, prompts, sampling, use_cache=use_cache, autocast=autocast)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    assert all(len(row) == new for row in out)
-    return batch * new / seconds
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate_tokens(model, prompts, sampling, use_cache=use_cache, autocast=autocast)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        assert all(len(row) == new for row in out)
+    return batch * new / statistics.median(times)
 
 
 def main() -> None:
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each measure (median)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     shape = args.shape or ("gpt2-124m" if cuda else "small")
@@ -72,11 +77,11 @@ def main() -> None:
         else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     )
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {name}, torch {torch.__version__}, shape {shape} "
-          f"({model.num_parameters() / 1e6:.1f}M parameters), prompt {args.prompt}, {args.new} new tokens, greedy")  # fmt: skip
+          f"({model.num_parameters() / 1e6:.1f}M parameters), prompt {args.prompt}, {args.new} new tokens, greedy, median of {args.repeats}")  # fmt: skip
     with contextlib.suppress(KeyboardInterrupt):
         for batch in batches:
-            cached = measure(model, batch, args.prompt, args.new, True, autocast)
-            full = measure(model, batch, args.prompt, args.new, False, autocast)
+            cached = measure(model, batch, args.prompt, args.new, True, autocast, args.repeats)
+            full = measure(model, batch, args.prompt, args.new, False, autocast, args.repeats)
             print(json.dumps({"batch": batch, "kv_cache_tokens_per_s": round(cached, 1),
                               "recompute_tokens_per_s": round(full, 1), "speedup": round(cached / full, 2)}),
                   flush=True)  # fmt: skip

@@ -26,9 +26,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The main job with no data flags (the built-in sample), a tiny model and a 4-second budget."""
+    """The main job with no data flags (the built-in sample), a tiny model and a 4-second budget (every step
+    logged: a loaded machine may fit fewer steps than the default log interval in 4 s)."""
     cwd = tmp_path_factory.mktemp("main_job")
-    proc = run_cli([*MAIN, "--max-time", "4s", *TINY], cwd)
+    proc = run_cli([*MAIN, "--max-time", "4s", *TINY, "--set", "training.log_interval=1"], cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd, proc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -42,6 +43,38 @@ def test_plain_text_metrics_agree_with_their_definitions(trained, tmp_path):
     assert "perplexity" in proc.stdout
 
 
+def test_the_guides_command_on_a_json_test_file_with_next_token_f1(trained, tmp_path):
+    """The usage guide's command as written, on plain text in data/test.json; accuracy and F1 of next-token
+    prediction recomputed here, window by window, with Counters."""
+    import torch
+
+    from llm_training.train.artifacts import load_trained
+
+    _, checkpoint, text, _ = trained
+    documents = [p for p in text.read_text(encoding="utf-8").split("\n\n") if p.strip()][:40]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.json").write_text(json.dumps([{"text": d} for d in documents], indent=2))
+    proc = evaluate(["--model-path", str(checkpoint), "--test-data", "data/test.json", "--metrics",
+                     "perplexity,accuracy,f1", "--output", "results/eval_results.json"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "results" / "eval_results.json").read_text())
+    assert set(r) >= {"perplexity", "accuracy", "f1"} and "loss" not in r
+    loaded = load_trained(checkpoint)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    stream = [t for d in documents for t in [*tok.encode(d), tok.eot_id]]
+    context, truth, guess = model.cfg.max_seq_length, [], []
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, context):
+            window = stream[start : start + context + 1]
+            guess += model(torch.tensor([window[:-1]]))[0].argmax(-1).tolist()
+            truth += window[1:]
+    assert r["accuracy"] == pytest.approx(sum(t == g for t, g in zip(truth, guess, strict=True)) / len(truth))
+    hits = Counter(t for t, g in zip(truth, guess, strict=True) if t == g)
+    targets, guesses = Counter(truth), Counter(guess)
+    f1 = [2 * hits[c] / (targets[c] + guesses[c]) for c in set(truth) | set(guess)]
+    assert r["f1"] == pytest.approx(sum(f1) / len(f1), rel=1e-6) and 0 < r["f1"] < r["accuracy"]
+
+
 def test_multiple_choice_and_classification(trained, tmp_path):
     _, checkpoint, _, plays = trained
     lines = [ln.strip() for ln in plays[4]["text"].splitlines() if len(ln.strip()) > 40][:12]
@@ -69,6 +102,25 @@ def test_multiple_choice_and_classification(trained, tmp_path):
     r = json.loads((tmp_path / "lab.json").read_text())
     assert r["data_kind"] == "labels" and r["labels"] == ["play", "scripture"] and r["items"] == 12
     assert 0 <= r["accuracy"] <= 1 and 0 <= r["f1"] <= 1
+    # with no --metrics, the command and Trainer.evaluate give the same dictionary: every metric, f1 too
+    from llm_training import Trainer
+
+    default = evaluate(["--model-path", str(checkpoint), "--test-data", str(labelled), "--output",
+                        str(tmp_path / "default.json")], tmp_path)  # fmt: skip
+    assert default.returncode == 0, default.stderr
+    cli = json.loads((tmp_path / "default.json").read_text())
+    api = Trainer(output_dir=str(checkpoint.parents[1])).evaluate(test_data=str(labelled))
+    for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "f1"):
+        assert api[key] == pytest.approx(cli[key], rel=1e-6), key
+    assert cli["accuracy"] == r["accuracy"] and cli["f1"] == r["f1"]
+    # llm-compare on the same labelled file: every metric per model, in the JSON and as a chart
+    out = tmp_path / "cmp" / "labelled.html"
+    proc = run_cli(["-m", "llm_training.cli.compare", "--models", str(checkpoint), "--test-data", str(labelled),
+                    "--output", str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.with_name("labelled.html.json").read_text())["models"]
+    assert row["f1"] == pytest.approx(cli["f1"]) and row["accuracy"] == pytest.approx(cli["accuracy"])
+    assert out.read_text(encoding="utf-8").count("<svg") == 5
 
 
 def test_macro_f1_and_metric_names():
@@ -97,6 +149,23 @@ def test_bad_test_data_is_named_with_its_line(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="empty test file"):
         read_test_data(tmp_path / "empty.txt")
+    # a .json list names the line where the bad record starts, in a list or under "data"
+    records = [{"text": "a"}, {"text": "b"}, {"txt": "c"}]
+    (tmp_path / "list.json").write_text(json.dumps(records, indent=2))
+    with pytest.raises(DataError, match=r"list.json: line 8: no 'text'"):
+        read_test_data(tmp_path / "list.json")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"name": "t", "data": records}, indent=2))
+    with pytest.raises(DataError, match=r"wrapped.json: line 10: no 'text'"):
+        read_test_data(tmp_path / "wrapped.json")
+    # bytes that are not UTF-8, in every format
+    for name in ("latin.txt", "latin.jsonl", "latin.json"):
+        (tmp_path / name).write_bytes(
+            b'["ok",\n{"text": "caf\xe9"}]'
+            if name.endswith(".json")
+            else b'{"text": "x"}\n{"text": "caf\xe9"}\n'
+        )
+        with pytest.raises(DataError, match=rf"{name}: line 2: not UTF-8 text"):
+            read_test_data(tmp_path / name)
 
 
 def test_command_line_errors(trained, tmp_path):
@@ -107,8 +176,9 @@ def test_command_line_errors(trained, tmp_path):
                       "test data not found")  # fmt: skip
     assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "bleu"], tmp_path),
                       "unknown bleu")  # fmt: skip
-    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "f1"], tmp_path),
-                      "needs labelled test data")  # fmt: skip
+    (tmp_path / "latin.txt").write_bytes(b"fine\ncaf\xe9\n")
+    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "latin.txt")], tmp_path),
+                      "latin.txt: line 2: not UTF-8")  # fmt: skip
     not_a_checkpoint = tmp_path / "x.pt"
     not_a_checkpoint.write_text("hello")
     assert_user_error(evaluate(["--model-path", str(not_a_checkpoint), "--test-data", str(text)], tmp_path),
@@ -163,6 +233,8 @@ def test_llm_infer_keeps_order_and_resumes_a_half_written_output(trained, tmp_pa
     partial.write_text("".join(text[:4]) + text[4][:10], encoding="utf-8")
     resumed = run_cli([*base, "--output", str(partial), "--batch-size", "4"], tmp_path)
     assert resumed.returncode == 0 and "(4 were already there)" in resumed.stdout
+    # not a terminal: plain progress lines with the count, rate and the total, not a redrawn bar
+    assert "\r" not in resumed.stderr and "infer: 100%" in resumed.stderr and "(9/9 in all)" in resumed.stderr
     assert partial.read_text(encoding="utf-8") == (tmp_path / "all.jsonl").read_text(encoding="utf-8")
 
 
@@ -186,7 +258,7 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
     assert cut.returncode == 0 and "cut to its last" in cut.stderr
     refused = run_cli([*INFER, "--model", str(checkpoint), "--input", str(long), "--output", str(tmp_path / "d.jsonl"),
                        "--no-truncate"], tmp_path)  # fmt: skip
-    assert_user_error(refused, "exceeds the context")
+    assert_user_error(refused, "long.jsonl: line 1: prompt of", "does not fit the context of 64")
     (tmp_path / "empty.jsonl").write_text("\n")
     assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / "empty.jsonl"),
                                "--output", str(tmp_path / "e.jsonl")], tmp_path), "empty input")  # fmt: skip
@@ -195,6 +267,16 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
                                "--output", str(tmp_path / "f.jsonl")], tmp_path), "bad.jsonl: line 2")  # fmt: skip
     assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
                                "--output", str(tmp_path / "g.jsonl")], tmp_path), "checkpoint not found")  # fmt: skip
+    # bad records and flags are named; a flag is checked before the model is even looked for
+    for name, content, needle in (
+        ("count.jsonl", '{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": "ten"}\n', "count.jsonl: line 2: 'max_new_tokens'"),
+        ("latin.jsonl", b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n', "latin.jsonl: line 3: not UTF-8"),
+    ):  # fmt: skip
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / name),
+                                   "--output", str(tmp_path / "h.jsonl")], tmp_path), needle)  # fmt: skip
+    assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
+                               "--output", str(tmp_path / "g.jsonl"), "--top-p", "0"], tmp_path), "top_p must be in")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- llm-compare, Trainer

@@ -317,3 +317,158 @@ def test_fp16_torchscript_and_hugging_face_folders_store_fp16(trained, tmp_path)
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
     assert folder.size_bytes < 0.6 * folder.source_bytes
+
+
+def test_onnx_fp16_with_past_passes_its_check(trained, tmp_path):
+    """fp16 on the default graph (past keys and values): onnxruntime's converter leaves the graph
+    unsorted, which the ONNX checker refused; the written file runs with a past and stays close."""
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+    from llm_training.export.onnx import OnnxRunner
+
+    checkpoint, text = trained
+    result = export_checkpoint(checkpoint, ExportOptions(format="onnx", quantize="fp16", output=tmp_path / "f16.onnx",
+                                                         validation_data=text))  # fmt: skip
+    assert (
+        result.check["max_logit_diff"] <= result.check["tolerance"] and result.check["top1_agreement"] > 0.9
+    )
+    assert abs(result.check["perplexity_change"]) < 0.01
+    runner = OnnxRunner(result.export_path, ["CPUExecutionProvider"])
+    _, ids, logits = reference(checkpoint)
+    first, past = runner.run(ids[:, :-1].numpy())  # the prompt, then one token through the past
+    last, _ = runner.run(ids[:, -1:].numpy(), past=past)
+    assert runner.has_past and np.abs(first - logits[:, :-1].numpy()).max() < 0.05
+    assert np.abs(last[:, -1] - logits[:, -1].numpy()).max() < 0.05
+
+
+def test_output_folders_and_names_of_any_suffix(trained, tmp_path):
+    """``--format`` with ``--output-dir`` (a folder not there yet) writes the format's file inside it; a
+    safetensors file named ``s.bin`` is checked (and later loaded) as safetensors, not guessed by name."""
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+    from llm_training.export.runtime import load_model
+
+    checkpoint, _ = trained
+    proc = run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "safetensors", "--output-dir",
+                    str(tmp_path / "new") + "/"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "new" / "model.safetensors").is_file() and "new/model.safetensors" in proc.stdout
+    result = export_checkpoint(checkpoint, ExportOptions(format="safetensors", output=tmp_path / "s.bin"))
+    assert result.export_path == tmp_path / "s.bin" and result.check["max_logit_diff"] == 0
+    loaded = load_model(tmp_path / "s.bin")
+    assert loaded.kind == "safetensors" and loaded.cfg.num_kv_heads == 2
+    hf = export_checkpoint(checkpoint, ExportOptions(format="hf", output_dir=tmp_path / "dir"))
+    assert hf.export_path == tmp_path / "dir" / "hf" and (tmp_path / "dir" / "hf" / "config.json").is_file()
+
+
+def test_int8_notice_and_missing_validation_text(trained, tmp_path, caplog):
+    from llm_training.errors import UserError
+    from llm_training.export.exporter import ExportOptions, export_all, export_checkpoint
+
+    checkpoint, _ = trained
+    with caplog.at_level("WARNING", logger="llm_training.export"):
+        results = export_all(checkpoint, ["torchscript", "gguf"], tmp_path / "q", quantize="int8")
+    assert [r.quantize for r in results] == ["none", "int8"]
+    assert "--quantize int8: torchscript has no int8; written in fp32" in caplog.text
+    # a missing validation file is reported before anything is built or written
+    with pytest.raises(UserError, match="--validation-data .*nope.txt: file not found"):
+        export_checkpoint(checkpoint, ExportOptions(format="onnx", output=tmp_path / "v.onnx",
+                                                    validation_data=tmp_path / "nope.txt"))  # fmt: skip
+    assert not list(tmp_path.glob("*v.onnx*"))
+
+
+def test_gguf_pads_the_vocabulary_to_the_models_rows(tmp_path):
+    """Training rounds the model's vocabulary up to a multiple of 64 (400 tokens -> 448 rows): the GGUF
+    token list has one entry per row (the rest ``[PAD<i>]``, UNUSED), as llama.cpp's converter writes it.
+    transformers' GGUF loader reads it; Llama style in f32 agrees tightly (the query/key permutation)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_training.config import ModelConfig
+    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.export.gguf import load_gguf, save_gguf
+    from llm_training.model.transformer import Transformer
+
+    tokenizer = Tokenizer.train([r["text"][:40_000] for r in corpus_records("shakespeare", 2)], 400)
+    assert tokenizer.vocab_size == 400
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                      vocab_size=448, max_seq_length=64, rope_theta=50_000.0)  # fmt: skip
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # trained-looking weights: norms away from 1
+            p.add_(torch.randn_like(p) * 0.05)
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == 448 == reader.fields["llama.vocab_size"].contents()
+    assert tokens[400:] == [f"[PAD{i}]" for i in range(400, 448)]
+    assert set(types[400:]) == {gguf.TokenType.UNUSED} and gguf.TokenType.UNUSED not in types[:400]
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        logits = model(ids)
+        theirs = AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="m.gguf", dtype=torch.float32
+        ).eval()
+        assert theirs.config.vocab_size == 448 and (theirs(ids).logits - logits).abs().max() < 1e-4
+        assert (
+            AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")(TEXT)["input_ids"] == ids[0].tolist()
+        )
+        back, back_tok = load_gguf(tmp_path / "m.gguf")  # and back: the padding rows are no tokens
+        assert torch.equal(back.eval()(ids), logits) and back_tok.vocab_size == 400
+        assert back_tok.encode(TEXT) == ids[0].tolist()
+
+
+def test_training_continues_from_an_exported_folder(trained, tmp_path):
+    """The usage guide's low-level API on a Hugging Face folder: ``ModelInitializer`` imports it with its
+    tokenizer, and training on the same prepared data starts at the checkpoint's validation loss (not at
+    ln(vocabulary), where a new model starts) and goes on from there."""
+    import math
+
+    import llm_training as lib
+    from llm_training.api.model import check_data_tokenizer
+    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.errors import ConfigError
+    from llm_training.export.exporter import ExportOptions, export_checkpoint
+    from llm_training.train.checkpoint import load_checkpoint
+
+    checkpoint, text = trained
+    data = checkpoint.parents[2] / "data"  # where train_on_plays prepared the plays
+    export_checkpoint(checkpoint, ExportOptions(format="hf", output=tmp_path / "hf"))
+    model = lib.ModelInitializer().initialize(
+        lib.ModelInitializerInput(initialization={"method": "pretrained", "path": str(tmp_path / "hf")})
+    )
+    assert model.tokenizer.fingerprint == Tokenizer.load(data / "vocab.json").fingerprint
+    check_data_tokenizer(model, data)  # the folder's tokenizer made this data: accepted
+    loader = lib.DataLoader().create_loader(
+        lib.DataLoaderInput(dataset_path=str(data / "train.json"), batch_size=16)
+    )
+    result = lib.TrainingOrchestrator().train(
+        lib.TrainingOrchestratorInput(model_id=model.model_id, training_config={
+            "output_dir": str(tmp_path / "run"), "max_steps": 3, "sample_tokens": 0, "eval_interval": 1000,
+            "logging.progress_bar": False}),
+        data_loader_output=loader,
+    )  # fmt: skip
+    before = load_checkpoint(checkpoint)["metrics"]["val_loss"]
+    assert result.result.first_val_loss == pytest.approx(before, rel=1e-4) and before < math.log(512) - 1
+    assert result.steps == 3 and result.val_loss < before + 0.05
+    # data tokenized by another tokenizer: the same ids would mean other tokens
+    other = tmp_path / "other"
+    other.mkdir()
+    Tokenizer.train([text.read_text()[:20_000]], 300).save(other / "vocab.json")
+    with pytest.raises(ConfigError, match="another tokenizer .*--tokenizer .*hf/tokenizer.json"):
+        check_data_tokenizer(model, other)
+    # and the orchestrator refuses such data before training a step
+    import shutil
+
+    shutil.copytree(data, tmp_path / "retokenized")
+    shutil.copy(other / "vocab.json", tmp_path / "retokenized" / "vocab.json")
+    loader = lib.DataLoader().create_loader(
+        lib.DataLoaderInput(dataset_path=str(tmp_path / "retokenized" / "train.json"), batch_size=16)
+    )
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        lib.TrainingOrchestrator().train(
+            lib.TrainingOrchestratorInput(model_id=model.model_id, training_config={
+                "output_dir": str(tmp_path / "run2"), "max_steps": 1}),
+            data_loader_output=loader,
+        )  # fmt: skip
+    assert not (tmp_path / "run2" / "checkpoints").exists()

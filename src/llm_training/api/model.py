@@ -33,6 +33,10 @@ class ModelInitializerOutput:
     config: Any  # its ModelConfig
     num_parameters: int
     flops_per_token: float
+    # the tokenizer the weights were trained with (a checkpoint's, a pretrained folder's tokenizer.json);
+    # None for a random model. Data to train it further must be tokenized with it (check_data_tokenizer)
+    tokenizer: Any = None
+    tokenizer_path: str | None = None  # where that tokenizer is (for llm-prepare-data --tokenizer)
 
     def __getattr__(self, name: str):  # behaves as the model where a model is expected: model(ids), .to()
         if name == "model":
@@ -56,13 +60,14 @@ class ModelInitializer:
         """Build a model from architecture keys (random, from a checkpoint or a Hugging Face folder); returns it registered under a model_id."""
         import torch
 
+        from llm_training.data.tokenizer import Tokenizer
         from llm_training.model.transformer import Transformer
         from llm_training.train.checkpoint import load_checkpoint
 
         spec = spec or ModelInitializerInput(architecture=architecture)
         init = dict(spec.initialization or {})
         method = str(init.get("method", "random")).lower()
-        state = None
+        state = tokenizer = tokenizer_path = None
         overrides = {f"model.{k}": v for k, v in spec.architecture.items()}
         if method == "checkpoint":
             if "path" not in init:
@@ -70,12 +75,16 @@ class ModelInitializer:
             state = load_checkpoint(Path(init["path"]))
             saved = {f"model.{k}": v for k, v in state["config"]["model"].items()}
             overrides = saved | overrides
+            if state.get("tokenizer_json"):
+                tokenizer = Tokenizer.from_json(state["tokenizer_json"])
+                tokenizer_path = state.get("tokenizer_path")
         elif method == "pretrained":  # a Hugging Face GPT-2 or Llama folder (ours or another's)
             from llm_training.export.hf import load_hf
 
             if "path" not in init:
                 raise ConfigError("initialization 'pretrained' needs a 'path' to a Hugging Face model folder")
-            pretrained, _ = load_hf(init["path"])
+            pretrained, tokenizer = load_hf(init["path"])
+            tokenizer_path = str(Path(init["path"]) / "tokenizer.json") if tokenizer is not None else None
             overrides = {f"model.{k}": v for k, v in vars(pretrained.cfg).items()} | overrides
         elif method != "random":
             raise ConfigError(
@@ -95,7 +104,7 @@ class ModelInitializer:
                 raise ConfigError(
                     f"architecture keys do not fit the pretrained weights ({str(exc).splitlines()[0][:150]})"
                 ) from None
-        output = MODELS[register_model(model, cfg.model)]
+        output = MODELS[register_model(model, cfg.model, tokenizer, tokenizer_path)]
         self.models[output.model_id] = output
         if self.event_bus is not None:
             self.event_bus.publish(
@@ -104,7 +113,7 @@ class ModelInitializer:
         return output
 
 
-def register_model(model, config) -> str:
+def register_model(model, config, tokenizer=None, tokenizer_path: str | None = None) -> str:
     """Record a trained model under a new id, as ``ModelInitializer`` does for the models it builds."""
     output = ModelInitializerOutput(
         model_id=str(uuid.uuid4()),
@@ -112,6 +121,28 @@ def register_model(model, config) -> str:
         config=config,
         num_parameters=model.num_parameters(),
         flops_per_token=model.flops_per_token(),
+        tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path,
     )
     MODELS[output.model_id] = output
     return output.model_id
+
+
+def check_data_tokenizer(model: ModelInitializerOutput, data_dir: str | Path) -> None:
+    """Refuse to train ``model`` further on prepared data whose ``vocab.json`` is not the tokenizer its
+    weights were trained with: the same ids would name other tokens, and training would go on silently
+    from a meaningless start. A model without a known tokenizer (random) takes any data."""
+    from llm_training.data.tokenizer import Tokenizer
+
+    vocab = Path(data_dir) / "vocab.json"
+    if model.tokenizer is None or not vocab.is_file():
+        return
+    data = Tokenizer.load(vocab)
+    ours = model.tokenizer
+    if data.fingerprint == ours.fingerprint or data.backend.get_vocab(True) == ours.backend.get_vocab(True):
+        return
+    raise ConfigError(
+        f"{vocab}: the data was tokenized with another tokenizer ({data.vocab_size} tokens) than the model's "
+        f"({ours.vocab_size} tokens); prepare it again with llm-prepare-data --tokenizer "
+        f"{model.tokenizer_path or '<the model tokenizer>'}"
+    )

@@ -152,8 +152,9 @@ class TrainingOrchestrator:
     ) -> TrainingOrchestratorOutput:
         """Train the model of model_id (or the config's) on the loader's data; returns status, model_id, steps, final_checkpoint and validation figures."""
         from llm_training.api.jobs import run_training_on
-        from llm_training.api.model import MODELS, register_model
+        from llm_training.api.model import MODELS, check_data_tokenizer, register_model
         from llm_training.config import load_config
+        from llm_training.data.tokenizer import Tokenizer
 
         loader = data_loader_output if data_loader_output is not None else LOADERS.get(spec.loader_id or "")
         if loader is None:
@@ -174,6 +175,7 @@ class TrainingOrchestrator:
                     f"model_id {spec.model_id!r} is unknown; create it with ModelInitializer first"
                 )
             model = entry.model
+            check_data_tokenizer(entry, loader.data_dir)  # pretrained weights need the data in their tokens
             values.update({f"model.{k}": v for k, v in vars(entry.config).items()})
         cfg = load_config(spec.config_file, cli=values)
         if model is not None and loader.vocab_size > model.cfg.vocab_size:
@@ -184,7 +186,11 @@ class TrainingOrchestrator:
         result = run_training_on(
             cfg, loader.data_dir, resume_from=checkpoint, model=model, bus=self.event_bus
         )
-        model_id = spec.model_id or register_model(result.model, cfg.model)
+        if spec.model_id is None:  # a new model: it now speaks the data's tokenizer
+            vocab = Path(loader.data_dir) / "vocab.json"
+            model_id = register_model(result.model, cfg.model, Tokenizer.load(vocab), str(vocab))
+        else:
+            model_id = spec.model_id
         return TrainingOrchestratorOutput(
             status=result.status,
             model_id=model_id,

@@ -26,7 +26,9 @@ def build_parser():
     p.add_argument("--model-path", required=True, help="Checkpoint (.pt) or export (ONNX, TorchScript, ...).")
     p.add_argument("--test-data", required=True, help="Test file: .txt, .jsonl or .json (formats above).")
     p.add_argument(
-        "--metrics", default="loss,perplexity,bits_per_byte,accuracy", help="Comma-separated metric names."
+        "--metrics",
+        help="Comma-separated metric names (default: loss, perplexity, bits_per_byte and accuracy, and f1 "
+        "on labelled data).",
     )
     p.add_argument("--output", help="Write the results here as JSON (folders are created).")
     add_scoring_flags(p)

@@ -28,12 +28,17 @@ def build_parser():
     p = parser("llm-export", DESCRIPTION)
     p.add_argument("--checkpoint", required=True, help="Checkpoint (.pt) to export.")
     one = p.add_mutually_exclusive_group()
-    one.add_argument("--format", help="One format (see above); with --output.")
+    one.add_argument("--format", help="One format (see above); with --output or --output-dir.")
     one.add_argument("--formats", help="Comma-separated formats; with --output-dir.")
     p.add_argument(
-        "--output", help="Output file (a folder for hf). Default: exports/<checkpoint name>.<ext>."
+        "--output",
+        help="Output file (a folder for hf; an existing folder or a name ending in / gets the file inside). "
+        "Default: exports/<checkpoint name>.<ext>.",
     )
-    p.add_argument("--output-dir", help="Folder for --formats (model.onnx, model.torchscript.pt, ...).")
+    p.add_argument(
+        "--output-dir",
+        help="Folder (made if missing) for --formats or --format: model.onnx, model.gguf, hf/, ...",
+    )
     p.add_argument("--quantize", default="none", help="none, int8 or fp16 (which formats take which: above).")
     p.add_argument(
         "--with-past",
@@ -74,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             results = export_all(args.checkpoint, args.formats.split(","), args.output_dir or "exports",
                                  past=args.past, **common)  # fmt: skip
         else:
-            if args.output_dir and args.output:
-                raise UserError("give --output (a file) or --output-dir (a folder), not both")
-            options = ExportOptions(format=args.format or "onnx", output=args.output or args.output_dir,
+            options = ExportOptions(format=args.format or "onnx", output=args.output, output_dir=args.output_dir,
                                     past=args.past, **common)  # fmt: skip
             results = [export_checkpoint(args.checkpoint, options)]
         for r in results:

@@ -53,22 +53,29 @@ def _prompt(record, where: str) -> tuple[str, dict]:
     if isinstance(record, dict):
         text = record.get("prompt", record.get("text"))
         if isinstance(text, str):
+            limit = record.get("max_new_tokens")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+                raise DataError(
+                    f"{where}: 'max_new_tokens' must be a whole number of 0 or more, got {limit!r}"
+                )
             return text, record
     raise DataError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
 def read_prompts(path: Path, skip: int):
     """(line number, prompt, record) from ``path`` after the first ``skip`` prompts, lazily."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         seen = 0
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             seen += 1
             if seen <= skip:
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: line {number}: not UTF-8 text; save the file as UTF-8") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
             text, record = _prompt(record, f"{path}: line {number}")
@@ -79,12 +86,17 @@ def completed_lines(path: Path) -> int:
     """Complete JSON lines already in ``path``; a torn last line (a crash mid-write) is cut off."""
     if not path.is_file():
         return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
+    count, keep = 0, 0
+    with open(path, "rb") as handle:  # streamed: the output may be large
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            keep += len(line)
+            count += bool(line.strip())
+    if keep < path.stat().st_size:
         with open(path, "r+b") as handle:
             handle.truncate(keep)
-    return sum(1 for line in data[:keep].splitlines() if line.strip())
+    return count
 
 
 def count_prompts(path: Path) -> int:
@@ -94,10 +106,9 @@ def count_prompts(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        from tqdm.auto import tqdm
-
         from llm_training.export.runtime import load_for_generation
         from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
+        from llm_training.monitor.console import CountProgress
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         source, target = Path(args.input), Path(args.output)
@@ -105,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"input not found: {source}")
         if args.batch_size < 1 or args.max_new_tokens < 0:
             raise UserError("--batch-size must be at least 1 and --max-new-tokens at least 0")
+        try:  # bad sampling flags fail before the model is loaded
+            Sampling(
+                args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+            ).check()
+        except ValueError as exc:
+            raise UserError(f"{exc} (--temperature, --top-k, --top-p, --repetition-penalty)") from None
         total = count_prompts(source)
         if total == 0:
             raise DataError(f"{source}: empty input (no prompts)")
@@ -115,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         trained = load_for_generation(args.model, args.device)
         tok = trained.tokenizer
+        context = trained.cfg.max_seq_length
         stops = [s for s in args.stop if s]
 
         stop_check = stop_text_check(tok, stops)
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=total, initial=done, unit="prompt", desc="infer", file=sys.stderr, disable=None)
+        progress = CountProgress(total, done, unit="prompt", desc="infer")
         batch: list = []
         index = done
         with open(target, "a", encoding="utf-8") as out:
@@ -128,21 +146,21 @@ def main(argv: list[str] | None = None) -> int:
             def flush() -> None:
                 nonlocal index
                 groups: dict[int, list] = {}
-                for item in batch:
-                    groups.setdefault(int(item[2].get("max_new_tokens", args.max_new_tokens)), []).append(
-                        item
+                for number, text, record in batch:
+                    ids = tok.encode(text)
+                    if args.no_truncate and len(ids) >= context:  # a prompt keeps at most context - 1 tokens
+                        raise DataError(f"{source}: line {number}: prompt of {len(ids)} tokens does not fit the "
+                                        f"context of {context} (drop --no-truncate to keep its end)")  # fmt: skip
+                    groups.setdefault(record.get("max_new_tokens", args.max_new_tokens), []).append(
+                        (number, text, ids)
                     )
                 results = {}
                 for max_new, items in groups.items():
-                    sampling = Sampling(
-                        max_new, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
-                    )
-                    try:
-                        new = generate_tokens(trained.module, [tok.encode(t) for _, t, _ in items], sampling,
-                                              eos_id=tok.eot_id, stop_check=stop_check,
-                                              truncate=not args.no_truncate)  # fmt: skip
-                    except ValueError as exc:
-                        raise UserError(f"{source}: {exc} (drop --no-truncate to cut long prompts)") from None
+                    # seeded by the batch's first position: a resumed job samples what an uninterrupted one would
+                    sampling = Sampling(max_new, args.temperature, args.top_k, args.top_p,
+                                        args.repetition_penalty, args.seed + index)  # fmt: skip
+                    new = generate_tokens(trained.module, [ids for _, _, ids in items], sampling,
+                                          eos_id=tok.eot_id, stop_check=stop_check)  # fmt: skip
                     for (number, text, _), ids in zip(items, new, strict=True):
                         results[number] = {"prompt": text, "completion": completion_text(tok, ids, stops),
                                            "new_tokens": len(ids)}  # fmt: skip
@@ -151,16 +169,18 @@ def main(argv: list[str] | None = None) -> int:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
                 index += len(batch)
-                bar.update(len(batch))
+                progress.update(len(batch))
                 batch.clear()
 
-            for item in read_prompts(source, done):
-                batch.append(item)
-                if len(batch) == args.batch_size:
+            try:
+                for item in read_prompts(source, done):
+                    batch.append(item)
+                    if len(batch) == args.batch_size:
+                        flush()
+                if batch:
                     flush()
-            if batch:
-                flush()
-        bar.close()
+            finally:
+                progress.close()
         print(
             f"wrote {total - done} completions to {target}"
             + (f" ({done} were already there)" if done else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,27 +42,60 @@ class ChoiceSet:
     source: str = ""  # the file it was read from
 
 
-def _records(path: Path):
+def read_text(path: Path) -> str:
+    """A test or prompt file's text (gzip by suffix); bytes that are not UTF-8 are a one-line error naming
+    the line."""
     opener = gzip.open if path.suffix == ".gz" else open
-    name = path.name.removesuffix(".gz")
-    with opener(path, "rt", encoding="utf-8") as handle:
-        if name.endswith(".json"):
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
+
+
+def _array_lines(text: str, start: int) -> list[int]:
+    """The line of each element of the JSON array that opens at ``text[start]`` (already known valid)."""
+    decoder, lines, i = json.JSONDecoder(), [], start + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "]":
+            return lines
+        lines.append(text.count("\n", 0, i) + 1)
+        i = decoder.raw_decode(text, i)[1]
+
+
+def _records(path: Path):
+    """(line, record) of a JSON Lines file or of a JSON list (or ``{"data": [...]}``) in a .json file."""
+    text = read_text(path)
+    if path.name.removesuffix(".gz").endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+            found = re.search(r'"data"\s*:\s*\[', text)
+            lines = _array_lines(text, found.end() - 1) if found else []
+        elif isinstance(data, list):
+            lines = _array_lines(text, len(text) - len(text.lstrip()))
+        else:
+            raise DataError(f"{path}: expected a JSON list of records (or JSON Lines in a .jsonl file)")
+        if len(lines) != len(data):  # a "data" key inside an earlier string: fall back to record numbers
+            lines = list(range(1, len(data) + 1))
+        yield from zip(lines, data, strict=True)
+        return
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
             try:
-                data = json.load(handle)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of records (or JSON Lines in a .jsonl file)")
-            yield from ((i, r) for i, r in enumerate(data, 1))
-            return
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
 
 
 def _kind(record, where: str) -> str:
@@ -88,9 +122,7 @@ def _read(path: Path) -> TextSet | ChoiceSet:
     if not path.is_file():
         raise DataError(f"test data not found: {path}")
     if path.name.removesuffix(".gz").endswith((".txt", ".md")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="strict") as handle:
-            text = handle.read()
+        text = read_text(path)
         if not text.strip():
             raise DataError(f"{path}: empty test file")
         return TextSet([text])

@@ -8,6 +8,7 @@ sum of the log-probabilities of its tokens after the prompt; the highest-scoring
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -17,15 +18,17 @@ from llm_training.errors import ConfigError
 from llm_training.eval.data import ChoiceSet, TextSet
 from llm_training.model.transformer import device_of
 
+log = logging.getLogger("llm_training.evaluate")
+
 METRICS = {
     "loss": "mean next-token cross-entropy, nats per token (labelled data: over the prompt + correct answer)",
     "perplexity": "exp(loss)",
     "bits_per_byte": "total negative log-likelihood in bits / UTF-8 bytes of the scored text",
     "accuracy": "plain text: share of next tokens that are the model's top prediction; labelled data: share "
     "of items whose highest-scoring choice is the answer",
-    "f1": "labelled data: macro F1, the unweighted mean over answer classes of 2PR/(P+R)",
+    "f1": "macro F1, the unweighted mean of 2PR/(P+R) over classes that occur as answer or prediction; "
+    "labelled data: the answer classes; plain text: next-token prediction, each vocabulary token a class",
 }
-LABELLED_ONLY = {"f1"}
 
 
 def parse_metrics(spec: str | list[str] | None) -> list[str]:
@@ -46,7 +49,8 @@ def parse_metrics(spec: str | list[str] | None) -> list[str]:
 @torch.no_grad()
 def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) -> dict:
     """Next-token scores of a token stream cut into non-overlapping windows of the model's context:
-    summed negative log-likelihood (nats), tokens scored, and how many were the top prediction."""
+    summed negative log-likelihood (nats), tokens scored, how many were the top prediction, and the
+    next-token macro F1 (each vocabulary token a class)."""
     if len(stream) < 2:
         raise ConfigError("the test text is too short to score (fewer than 2 tokens)")
     autocast = autocast or contextlib.nullcontext
@@ -55,6 +59,7 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
     tokens = torch.as_tensor(stream, dtype=torch.long)  # a list or a numpy array of ids
     starts = list(range(0, len(stream) - 1, context))
     nll, correct, counted = 0.0, 0, 0
+    hits = targets = guesses = None  # per-token-class counts for F1, on the device
     for b in range(0, len(starts), batch_size):
         rows = [tokens[s : s + context + 1] for s in starts[b : b + batch_size]]
         width = max(len(r) for r in rows)
@@ -67,9 +72,26 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
             logits = model(ids).float()
         mask = labels != -100
         nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-        correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+        truth, guess = labels[mask], logits.argmax(-1)[mask]
+        if hits is None:
+            hits, targets, guesses = (
+                torch.zeros(logits.size(-1), dtype=torch.long, device=device) for _ in "htg"
+            )
+        hits += torch.bincount(truth[guess == truth], minlength=hits.numel())
+        targets += torch.bincount(truth, minlength=hits.numel())
+        guesses += torch.bincount(guess, minlength=hits.numel())
+        correct += int((guess == truth).sum())
         counted += int(mask.sum())
-    return {"nll": nll, "tokens": counted, "correct": correct}
+    return {"nll": nll, "tokens": counted, "correct": correct, "f1": f1_from_counts(hits, targets, guesses)}
+
+
+def f1_from_counts(hits: torch.Tensor, targets: torch.Tensor, guesses: torch.Tensor) -> float:
+    """Macro F1 from per-class true positives, answers and predictions: 2TP / (2TP + FP + FN), averaged
+    over the classes that occur as an answer or a prediction."""
+    present = (targets + guesses) > 0
+    if not bool(present.any()):
+        return 0.0
+    return float((2 * hits[present] / (targets[present] + guesses[present])).mean())
 
 
 def text_metrics(scores: dict, num_bytes: float) -> dict:
@@ -77,7 +99,7 @@ def text_metrics(scores: dict, num_bytes: float) -> dict:
     loss = scores["nll"] / max(1, scores["tokens"])
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": scores["nll"] / math.log(2) / max(1, num_bytes),
-            "accuracy": scores["correct"] / max(1, scores["tokens"])}  # fmt: skip
+            "accuracy": scores["correct"] / max(1, scores["tokens"]), "f1": scores["f1"]}  # fmt: skip
 
 
 def token_stream(tokenizer, documents: list[str], limit: int | None = None, chunk: int = 32) -> list[int]:
@@ -103,12 +125,17 @@ def _choice_logprobs(model, tokenizer, items, batch_size: int, autocast) -> list
     """Sum of log-probabilities of each choice's tokens after its prompt (the prompt cut from the left)."""
     device = device_of(model)
     context = model.cfg.max_seq_length
-    pairs = []
+    pairs, cut = [], 0
     for item in items:
         prompt = tokenizer.encode(item.prompt) or [tokenizer.eot_id]
         for choice in item.choices:
-            tail = tokenizer.encode(choice if item.prompt[-1:].isspace() else " " + choice)[: context - 1]
-            pairs.append((prompt[-(context + 1 - len(tail)) :], tail))
+            tail = tokenizer.encode(choice if item.prompt[-1:].isspace() else " " + choice)
+            kept = (prompt[-(context + 1 - min(len(tail), context - 1)) :], tail[: context - 1])
+            cut += len(kept[0]) + len(kept[1]) < len(prompt) + len(tail)
+            pairs.append(kept)
+    if cut:
+        log.warning("%d of %d prompt + choice pairs are longer than the context (%d tokens): the prompt was "
+                    "cut from the left (and the choice from the right) to fit", cut, len(pairs), context)  # fmt: skip
     scores = []
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b : b + batch_size]
@@ -132,14 +159,9 @@ def _choice_logprobs(model, tokenizer, items, batch_size: int, autocast) -> list
 
 
 def macro_f1(truth: list[int], predicted: list[int], classes: int) -> float:
-    values = []
-    for c in range(classes):
-        tp = sum(1 for t, p in zip(truth, predicted, strict=True) if t == c and p == c)
-        fp = sum(1 for t, p in zip(truth, predicted, strict=True) if t != c and p == c)
-        fn = sum(1 for t, p in zip(truth, predicted, strict=True) if t == c and p != c)
-        if tp + fp + fn:  # a class absent from both truth and predictions does not count
-            values.append(2 * tp / (2 * tp + fp + fn))
-    return sum(values) / len(values) if values else 0.0
+    t, p = torch.tensor(truth, dtype=torch.long), torch.tensor(predicted, dtype=torch.long)
+    count = lambda x: torch.bincount(x, minlength=classes)  # noqa: E731
+    return f1_from_counts(count(t[t == p]), count(t), count(p))
 
 
 def evaluate_model(
@@ -151,11 +173,6 @@ def evaluate_model(
     model.eval()
     try:
         if isinstance(data, TextSet):
-            bad = [m for m in metrics if m in LABELLED_ONLY]
-            if bad:
-                raise ConfigError(
-                    f"--metrics {', '.join(bad)} needs labelled test data (see llm-evaluate --help)"
-                )
             s = _text_scores(model, tokenizer, data.documents, batch_size, autocast)
             results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
             values = {}

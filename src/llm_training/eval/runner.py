@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llm_training.errors import ConfigError, UserError
 from llm_training.eval.data import ChoiceSet, TextSet, read_test_data
-from llm_training.eval.metrics import LABELLED_ONLY, evaluate_model, parse_metrics, score_tokens, text_metrics
+from llm_training.eval.metrics import evaluate_model, parse_metrics, score_tokens, text_metrics
 
 
 def default_metrics(data: TextSet | ChoiceSet) -> list[str]:
@@ -71,10 +71,6 @@ def evaluate_prepared(
     from llm_training.train.device import pick_device
 
     names = parse_metrics(metrics)
-    if any(m in LABELLED_ONLY for m in names):
-        raise ConfigError(
-            f"--metrics {', '.join(m for m in names if m in LABELLED_ONLY)} needs labelled test data"
-        )
     manifest = Path(data_dir) / "validation.json"
     loaded = load_model(model_path, pick_device(device))
     data = TokenDataset(manifest, loaded.cfg.max_seq_length)

@@ -57,6 +57,8 @@ class ExportCheckError(UserError):
 class ExportOptions:
     format: str = "onnx"
     output: str | Path | None = None  # file (folder for hf); None: exports/<checkpoint name><suffix>
+    output_dir: str | Path | None = None  # instead of output: a folder (made if missing), the file named as
+    # export_all names it (model.onnx, model.safetensors, hf/, ...)
     quantize: str = "none"  # none, int8, fp16 (see QUANTIZE)
     past: bool = True  # ONNX: inputs and outputs for past keys and values (fast generation), as optimum does
     pruning: object = None  # see export.prune.parse_pruning
@@ -130,6 +132,27 @@ def default_output(checkpoint: Path, fmt: str, folder: Path | None = None, stem:
     return (folder if folder is not None else Path("exports")) / name
 
 
+def _target(checkpoint: Path, fmt: str, options: ExportOptions) -> Path:
+    """Where the export goes: ``output``, or a file inside ``output_dir`` (or inside ``output`` when that is
+    an existing folder or ends with a slash; a Hugging Face export is itself a folder)."""
+    if options.output is not None and options.output_dir is not None:
+        raise UserError("give --output (a file) or --output-dir (a folder), not both")
+    if options.output_dir is not None:
+        return default_output(checkpoint, fmt, Path(options.output_dir), "model")
+    if not options.output:
+        return default_output(checkpoint, fmt)
+    target = Path(options.output)
+    folder = str(options.output).endswith(("/", os.sep)) or (target.suffix == "" and target.is_dir())
+    return default_output(checkpoint, fmt, folder=target) if folder and fmt != "hf" else target
+
+
+def _check_validation_path(validation_data) -> None:
+    if validation_data is not None and not Path(validation_data).is_file():
+        raise UserError(
+            f"--validation-data {validation_data}: file not found (give plain text or .jsonl records with 'text')"
+        )
+
+
 def _refuse_existing(fmt: str, target: Path, overwrite: bool) -> None:
     """Every path an export to ``target`` writes must be free, unless overwriting."""
     if fmt == "safetensors":
@@ -150,8 +173,10 @@ def load_source(
     from llm_training.train.artifacts import load_trained
 
     spec = parse_pruning(pruning)  # bad options fail before the checkpoint is read
+    _check_validation_path(validation_data)
     trained = load_trained(checkpoint, "cpu")
     source = _Source(trained.model.float().eval(), trained.tokenizer, Path(checkpoint), trained.step)
+    _validation(source, validation_data, check_tokens)  # unreadable text fails before anything is built
     if spec is not None:
         before = _perplexity(source.model, _validation(source, validation_data, check_tokens))
         report = magnitude_prune(source.model, *spec)
@@ -173,9 +198,7 @@ def export_checkpoint(
     """Export ``checkpoint`` as ``options`` say, check it, and move it into place; see the module docstring."""
     fmt, quantize = check_options(options)
     checkpoint = Path(checkpoint)
-    target = Path(options.output) if options.output else default_output(checkpoint, fmt)
-    if fmt != "hf" and target.suffix == "" and target.is_dir():
-        target = default_output(checkpoint, fmt, folder=target)
+    target = _target(checkpoint, fmt, options)
     _refuse_existing(fmt, target, options.overwrite)
     started = time.perf_counter()
     source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
@@ -221,6 +244,10 @@ def export_all(
     if not names:
         raise UserError("--formats: name at least one format; valid: " + ", ".join(FORMATS))
     quantize = (options.get("quantize") or "none").lower()
+    plain = [f for f in dict.fromkeys(names) if quantize not in QUANTIZE[f]]
+    if plain and quantize != "none":
+        log.warning("--quantize %s: %s %s no %s; written in fp32", quantize, ", ".join(plain),
+                    "has" if len(plain) == 1 else "have", quantize)  # fmt: skip
     plans = []
     for fmt in dict.fromkeys(names):
         opts = ExportOptions(format=fmt, output=default_output(Path(checkpoint), fmt, Path(output_dir), "model"),
@@ -317,8 +344,8 @@ def _runtime_for(fmt: str, path: Path, cfg: ModelConfig):
     """The exported model as run by the runtime that reads its format: an ``nn.Module`` giving logits."""
     from llm_training.export.runtime import RuntimeModule, load_model
 
-    if fmt != "hf":
-        return load_model(path).module
+    if fmt != "hf":  # the format just written, not one guessed from the name the user chose (s.bin)
+        return load_model(path, kind=fmt).module
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

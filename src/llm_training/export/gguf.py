@@ -79,21 +79,30 @@ def _gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     return out
 
 
-def _tokenizer_fields(writer, tokenizer: Tokenizer) -> None:
+def _tokenizer_fields(writer, tokenizer: Tokenizer, rows: int) -> None:
+    """The vocabulary, one token per row of the embedding (``rows``): training rounds the model's vocabulary
+    up to a multiple of 64, and llama.cpp (like transformers' GGUF loader) wants as many tokens as rows, so
+    the rows no token reaches are named ``[PAD<i>]`` of type UNUSED, as llama.cpp's converter names them."""
+    import gguf
+
     spec = tokenizer.to_json()
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise UserError("GGUF: only byte-level BPE tokenizers can be written (llama.cpp's 'gpt2' vocabulary)")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    tokens = [""] * tokenizer.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise UserError(f"GGUF: the tokenizer has {tokenizer.vocab_size} tokens, the model only {rows} rows")
+    tokens = [f"[PAD{i}]" for i in range(rows)]
+    types = [gguf.TokenType.UNUSED] * rows
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     for token, index in vocab.items():
         tokens[index] = token
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        types[index] = gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control, 1: normal
+    writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eot_id)
@@ -130,7 +139,7 @@ def save_gguf(
         {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
     )  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
     writer.add_string(META_CONFIG, model_config_json(cfg))
-    _tokenizer_fields(writer, tokenizer)
+    _tokenizer_fields(writer, tokenizer, cfg.vocab_size)
     for tensor_name, data in tensors.items():
         if data.ndim == 1 or dtype == "f32":
             writer.add_tensor(tensor_name, data)
@@ -173,7 +182,9 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
 
 
 def _tokenizer_from(reader) -> Tokenizer | None:
-    """The byte-level BPE back from ``tokenizer.ggml.*`` (vocabulary, merges, special tokens)."""
+    """The byte-level BPE back from ``tokenizer.ggml.*`` (vocabulary, merges, special tokens), without the
+    UNUSED padding rows."""
+    import gguf
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -183,8 +194,10 @@ def _tokenizer_from(reader) -> Tokenizer | None:
     tokens = fields["tokenizer.ggml.tokens"].contents()
     types = fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
-    special = [t for t, kind in zip(tokens, types, strict=True) if kind == 3]
-    vocab = {t: i for i, t in enumerate(tokens)}
+    special = [t for t, kind in zip(tokens, types, strict=True) if kind == gguf.TokenType.CONTROL]
+    vocab = {
+        t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != gguf.TokenType.UNUSED
+    }
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

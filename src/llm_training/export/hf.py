@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-from llm_training.config import MODEL_TYPES, ModelConfig
+from llm_training.config import MODEL_TYPES, Config, ModelConfig, validate
 from llm_training.data.tokenizer import BOS, EOT, PAD, Tokenizer
-from llm_training.errors import UserError
+from llm_training.errors import ConfigError, UserError
 from llm_training.model.transformer import Transformer, mlp_width
 
 
@@ -169,39 +169,132 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
 
 def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     """A Hugging Face GPT-2 or Llama folder (ours or another's) as our model, and its tokenizer if it has
-    a ``tokenizer.json``."""
+    a ``tokenizer.json``. A config field that changes the computation in a way our model cannot (another
+    activation, scaled RoPE, a head size of its own, ...) is refused with its key, never ignored."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    c = json.loads(config_path.read_text())
+    try:
+        c = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
     kind = c.get("model_type")
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"{folder}: model_type {kind!r} is not supported (gpt2 or llama)")
+    if c.get("quantization_config"):
+        raise UserError(f"{config_path}: quantization_config is set: quantized weights cannot be imported; "
+                        "use the model's fp32, fp16 or bf16 weights")  # fmt: skip
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no .safetensors weights (pytorch_model.bin is not read: it can run code)")
     hf: dict[str, torch.Tensor] = {}
     for f in files:
         hf.update(load_file(str(f)))
-    if kind == "gpt2":
-        width, layers = c["n_embd"], c["n_layer"]
-        has_bias = any(v.abs().sum() > 0 for k, v in hf.items() if k.endswith(".bias"))
-        cfg = ModelConfig(model_type="gpt2", num_layers=layers, hidden_size=width, num_attention_heads=c["n_head"],
-                          vocab_size=c["vocab_size"], max_seq_length=c["n_positions"],
-                          intermediate_size=c.get("n_inner") or 4 * width, bias=has_bias,
-                          tie_embeddings=c.get("tie_word_embeddings", True),
-                          norm_eps=c.get("layer_norm_epsilon", 1e-5))  # fmt: skip
-    elif kind == "llama":
-        cfg = ModelConfig(model_type="llama", num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
-                          num_attention_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads"),
-                          intermediate_size=c["intermediate_size"], vocab_size=c["vocab_size"],
-                          max_seq_length=c["max_position_embeddings"], bias=c.get("attention_bias", False),
-                          tie_embeddings=c.get("tie_word_embeddings", False), norm_eps=c.get("rms_norm_eps", 1e-6),
-                          rope_theta=c.get("rope_theta", 10000.0))  # fmt: skip
-    else:
-        raise UserError(f"{folder}: model_type {kind!r} is not supported (gpt2 or llama)")
+    where = str(config_path)
+    cfg = _gpt2_config(c, hf, where) if kind == "gpt2" else _llama_config(c, hf, where)
+    try:
+        validate(Config(model=cfg))
+    except ConfigError as exc:
+        raise UserError(f"{where}: {exc}") from None
     model = Transformer(cfg)
     load_state(model, hf, str(folder))
     tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     return model, tokenizer
+
+
+# transformers' defaults for the keys a config.json may leave out (GPT2Config, LlamaConfig)
+_GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                  "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                  "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                  "add_cross_attention": False, "tie_word_embeddings": True}  # fmt: skip
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+                   "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                   "attention_bias": False, "mlp_bias": False, "head_dim": None}  # fmt: skip
+
+
+def _refuse(where: str, key: str, value, supported: str) -> UserError:
+    return UserError(f"{where}: {key} = {json.dumps(value)} cannot be imported: {supported}")
+
+
+def _require_fields(c: dict, where: str, checks: list[tuple[str, bool, str]]) -> None:
+    """(key, whether its value is one our model computes, what is supported) -> the first refusal."""
+    for key, ok, supported in checks:
+        if not ok:
+            raise _refuse(where, key, c[key], supported)
+
+
+def _gpt2_config(c: dict, hf: dict[str, torch.Tensor], where: str) -> ModelConfig:
+    c = {**_GPT2_DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
+    _require_fields(c, where, [
+        # our MLP computes GELU with the tanh approximation: these two names are that function
+        ("activation_function", c["activation_function"] in ("gelu_new", "gelu_pytorch_tanh"),
+         "the GPT-2 style here computes gelu_new (= gelu_pytorch_tanh)"),
+        ("scale_attn_weights", c["scale_attn_weights"] is True, "attention here is scaled by 1/sqrt(head size)"),
+        ("scale_attn_by_inverse_layer_idx", not c["scale_attn_by_inverse_layer_idx"],
+         "attention here is not scaled per layer"),
+        ("add_cross_attention", not c["add_cross_attention"], "a decoder-only model has no cross-attention"),
+    ])  # fmt: skip
+    # (reorder_and_upcast_attn only computes attention in fp32: the same function)
+    # saved from GPT2Model (no head): wte.weight, h.0..., without the transformer. prefix
+    if not any(k.startswith("transformer.") for k in hf):
+        hf.update({"transformer." + k: hf.pop(k) for k in list(hf) if not k.startswith("lm_head.")})
+    # GPT2LMHeadModel always has biases; a model trained without them (ours, bias=False) has them all zero.
+    # (Old files also store the causal mask as h.<i>.attn.bias: not a weight.)
+    has_bias = any(
+        v.abs().sum() > 0 for k, v in hf.items() if k.endswith(".bias") and k.split(".")[-2] != "attn"
+    )
+    width = c["n_embd"]
+    return ModelConfig(model_type="gpt2", num_layers=c["n_layer"], hidden_size=width, num_attention_heads=c["n_head"],
+                       vocab_size=c["vocab_size"], max_seq_length=c["n_positions"],
+                       intermediate_size=c["n_inner"] or 4 * width, bias=has_bias,
+                       tie_embeddings=c["tie_word_embeddings"], norm_eps=c["layer_norm_epsilon"])  # fmt: skip
+
+
+def _llama_config(c: dict, hf: dict[str, torch.Tensor], where: str) -> ModelConfig:
+    c = {**_LLAMA_DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
+    heads = c["num_attention_heads"]
+    head_dim = c["hidden_size"] // max(1, heads)  # (0 heads is refused by validate)
+    _require_fields(c, where, [
+        ("hidden_act", c["hidden_act"] in ("silu", "swish"), "the Llama style here computes silu (SwiGLU)"),
+        ("head_dim", c["head_dim"] in (None, head_dim),
+         f"the head size here is hidden_size / num_attention_heads = {head_dim}"),
+    ])  # fmt: skip
+    theta = _rope_theta(c, where)
+    if not any(k.startswith("model.") for k in hf):  # saved from LlamaModel (no head): no model. prefix
+        hf.update({"model." + k: hf.pop(k) for k in list(hf) if not k.startswith("lm_head.")})
+    # one bias switch here covers attention and MLP: a part without biases gets zeros, the same function
+    bias = bool(c["attention_bias"] or c["mlp_bias"])
+    for part, key in (("self_attn", "attention_bias"), ("mlp", "mlp_bias")):
+        if bias and not c[key]:
+            for name in [k for k in hf if f".{part}." in k and k.endswith(".weight")]:
+                hf.setdefault(name.removesuffix(".weight") + ".bias", torch.zeros(hf[name].shape[0]))
+    return ModelConfig(model_type="llama", num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+                       num_attention_heads=heads, num_kv_heads=c["num_key_value_heads"],
+                       intermediate_size=c["intermediate_size"], vocab_size=c["vocab_size"],
+                       max_seq_length=c["max_position_embeddings"], bias=bias,
+                       tie_embeddings=c["tie_word_embeddings"], norm_eps=c["rms_norm_eps"], rope_theta=theta)  # fmt: skip
+
+
+def _rope_theta(c: dict, where: str) -> float:
+    """RoPE's base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4); any scaled RoPE (linear,
+    dynamic, llama3, yarn, ...) or partial rotation is refused: our RoPE is the plain one."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    for key, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(spec, dict):
+            raise _refuse(where, key, spec, "only the default RoPE (rope_type default)")
+        field = "rope_type" if "rope_type" in spec else "type"  # transformers 4 wrote "type" too
+        if spec.get(field, "default") != "default":
+            raise _refuse(where, f"{key}.{field}", spec[field], "only the default RoPE (rope_type default)")
+        if spec.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _refuse(where, f"{key}.partial_rotary_factor", spec["partial_rotary_factor"],
+                          "RoPE here rotates the whole head")  # fmt: skip
+    if c.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(
+            where, "partial_rotary_factor", c["partial_rotary_factor"], "RoPE here rotates the whole head"
+        )
+    return float(params.get("rope_theta") or c.get("rope_theta") or 10000.0)

@@ -149,10 +149,14 @@ def convert_fp16(source: Path, target: Path) -> None:
     norms and softmax stay where it keeps them in fp32)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     proto = onnx.load(str(source))
     with quiet():
         half = convert_float_to_float16(proto, keep_io_types=True)
+        # the converter appends its casts of the past inputs after the nodes that read them: the checker
+        # (and some runtimes) need the nodes in topological order
+        OnnxModel(half).topological_sort()
     _save(half, target, _external(source))
     onnx.checker.check_model(str(target))
 

@@ -120,11 +120,25 @@ def detect_format(path: str | Path) -> str:
                 f"{path}: a damaged archive (neither a checkpoint nor TorchScript can be read)"
             ) from None
         return "torchscript" if any("/code/" in n for n in names) else "checkpoint"
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _safetensors_header(head, path):
         return "safetensors"
-    if path.suffix == ".onnx":
+    # an ONNX ModelProto is serialised field by field, ir_version (field 1, varint: tag 0x08) first
+    if path.suffix == ".onnx" or head[:1] == b"\x08":
         return "onnx"
     return "checkpoint"  # its loader says what is wrong with it (truncated, not a checkpoint, ...)
+
+
+def _safetensors_header(head: bytes, path: Path) -> bool:
+    """safetensors starts with the length of its JSON header (8 bytes, little-endian), then ``{``: whatever
+    the file is called."""
+    if len(head) < 8:
+        return False
+    size = int.from_bytes(head, "little")
+    if not 2 <= size <= path.stat().st_size - 8:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        return handle.read(1) == b"{"
 
 
 def _json(path: Path) -> dict:
@@ -141,10 +155,11 @@ def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:
     return tokenizer
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model at ``path`` in eval mode; torch formats on ``device``, ONNX on onnxruntime's best provider."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str | None = None) -> LoadedModel:
+    """The model at ``path`` in eval mode; torch formats on ``device``, ONNX on onnxruntime's best provider.
+    ``kind``: the format, when the caller knows it (the exporter's self-check); None: ``detect_format``."""
     path = Path(path)
-    kind = detect_format(path)
+    kind = kind or detect_format(path)
     if kind == "checkpoint":
         from llm_training.train.artifacts import load_trained
 

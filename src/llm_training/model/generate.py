@@ -22,6 +22,8 @@ from llm_training.model.transformer import KVCache, Transformer, device_of
 
 log = logging.getLogger("llm_training.generate")
 
+LOOKAHEAD = 8  # decoding steps queued on the device before their tokens are read back
+
 
 @dataclass
 class Sampling:
@@ -157,6 +159,34 @@ def generate_tokens(
         and autocast is None
         and isinstance(model, Transformer)
     )
+    # tokens are read back to the host every ``ahead`` steps, not at every step: the device then decodes
+    # while the host reads and checks (a row that ended meanwhile wastes a few steps, never changes output)
+    pending: list[torch.Tensor] = []
+    ahead = 1  # the first token at once (streaming), then up to LOOKAHEAD at a time
+
+    def take(tokens: list[int], i: int) -> None:
+        history[i].append(tokens[i])
+        if done[i]:
+            return
+        if tokens[i] == eos_id:
+            done[i] = True
+        else:
+            out[i].append(tokens[i])
+            cut = _ends_with(out[i], stop_ids) or (stop_check(out[i]) if stop_check else 0)
+            if cut:
+                del out[i][len(out[i]) - cut :]
+            done[i] = bool(cut) or len(out[i]) >= limit[i]
+        if on_update is not None:
+            on_update(i, out[i], done[i])
+
+    def read_back() -> None:
+        nonlocal ahead
+        for tokens in torch.stack(pending).tolist():  # one device-to-host copy for every pending step
+            for i in range(len(history)):
+                take(tokens, i)
+        pending.clear()
+        ahead = LOOKAHEAD if use_cache else 1  # recomputing reads every row's history at every step
+
     try:
         while not all(done):
             with (autocast or contextlib.nullcontext)():
@@ -180,20 +210,12 @@ def generate_tokens(
                         cache.advance()
             next_ids = pick_next(logits, seen, s, generator)
             seen.scatter_(1, next_ids[:, None], True)
-            for i, token in enumerate(next_ids.tolist()):
-                history[i].append(token)
-                if done[i]:
-                    continue
-                if token == eos_id:
-                    done[i] = True
-                else:
-                    out[i].append(token)
-                    cut = _ends_with(out[i], stop_ids) or (stop_check(out[i]) if stop_check else 0)
-                    if cut:
-                        del out[i][len(out[i]) - cut :]
-                    done[i] = bool(cut) or len(out[i]) >= limit[i]
-                if on_update is not None:
-                    on_update(i, out[i], done[i])
+            pending.append(next_ids)
+            # read back when ``ahead`` steps are pending, when some row may reach its limit, and before the
+            # cache is refilled from the host's history
+            left = min(limit[i] - len(out[i]) for i in range(len(history)) if not done[i])
+            if len(pending) >= min(ahead, left) or cache is not None and cache.length + 1 > cache.max_len:
+                read_back()
     finally:
         model.train(was_training)
     return out

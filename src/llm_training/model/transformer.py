@@ -62,16 +62,14 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([self.n_head + self.n_kv, self.n_kv], 1)  # (B, H + K, T, D), (B, K, T, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = qk.split([self.n_head, self.n_kv], 1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], 1)
+        if rope is not None:  # queries and keys rotated together: half the kernels (decoding is launch-bound)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_head, self.n_kv], 1)  # (B, H, T, D), (B, K, T, D)
         mask, causal = None, True
         if cache is not None:  # generation: attend to every earlier token kept in the cache
             k, v = cache.append(k, v)

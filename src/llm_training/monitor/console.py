@@ -155,3 +155,50 @@ class StageProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class CountProgress:
+    """Progress of a counted job (prompts, items): a tqdm bar on a terminal; in a log file or pipe a plain
+    line with rate and ETA every ``interval`` seconds and at the end, instead of a redrawn bar."""
+
+    def __init__(
+        self, total: int, initial: int = 0, unit: str = "it", desc: str = "", stream=None, interval=None
+    ) -> None:
+        from tqdm import tqdm
+
+        self.stream = stream or sys.stderr
+        self.total, self.n, self.initial, self.unit, self.desc = total, initial, initial, unit, desc
+        self.interval = LOG_LINE_INTERVAL if interval is None else interval
+        self.started = self.last_line = time.monotonic()
+        self.bar = (
+            tqdm(total=total, initial=initial, unit=unit, desc=desc, file=self.stream, dynamic_ncols=True)
+            if is_tty(self.stream)
+            else None
+        )
+
+    def update(self, count: int) -> None:
+        self.n += count
+        if self.bar is not None:
+            self.bar.update(count)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.interval:
+            self.last_line = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        from tqdm import tqdm
+
+        # the rate counts this run's items only (a resumed job starts at ``initial``)
+        meter = tqdm.format_meter(self.n - self.initial, self.total - self.initial, now - self.started,
+                                  ncols=0, prefix=self.desc, unit=self.unit)  # fmt: skip
+        print(
+            f"{meter} ({self.n}/{self.total} in all)" if self.initial else meter, file=self.stream, flush=True
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.n > self.initial:
+            self._line(time.monotonic())
