@@ -55,17 +55,19 @@ def small_model(folder: Path) -> Path:
 
 async def load(url: str, total: int, clients: int, new_tokens: int) -> dict:
     latencies: list[float] = []
-    errors = 0
+    errors = generated = 0
     counter = iter(range(total))
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal errors
+        nonlocal errors, generated
         for i in counter:
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": new_tokens, "temperature": 0}
             start = time.perf_counter()
             try:
                 r = await http.post(url + "/v1/completions", json=body)
                 ok = r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+                if ok:  # what was generated: a row that ends early (end of text) has fewer than new_tokens
+                    generated += r.json()["usage"]["completion_tokens"]
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - start)
@@ -77,7 +79,7 @@ async def load(url: str, total: int, clients: int, new_tokens: int) -> dict:
     seconds = time.perf_counter() - begin
     latencies.sort()
     return {"requests": total, "errors": errors, "seconds": round(seconds, 2),
-            "requests_per_s": round(total / seconds, 1), "new_tokens_per_s": round(total * new_tokens / seconds, 1),
+            "requests_per_s": round(total / seconds, 1), "new_tokens_per_s": round(generated / seconds, 1),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1)}  # fmt: skip
 

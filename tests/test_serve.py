@@ -4,6 +4,9 @@ official ``openai`` client; every error status; batching; graceful shutdown."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -97,6 +100,13 @@ def test_the_official_openai_client_with_streaming(server, model):
 
 def test_every_error_status_is_json_without_a_traceback(server):
     url = server.url
+
+    def chunked():  # no Content-Length: the limit counts the bytes as they come
+        yield from (b"x" * 1000 for _ in range(1000))
+
+    streamed = httpx.post(
+        url + "/predict", content=chunked(), headers={**AUTH, "content-type": "application/json"}
+    )
     cases = [
         (httpx.post(url + "/predict", json={"prompt": "x"}), 401, "API key"),
         (httpx.post(url + "/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401, "API key"),
@@ -106,6 +116,13 @@ def test_every_error_status_is_json_without_a_traceback(server):
         (httpx.post(url + "/predict", json={"prompt": "x", "temperature": -1}, headers=AUTH), 422, "temperature"),
         (httpx.post(url + "/predict", json={"prompt": "x", "file": "/etc/passwd"}, headers=AUTH), 422, "file"),
         (httpx.post(url + "/predict", json={"prompt": "word " * 1000}, headers=AUTH), 413, "4096 bytes"),
+        (streamed, 413, "4096 bytes"),
+        (httpx.post(url + "/predict", json={"prompt": "x", "seed": 2**63}, headers=AUTH), 422, "seed"),
+        (httpx.post(url + "/predict", json={"prompt": "x", "repetition_penalty": 1e308}, headers=AUTH), 422, "penalty"),
+        (httpx.post(url + "/v1/completions", json={"prompt": ["x"] * 5, "n": 16}, headers=AUTH), 400, "limit of 64"),
+        (httpx.get(url + "/nowhere", headers=AUTH), 404, "Not Found"),
+        (httpx.get(url + "/docs", headers=AUTH), 404, "Not Found"),
+        (httpx.get(url + "/predict", headers=AUTH), 405, "Method Not Allowed"),
         (httpx.post(url + "/predict", json={"prompt": "word " * 100}, headers=AUTH), 400, "exceeds the context"),
         (httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 500}, headers=AUTH), 400, "limit of 200"),
         (httpx.post(url + "/v1/completions", json={"prompt": "x", "model": "../other"}, headers=AUTH), 404, "not served"),
@@ -116,8 +133,10 @@ def test_every_error_status_is_json_without_a_traceback(server):
         message = response.json()["error"]["message"]
         assert needle in message and "Traceback" not in response.text, (needle, message)
     assert cases[0][0].headers["www-authenticate"] == "Bearer"
+    assert streamed.request.headers["transfer-encoding"] == "chunked"
     metrics = httpx.get(url + "/metrics").text
     assert 'llm_requests_total{path="/predict",status="401"} 2.0' in metrics
+    assert 'llm_requests_total{path="/predict",status="413"} 2.0' in metrics
     assert 'llm_errors_total{path="/v1/completions",status="404"} 1.0' in metrics
     assert "llm_request_latency_seconds_bucket" in metrics and "llm_generated_tokens_total" in metrics
 
@@ -139,42 +158,143 @@ def test_concurrent_requests_are_batched(server):
     assert count < 32 and sizes["1.0"] < count  # fewer batches than requests: most held several
 
 
-def test_overload_timeout_and_graceful_shutdown(model, tmp_path):
-    """429 past max_pending, 503 past the timeout, and SIGTERM finishing the request in flight (exit 0)."""
+def test_overload_api_keys_and_graceful_shutdown_through_the_cli(model):
+    """Through the command line (--host, --api-key and LLM_SERVE_API_KEYS with spaces): 429 past max_pending;
+    SIGTERM with a non-streaming and a streaming request in flight: both finish whole, new connections are
+    refused, exit 0."""
     _, onnx = model
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--port", str(port),
-                             "--max-pending", "1", "--no-batching", "--timeout", "30", "--truncate"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {**os.environ, "LLM_SERVE_API_KEYS": " k2 , ,k3"}
+    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--host", "127.0.0.1",
+                             "--port", str(port), "--api-key", "k1", "--max-pending", "2", "--no-batching",
+                             "--timeout", "30", "--truncate", "--max-tokens-limit", "2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_for_health(url)
-    long = {
-        "prompt": "A",
-        "max_new_tokens": 800,
-        "temperature": 0.8,
-        "seed": 1,
-    }  # --truncate: may pass the context
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(httpx.post, url + "/predict", json=long, timeout=60)
-        time.sleep(0.3)
-        busy = httpx.post(url + "/predict", json=long, timeout=60)
-        assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]
-        proc.send_signal(signal.SIGTERM)  # while the first is generating
-        assert first.result().status_code == 200 and first.result().json()["predictions"][0]["new_tokens"] > 0
+    keys = [httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {k}"}).status_code for k in
+            ("k1", "k2", "k3", "nope")]  # fmt: skip
+    assert keys == [200, 200, 200, 401]
+    auth = {"Authorization": "Bearer k2"}
+    long = {"prompt": "A", "max_new_tokens": 800}  # greedy; --truncate: it may pass the context
+    expected = httpx.post(url + "/predict", json=long, headers=auth, timeout=60).json()["predictions"][0]
+
+    def stream():
+        body = {"prompt": "A", "max_tokens": 800, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        return r.status_code, "".join(e["choices"][0]["text"] for e in events)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(httpx.post, url + "/predict", json=long, headers=auth, timeout=60)
+        streamed = pool.submit(stream)  # one of them waits behind the other (--no-batching)
+        for _ in range(200):
+            if httpx.get(url + "/health").json()["pending"] == 2:
+                break
+            time.sleep(0.01)
+        busy = httpx.post(url + "/predict", json=long, headers=auth, timeout=60)
+        assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]  # both in flight
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):  # the port closes at once; the requests in flight go on
+            for _ in range(100):
+                httpx.get(url + "/health", timeout=5)
+                time.sleep(0.05)
+        assert not streamed.done()
+        assert whole.result().status_code == 200 and whole.result().json()["predictions"][0] == expected
+        assert streamed.result() == (200, expected["completion"])
     assert proc.wait(60) == 0
     assert "Traceback" not in proc.stderr.read()
-    # a request that runs past the timeout: 503
+
+
+@contextlib.contextmanager
+def served_here(options, engine=None):
+    """A real uvicorn server on loopback in a thread of this process (faster to start than a child process,
+    and the engine can be reached): yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from llm_training.serve.app import create_app
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--port", str(port),
-                             "--timeout", "0.05", "--no-batching", "--truncate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(options, engine), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
     try:
-        wait_for_health(url)
-        slow = httpx.post(url + "/predict", json={"prompt": "A", "max_new_tokens": 800}, timeout=60)
-        assert slow.status_code == 503 and "timeout" in slow.json()["error"]["message"]
+        wait_for_health(f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_requests_past_the_timeout_stop_generating(model):
+    """503 (an error event when streamed) past the timeout, and the rows that timed out stop generating."""
+    from llm_training.serve.app import ServeOptions
+
+    _, onnx = model
+    options = ServeOptions(
+        model_path=str(onnx), timeout=1, batching=False, truncate=True, max_tokens_limit=100000
+    )
+    with served_here(options) as url:
+
+        def idle_soon():  # 100,000 tokens take minutes: none pending soon after means the row was stopped
+            for _ in range(50):
+                if httpx.get(url + "/health").json()["pending"] == 0:
+                    return True
+                time.sleep(0.1)
+            return False
+
+        slow = httpx.post(url + "/predict", json={"prompt": "A", "max_new_tokens": 100000}, timeout=60)
+        assert slow.status_code == 503 and "timeout" in slow.json()["error"]["message"] and idle_soon()
+        body = {"prompt": "A", "max_tokens": 100000, "temperature": 0, "stream": True}
+        slow = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert slow.status_code == 200 and '"code": "timeout"' in slow.text and idle_soon()
+
+
+def test_the_engine_admits_a_request_whole_and_cancels_a_running_row(model):
+    """All of a request's rows or none (no rows left generating behind a 429); cancel ends a running row."""
+    from llm_training.serve.app import ServeOptions, make_engine
+    from llm_training.serve.engine import Overloaded, Request
+
+    _, onnx = model
+    engine = make_engine(ServeOptions(model_path=str(onnx), max_pending=3, batching=False, truncate=True))
+    engine.load()
+    try:
+        long = engine.submit(Request("A", 100000, temperature=0))
+        with pytest.raises(Overloaded, match="adds 3"):
+            engine.submit_many([Request("B", 4)] * 3)
+        assert engine.pending == 1
+        while not long.future.running():
+            time.sleep(0.01)
+        engine.cancel(long)
+        assert long.future.result(timeout=30).completion_tokens < 100000
+    finally:
+        engine.close()
+
+
+def test_a_failing_generation_is_a_counted_500_without_its_detail(model):
+    """A model that fails (a test wrapper raising in forward), served through the Python API: 500 JSON
+    without the exception's text, counted in /metrics; a stream ends with a generic error event."""
+    from llm_training.serve.app import ServeOptions, make_engine
+
+    _, onnx = model
+    options = ServeOptions(model_path=str(onnx))
+    engine = make_engine(options)
+    engine.load()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("secret detail")
+
+    engine.loaded.module.forward = broken
+    with served_here(options, engine) as url:
+        r = httpx.post(url + "/predict", json={"prompt": "x", "max_new_tokens": 4}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error (see the server log)"
+        r = httpx.post(
+            url + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True}, timeout=60
+        )
+        assert r.status_code == 200 and '"message": "internal error (see the server log)"' in r.text
+        assert "secret" not in r.text
+        assert 'llm_errors_total{path="/predict",status="500"} 1.0' in httpx.get(url + "/metrics").text
 
 
 def test_bad_model_path_fails_the_start(tmp_path):
@@ -182,25 +302,41 @@ def test_bad_model_path_fails_the_start(tmp_path):
 
     with pytest.raises(UserError, match="server stopped while starting: error: checkpoint not found"):
         ModelServer(model_path=str(tmp_path / "none.onnx"), port=free_port()).start(block=False, wait=60)
-    proc = subprocess.run([sys.executable, "-m", "llm_training.cli.serve", "--model", str(tmp_path / "x.pt")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "error: checkpoint not found"
-    )
+    # several workers: checked in the parent before they start, one line and exit 2 as well
+    proc = subprocess.run([sys.executable, "-m", "llm_training.cli.serve", "--model", str(tmp_path / "x.pt"),
+                           "--workers", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: checkpoint not found: {tmp_path / 'x.pt'} (nor an exported model)"
+    ]
 
 
-def test_several_worker_processes(model):
-    """``workers=2`` as the guide's ``workers=4``: uvicorn's worker processes each load the model."""
+def test_several_worker_processes(model, tmp_path):
+    """``workers=2`` as the guide's ``workers=4``: uvicorn's worker processes each load the model. A worker
+    that dies is replaced; when its replacement cannot start (the model file is gone), the server stops with
+    an error and a non-zero exit."""
+    import shutil
+
+    psutil = pytest.importorskip("psutil")
     from llm_training import ModelServer
 
     _, onnx = model
-    srv = ModelServer(model_path=str(onnx), port=free_port(), workers=2).start(block=False)
+    copy = shutil.copy(onnx, tmp_path / "model.onnx")
+    srv = ModelServer(model_path=str(copy), port=free_port(), workers=2).start(block=False)
     try:
         texts = {httpx.post(srv.url + "/predict", json={"prompt": "ROMEO:", "max_new_tokens": 8}, timeout=60).json()[
             "predictions"][0]["completion"] for _ in range(4)}  # fmt: skip
         assert len(texts) == 1
+        workers = [
+            p for p in psutil.Process(srv.process.pid).children() if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        os.remove(copy)
+        workers[0].kill()
+        assert srv.process.wait(120) == 1
+        srv.stderr.seek(0)
+        assert "error: a worker process failed to start" in srv.stderr.read()
     finally:
-        assert srv.stop() == 0
+        srv.stop()
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "hf"])

@@ -91,16 +91,65 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, work
     import uvicorn
 
     grace = int(options.timeout) + 5  # requests in flight may finish after a SIGTERM
-    if workers > 1:  # each worker process builds the app from the options in the environment
-        os.environ[OPTIONS_ENV] = options.to_env()
-        uvicorn.run("llm_training.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
+    if workers > 1:
+        _check_model(options)
+        _run_workers(options, host, port, workers, grace)
         return
     engine = make_engine(options)
     engine.load()  # here, so that a bad model path is an error before the port opens
     config = uvicorn.Config(create_app(options, engine), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=grace)  # fmt: skip
     _graceful_server_class()(config).run()
+
+
+def _check_model(options: ServeOptions) -> None:
+    """Load the model once in the parent (on the CPU, then let go) before starting workers: a bad path or
+    file is then one line and exit 2, not a traceback from every worker. It costs one more load at start."""
+    import gc
+
+    from llm_training.export.runtime import load_model
+
+    loaded = load_model(options.model_path, "cpu")
+    del loaded
+    gc.collect()
+
+
+def _run_workers(options: ServeOptions, host: str, port: int, workers: int, grace: int) -> None:
+    """uvicorn's worker processes (each builds the app from the options in the environment), supervised by
+    uvicorn's own supervisor; a worker that cannot start (at first, or when replacing one that died) stops
+    the server with an error instead of a clean exit."""
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    # an older uvicorn's supervisor takes a target and restarts a worker that cannot start, forever
+    if "target" in inspect.signature(Multiprocess).parameters:
+        raise UserError("--workers needs a newer uvicorn (0.54 is tested): pip install -U uvicorn")
+
+    class Supervisor(Multiprocess):
+        failed = False
+
+        def keep_subprocess_alive(self) -> None:
+            # uvicorn stops on a worker's start-up failure exactly as on a signal, by setting should_exit;
+            # signals only queue here, so should_exit set by this call means a failure
+            before = self.should_exit.is_set()
+            super().keep_subprocess_alive()
+            self.failed = self.failed or (not before and self.should_exit.is_set())
+
+    os.environ[OPTIONS_ENV] = options.to_env()
+    config = uvicorn.Config("llm_training.serve.app:app_from_env", factory=True, host=host, port=port,
+                            workers=workers, log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if supervisor.failed:
+        raise ServerFailed("a worker process failed to start (its error is in the log above); server stopped")
+
+
+class ServerFailed(UserError):
+    """The server stopped because a worker could not start (exit status 1: not the command line's fault)."""
+
+    exit_code = 1
 
 
 def _graceful_server_class():

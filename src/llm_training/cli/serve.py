@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.model:
                 raise UserError("--model is required (a checkpoint or an exported model)")
-            keys = args.api_key + [
-                k for k in os.environ.get("LLM_SERVE_API_KEYS", "").split(",") if k.strip()
-            ]
+            given = args.api_key + os.environ.get("LLM_SERVE_API_KEYS", "").split(",")
+            keys = [k.strip() for k in given if k.strip()]  # "a, b" is a and b; empty entries are none
             options = ServeOptions(model_path=args.model, device=args.device, api_keys=keys,
                                    max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                    batching=not args.no_batching, max_pending=args.max_pending,

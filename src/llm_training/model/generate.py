@@ -123,6 +123,7 @@ def generate_tokens(
     cuda_graphs: bool = True,
     limits: Sequence[int] | None = None,
     on_update: Callable[[int, list[int], bool], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without a final end-of-text or stop sequence).
 
@@ -130,7 +131,8 @@ def generate_tokens(
     text layer uses it for stop strings. ``autocast``: a context manager factory for mixed precision (on
     CUDA, prefer casting the model: decoding steps are then replayed as CUDA graphs, ``cuda_graphs``).
     ``limits``: a ``max_new_tokens`` per row (instead of the sampling's). ``on_update(row, new_tokens,
-    finished)`` is called whenever a row gains a token or ends (streaming).
+    finished)`` is called whenever a row gains a token or ends (streaming). ``cancelled(row)`` True ends
+    that row at once, keeping its tokens so far (a request that timed out, a client that left).
     """
     s = sampling or Sampling()
     s.check()
@@ -168,7 +170,7 @@ def generate_tokens(
         history[i].append(tokens[i])
         if done[i]:
             return
-        if tokens[i] == eos_id:
+        if tokens[i] == eos_id or cancelled is not None and cancelled(i):
             done[i] = True
         else:
             out[i].append(tokens[i])

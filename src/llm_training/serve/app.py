@@ -5,8 +5,10 @@ Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, w
 happened: 400 (a request the model cannot serve: prompt too long, an unsupported option), 401 (missing or
 wrong API key), 404 (another model named), 413 (body over ``max_request_bytes``), 422 (malformed JSON or
 wrong types), 429 (too many requests waiting), 503 (starting, shutting down, or a request that ran past
-``timeout``), 500 (a bug: logged with its traceback, answered without one). Nothing in a request names a
-file: the model is fixed when the server starts.
+``timeout``), 500 (a bug: logged with its traceback, answered without one); unknown paths and methods (404,
+405) too. Nothing in a request names a file: the model is fixed when the server starts. A request that times
+out or whose streaming client leaves stops generating. The OpenAPI pages (/docs, /redoc, /openapi.json) are
+off: a production server shows no more than its API.
 """
 
 from __future__ import annotations
@@ -65,11 +67,91 @@ def make_engine(options: ServeOptions) -> Engine:
                   options.max_pending, options.truncate)  # fmt: skip
 
 
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, headers: dict | None = None
+):
+    from fastapi.responses import JSONResponse
+
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware around every request: API keys, the body size limit, 500 for a bug, and the metrics
+    of every answer (those of the checks and bugs included).
+
+    The body is read here, counted as it arrives and handed on whole: a chunked body (no Content-Length)
+    stops at ``max_request_bytes`` like a declared one. Bodies are small (1 MiB by default)."""
+
+    def __init__(self, app, options: ServeOptions, metrics) -> None:
+        self.app, self.options, self.metrics = app, options, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        begin, path = time.perf_counter(), scope["path"]
+        status, started = None, False
+
+        async def send_and_note(message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        async def answer(*args) -> None:
+            await error_response(*args)(scope, receive, send_and_note)
+
+        try:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            keys = self.options.api_keys
+            if keys and path not in ("/health", "/metrics"):
+                given = headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not any(hmac.compare_digest(token, key) for key in keys):
+                    return await answer(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                        "authentication_error")  # fmt: skip
+            limit = self.options.max_request_bytes
+            too_big = (413, f"request body over {limit} bytes", "invalid_request_error", "request_too_large")
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                return await answer(*too_big)
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left while sending: nobody to answer
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit:  # stop reading: uvicorn closes the connection after the answer
+                    return await answer(*too_big)
+                more = message.get("more_body", False)
+            body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            async def replay():
+                nonlocal body
+                if body is None:
+                    return await receive()  # later calls: http.disconnect when the client leaves
+                message, body = body, None
+                return message
+
+            await self.app(scope, replay, send_and_note)
+        except Exception:
+            if started:  # part of the answer is out: nothing to replace it with; uvicorn logs and closes
+                raise
+            log.exception("unhandled error")
+            await answer(500, "internal error (see the server log)", "server_error")
+        finally:
+            if status is not None:  # None: the client left before an answer
+                self.metrics.observe(path, status, time.perf_counter() - begin)
+
+
 def create_app(options: ServeOptions, engine: Engine | None = None):
     from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from llm_training.serve.metrics import ServeMetrics
 
@@ -88,15 +170,21 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         )
         yield
         log.info("shutting down: finishing requests in flight")
-        await asyncio.to_thread(engine.close, True)
+        # uvicorn has waited for the requests in flight (each ends within options.timeout); the engine's
+        # thread then has only finished or aborted rows left
+        await asyncio.to_thread(engine.close, options.timeout)
 
-    app = FastAPI(title="llm_training model server", lifespan=lifespan)
+    app = FastAPI(title="llm_training model server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
     app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(Guard, options=options, metrics=metrics)
+    error = error_response
 
-    def error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        body = {"error": {"message": message, "type": kind, "code": code}}
-        return JSONResponse(body, status_code=status, headers=headers)
+    @app.exception_handler(HTTPException)  # Starlette's own 404 (unknown path) and 405 (wrong method)
+    async def http_error(_request, exc: HTTPException):
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error(exc.status_code, str(exc.detail), kind, code, exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -120,37 +208,17 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error"
         )
 
-    @app.exception_handler(Exception)
-    async def bug(_request, exc: Exception):
-        log.exception("unhandled error")
-        return error(500, "internal error (see the server log)", "server_error")
-
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        begin = time.perf_counter()
-        path = request.url.path
-        if path not in ("/health", "/metrics") and options.api_keys:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token, key) for key in options.api_keys):
-                metrics.observe(path, 401, time.perf_counter() - begin)
-                return error(
-                    401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error"
-                )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > options.max_request_bytes:
-            metrics.observe(path, 413, time.perf_counter() - begin)
-            return error(413, f"request body over {options.max_request_bytes} bytes", "invalid_request_error")
-        response = await call_next(request)
-        metrics.observe(path, response.status_code, time.perf_counter() - begin)
-        return response
-
-    def requests_of(prompts: list[str], max_new: int, body: Sampled) -> list[Request]:
+    def requests_of(prompts: list[str], max_new: int, body: Sampled, n: int = 1) -> list[Request]:
+        """The rows of a request (each prompt n times), prompts tokenised here once: called in a thread,
+        since a long prompt would hold the event loop."""
         if max_new > options.max_tokens_limit:
             raise ApiError(400, f"max tokens {max_new} is over this server's limit of {options.max_tokens_limit}",
                            code="max_tokens_over_limit")  # fmt: skip
         if not prompts:
             raise ApiError(400, "no prompt given", code="empty_prompt")
+        if len(prompts) * n > options.max_pending:  # could never be admitted: not a "retry later"
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} completions are over this server's limit of "
+                                f"{options.max_pending} at once", code="too_many_completions")  # fmt: skip
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         out = []
         for prompt in prompts:
@@ -158,14 +226,20 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             if not options.truncate and len(ids) + max_new > engine.context:
                 raise ApiError(400, f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the context of "
                                     f"{engine.context} tokens", code="context_length_exceeded")  # fmt: skip
-            out.append(Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                               tuple(s for s in stops if s), body.seed, ids))  # fmt: skip
+            request = Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                              tuple(s for s in stops if s), body.seed, ids)  # fmt: skip
+            out += [request] * n  # the same request object: the engine only reads it
         return out
 
     async def wait(jobs):
         try:
-            return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
-                                          timeout=options.timeout)  # fmt: skip
+            try:
+                return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
+                                              timeout=options.timeout)  # fmt: skip
+            except BaseException:  # the client gets an error: none of its rows may go on generating
+                for job in jobs:
+                    engine.cancel(job)
+                raise
         except asyncio.TimeoutError:
             raise ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
                            "server_error", "timeout") from None  # fmt: skip
@@ -197,8 +271,8 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
     async def predict(body: PredictBody):
         begin = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        jobs = [engine.submit(r) for r in requests_of(prompts, body.max_new_tokens, body)]
-        done = await wait(jobs)
+        rows = await asyncio.to_thread(requests_of, prompts, body.max_new_tokens, body)
+        done = await wait(engine.submit_many(rows))
         metrics.tokens(sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done))
         return {"model": engine.model_id,
                 "predictions": [{"prompt": p, "completion": c.text, "new_tokens": c.completion_tokens,
@@ -216,11 +290,11 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             raise ApiError(400, "presence_penalty and frequency_penalty are not supported; use "
                                 "repetition_penalty", code="unsupported")  # fmt: skip
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        requests = [r for r in requests_of(prompts, body.max_tokens, body) for _ in range(body.n)]
+        requests = await asyncio.to_thread(requests_of, prompts, body.max_tokens, body, body.n)
         ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         model_id = engine.model_id
         if not body.stream:
-            done = await wait([engine.submit(r) for r in requests])
+            done = await wait(engine.submit_many(requests))
             usage = {"prompt_tokens": sum(c.prompt_tokens for c in done[:: body.n]),
                      "completion_tokens": sum(c.completion_tokens for c in done)}  # fmt: skip
             metrics.tokens(usage["prompt_tokens"], usage["completion_tokens"])
@@ -230,47 +304,58 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                     "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}  # fmt: skip
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()  # (index, text), then (index, None) when that choice ends
-        jobs = []
-        for index, request in enumerate(requests):
 
-            def on_text(text: str, index: int = index) -> None:  # called in the engine's thread
+        def streamer(index: int):
+            def on_text(text: str) -> None:  # called in the engine's thread
                 loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
 
-            job = engine.submit(request, on_text)
+            return on_text
+
+        jobs = engine.submit_many(requests, [streamer(i) for i in range(len(requests))])
+        for index, job in enumerate(jobs):
             # scheduled after the job's last text (the engine streams, then resolves), so it arrives last
             job.future.add_done_callback(
                 lambda _f, index=index: loop.call_soon_threadsafe(pieces.put_nowait, (index, None))
             )
-            jobs.append(job)
 
         def chunk(index: int, text: str, reason: str | None) -> str:
             data = {"id": ident, "object": "text_completion", "created": created, "model": model_id,
                     "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
             return f"data: {json.dumps(data)}\n\n"
 
+        def failure(message: str, code: str, kind: str = "server_error") -> str:
+            return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': code}})}\n\n"
+
         async def events():
             open_jobs = len(jobs)
             deadline = time.monotonic() + options.timeout
-            while open_jobs:
-                try:
-                    index, text = await asyncio.wait_for(
-                        pieces.get(), timeout=max(0.0, deadline - time.monotonic())
-                    )
-                except asyncio.TimeoutError:
-                    yield f"data: {json.dumps({'error': {'message': 'timed out', 'type': 'server_error'}})}\n\n"
-                    return
-                if text is not None:
-                    yield chunk(index, text, None)
-                    continue
-                open_jobs -= 1
-                exc = jobs[index].future.exception()
-                if exc is not None:
-                    yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-                    continue
-                result = jobs[index].future.result()
-                metrics.tokens(result.prompt_tokens, result.completion_tokens)
-                yield chunk(index, "", result.finish_reason)
-            yield "data: [DONE]\n\n"
+            try:
+                while open_jobs:
+                    try:
+                        index, text = await asyncio.wait_for(
+                            pieces.get(), timeout=max(0.0, deadline - time.monotonic())
+                        )
+                    except asyncio.TimeoutError:
+                        yield failure(f"the request ran past the server's timeout of {options.timeout:g} s",
+                                      "timeout")  # fmt: skip
+                        return
+                    if text is not None:
+                        yield chunk(index, text, None)
+                        continue
+                    open_jobs -= 1
+                    exc = jobs[index].future.exception()
+                    if isinstance(exc, ValueError):  # the generator's own checks: a message for the user
+                        yield failure(str(exc), "invalid_prompt", "invalid_request_error")
+                    elif exc is not None:  # a bug: the engine logged it with its traceback
+                        yield failure("internal error (see the server log)", "internal_error")
+                    else:
+                        result = jobs[index].future.result()
+                        metrics.tokens(result.prompt_tokens, result.completion_tokens)
+                        yield chunk(index, "", result.finish_reason)
+                yield "data: [DONE]\n\n"
+            finally:  # timed out, or the client left (this generator is cancelled or closed): stop generating
+                for job in jobs:
+                    engine.cancel(job)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -5,7 +5,9 @@ Concurrent requests are gathered for up to ``batch_wait`` seconds (or until ``ma
 and generated together: one batched ``generate_tokens`` per group of requests with the same sampling
 settings, each row with its own ``max_new_tokens`` and stop texts. With ``batching=False`` the worker takes
 one request at a time (the baseline of the load benchmark). ``submit`` is thread-safe and returns a
-``Job`` whose ``future`` resolves to the completion; ``on_text`` streams text as it is generated.
+``Job`` whose ``future`` resolves to the completion; ``on_text`` streams text as it is generated;
+``cancel`` drops a job that waits and ends the row of one that is being generated (a request that timed out
+or whose client left).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Job:
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # receives each new piece of text (streaming)
     sent: int = 0  # characters streamed so far
+    aborted: bool = False  # set by Engine.cancel: the row stops at its next token
 
 
 class Engine:
@@ -98,18 +101,30 @@ class Engine:
         return self.loaded.tokenizer.encode(text)
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None) -> Job:
+        return self.submit_many([request], [on_text])[0]
+
+    def submit_many(
+        self, requests: list[Request], on_texts: list[Callable[[str], None] | None] | None = None
+    ) -> list[Job]:
+        """All of ``requests`` or none: an HTTP request's rows (prompts x n) are admitted together, so a 429
+        never leaves some of them generating for a client that was told to retry."""
         if self.stopping or self.loaded is None:
             raise Unavailable("the model is not serving (starting or shutting down)")
         with self.lock:
-            if self.pending >= self.max_pending:
-                raise Overloaded(
-                    f"{self.pending} requests are waiting (limit {self.max_pending}); retry later"
-                )
-            self.pending += 1
-        job = Job(request, on_text=on_text)
-        job.future.add_done_callback(self._finished)
-        self.queue.put(job)
-        return job
+            if self.pending + len(requests) > self.max_pending:
+                raise Overloaded(f"{self.pending} requests are waiting and this one adds {len(requests)} "
+                                 f"(limit {self.max_pending}); retry later")  # fmt: skip
+            self.pending += len(requests)
+        jobs = [Job(r, on_text=f) for r, f in zip(requests, on_texts or [None] * len(requests), strict=True)]
+        for job in jobs:
+            job.future.add_done_callback(self._finished)
+            self.queue.put(job)
+        return jobs
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job that waits; end the row of one being generated (its result is then discarded)."""
+        if not job.future.cancel():  # running or done
+            job.aborted = True
 
     def _finished(self, _future) -> None:
         with self.lock:
@@ -184,8 +199,8 @@ class Engine:
         streaming = any(j.on_text is not None for j in jobs)
         new = generate_tokens(self.loaded.module, prompts, sampling, eos_id=tok.eot_id, truncate=self.truncate,
                               limits=[j.request.max_new_tokens for j in jobs],
-                              stop_check=stop_text_check(tok, stops),
-                              on_update=on_update if streaming else None)  # fmt: skip
+                              stop_check=stop_text_check(tok, stops), on_update=on_update if streaming else None,
+                              cancelled=lambda i: jobs[i].aborted)  # fmt: skip
         for i, job in enumerate(jobs):  # streamed rows got their last text as they finished
             reason = "length" if len(new[i]) >= job.request.max_new_tokens else "stop"
             job.future.set_result(

@@ -1,4 +1,7 @@
-"""Request bodies of the HTTP API (pydantic models; FastAPI validates against them and answers 422)."""
+"""Request bodies of the HTTP API (pydantic models; FastAPI validates against them and answers 422).
+
+Every number is bounded, so that a value out of range is a 422 naming the field, never an error deep in
+generation (a seed past 64 bits, an infinite penalty)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,17 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, le=1_000_000)  # past the vocabulary it changes nothing
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch.Generator takes a signed 64-bit seed
 
 
 class PredictBody(Sampled):
     prompt: str | list[str]
-    max_new_tokens: int = Field(64, ge=0)
+    max_new_tokens: int = Field(
+        64, ge=0, le=1 << 30
+    )  # a sanity bound: --max-tokens-limit (400) is the real one
     temperature: float = Field(0.0, ge=0, le=10)  # /predict defaults to greedy
 
 
@@ -25,11 +30,12 @@ class CompletionBody(Sampled):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: int = Field(16, ge=0, le=1 << 30)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     echo: bool = False
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    best_of: int | None = None
+    # accepted for OpenAI clients, answered 400 unless off (0, None, 1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    best_of: int | None = Field(None, ge=1, le=16)
