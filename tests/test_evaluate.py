@@ -271,6 +271,8 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
     for name, content, needle in (
         ("count.jsonl", '{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": "ten"}\n', "count.jsonl: line 2: 'max_new_tokens'"),
         ("latin.jsonl", b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n', "latin.jsonl: line 3: not UTF-8"),
+        ("null.jsonl", '{"prompt": "a", "max_new_tokens": null}\n{"prompt": "b", "max_new_tokens": -1}\n',
+         "null.jsonl: line 2: 'max_new_tokens' must be"),  # null: the flag's value
     ):  # fmt: skip
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
         assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / name),

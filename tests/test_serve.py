@@ -110,6 +110,8 @@ def test_every_error_status_is_json_without_a_traceback(server):
     cases = [
         (httpx.post(url + "/predict", json={"prompt": "x"}), 401, "API key"),
         (httpx.post(url + "/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401, "API key"),
+        (httpx.post(url + "/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer k\xe9y".encode("latin-1")}),
+         401, "API key"),  # not ASCII: still a 401, not a 500
         (httpx.post(url + "/predict", content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 422,
          "not valid JSON"),
         (httpx.post(url + "/predict", json={"prompt": 3}, headers=AUTH), 422, "prompt"),
@@ -135,7 +137,7 @@ def test_every_error_status_is_json_without_a_traceback(server):
     assert cases[0][0].headers["www-authenticate"] == "Bearer"
     assert streamed.request.headers["transfer-encoding"] == "chunked"
     metrics = httpx.get(url + "/metrics").text
-    assert 'llm_requests_total{path="/predict",status="401"} 2.0' in metrics
+    assert 'llm_requests_total{path="/predict",status="401"} 3.0' in metrics
     assert 'llm_requests_total{path="/predict",status="413"} 2.0' in metrics
     assert 'llm_errors_total{path="/v1/completions",status="404"} 1.0' in metrics
     assert "llm_request_latency_seconds_bucket" in metrics and "llm_generated_tokens_total" in metrics

@@ -151,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                     if args.no_truncate and len(ids) >= context:  # a prompt keeps at most context - 1 tokens
                         raise DataError(f"{source}: line {number}: prompt of {len(ids)} tokens does not fit the "
                                         f"context of {context} (drop --no-truncate to keep its end)")  # fmt: skip
-                    groups.setdefault(record.get("max_new_tokens", args.max_new_tokens), []).append(
+                    limit = record.get("max_new_tokens")  # absent or null: the flag's
+                    groups.setdefault(args.max_new_tokens if limit is None else limit, []).append(
                         (number, text, ids)
                     )
                 results = {}
                 for max_new, items in groups.items():
-                    # seeded by the batch's first position: a resumed job samples what an uninterrupted one would
+                    # seeded by the batch's first position: resumed at a batch boundary (where an interrupted
+                    # job stops unless killed mid-batch) with the same --batch-size, it samples as before
                     sampling = Sampling(max_new, args.temperature, args.top_k, args.top_p,
                                         args.repetition_penalty, args.seed + index)  # fmt: skip
                     new = generate_tokens(trained.module, [ids for _, _, ids in items], sampling,

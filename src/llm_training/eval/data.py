@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,15 +57,37 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
 
 
+def _skip(text: str, i: int, chars: str) -> int:
+    while text[i] in chars:
+        i += 1
+    return i
+
+
 def _array_lines(text: str, start: int) -> list[int]:
-    """The line of each element of the JSON array that opens at ``text[start]`` (already known valid)."""
+    """The line of each element of the JSON array that opens at ``text[start]`` (already known valid);
+    newlines are counted once, as the walk goes."""
     decoder, lines, i = json.JSONDecoder(), [], start + 1
+    line, counted = text.count("\n", 0, start) + 1, start
     while True:
-        while text[i] in " \t\r\n,":
-            i += 1
+        i = _skip(text, i, " \t\r\n,")
         if text[i] == "]":
             return lines
-        lines.append(text.count("\n", 0, i) + 1)
+        line, counted = line + text.count("\n", counted, i), i
+        lines.append(line)
+        i = decoder.raw_decode(text, i)[1]
+
+
+def _data_array(text: str) -> int | None:
+    """Where the array under the top-level key "data" of a (valid) JSON object opens."""
+    decoder, i = json.JSONDecoder(), _skip(text, 0, " \t\r\n") + 1
+    while True:
+        i = _skip(text, i, " \t\r\n,")
+        if text[i] == "}":
+            return None
+        key, i = decoder.raw_decode(text, i)
+        i = _skip(text, i, " \t\r\n:")
+        if key == "data" and text[i] == "[":
+            return i
         i = decoder.raw_decode(text, i)[1]
 
 
@@ -80,13 +101,15 @@ def _records(path: Path):
             raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
-            found = re.search(r'"data"\s*:\s*\[', text)
-            lines = _array_lines(text, found.end() - 1) if found else []
+            found = _data_array(text)
+            lines = _array_lines(text, found) if found is not None else []
         elif isinstance(data, list):
             lines = _array_lines(text, len(text) - len(text.lstrip()))
         else:
             raise DataError(f"{path}: expected a JSON list of records (or JSON Lines in a .jsonl file)")
-        if len(lines) != len(data):  # a "data" key inside an earlier string: fall back to record numbers
+        if len(lines) != len(
+            data
+        ):  # a repeated "data" key (JSON keeps the last): fall back to record numbers
             lines = list(range(1, len(data) + 1))
         yield from zip(lines, data, strict=True)
         return

@@ -156,7 +156,8 @@ def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str | None = None) -> LoadedModel:
-    """The model at ``path`` in eval mode; torch formats on ``device``, ONNX on onnxruntime's best provider.
+    """The model at ``path`` in eval mode; torch formats on ``device``; ONNX on onnxruntime's CPU provider for a
+    CPU device, else on its best provider.
     ``kind``: the format, when the caller knows it (the exporter's self-check); None: ``detect_format``."""
     path = Path(path)
     kind = kind or detect_format(path)
@@ -169,7 +170,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str |
         from llm_training.export.onnx import META_CONFIG, META_TOKENIZER, OnnxRunner
 
         try:
-            runner = OnnxRunner(path)
+            runner = OnnxRunner(
+                path, ["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf on damaged files
             raise UserError(
                 f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"

@@ -109,7 +109,10 @@ class Guard:
             if keys and path not in ("/health", "/metrics"):
                 given = headers.get("authorization", "")
                 token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not any(hmac.compare_digest(token, key) for key in keys):
+                # bytes: compare_digest refuses non-ASCII str, and a header is whatever a client sends
+                if not any(
+                    hmac.compare_digest(token.encode("latin-1", "replace"), key.encode()) for key in keys
+                ):
                     return await answer(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                         "authentication_error")  # fmt: skip
             limit = self.options.max_request_bytes
@@ -223,7 +226,8 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         out = []
         for prompt in prompts:
             ids = engine.encode(prompt)  # once: the engine generates from these
-            if not options.truncate and len(ids) + max_new > engine.context:
+            # at least one new token's room: generation keeps a prompt of at most context - 1 tokens
+            if not options.truncate and len(ids) + max(max_new, 1) > engine.context:
                 raise ApiError(400, f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the context of "
                                     f"{engine.context} tokens", code="context_length_exceeded")  # fmt: skip
             request = Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
