@@ -140,8 +140,12 @@ def _run_workers(options: ServeOptions, host: str, port: int, workers: int, grac
     os.environ[OPTIONS_ENV] = options.to_env()
     config = uvicorn.Config("llm_training.serve.app:app_from_env", factory=True, host=host, port=port,
                             workers=workers, log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
-    supervisor = Supervisor(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    sock = config.bind_socket()
+    supervisor = Supervisor(config, sockets=[sock])
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
     if supervisor.failed:
         raise ServerFailed("a worker process failed to start (its error is in the log above); server stopped")
 
