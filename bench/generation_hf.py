@@ -6,8 +6,9 @@ the model is exported with ``save_hf`` and loaded by ``transformers``' ``AutoMod
     python bench/generation_hf.py --shapes gpt2-124m --batches 1
 
 Random weights (speed does not depend on them); every row generates all 256 tokens (``min_new_tokens`` for
-Hugging Face, no end-of-text id for ours). Ours runs ``generate_tokens`` with the KV cache (and CUDA graphs for
-the decoding steps where the code has them). The first token ids of both are compared as a sanity check:
+Hugging Face, no end-of-text id for ours). Ours runs ``generate_tokens`` with the KV cache and CUDA graphs for
+the decoding steps, as it is by default and with ``compile=True`` (the step compiled by ``torch.compile``
+before it is recorded; the time of the first, compiling call is reported apart). The first token ids of both are compared as a sanity check:
 bf16 rounding lets greedy paths part after a while, so only the start must agree.
 """
 
@@ -83,19 +84,26 @@ def bench_shape(shape: str, args, tokenizer) -> None:
         def run_ours(prompts=prompts, sampling=sampling, out=out):
             out["ours"] = generate_tokens(ours, prompts.tolist(), sampling)
 
+        def run_compiled(prompts=prompts, sampling=sampling, out=out):
+            out["compiled"] = generate_tokens(ours, prompts.tolist(), sampling, compile=True)
+
         def run_hf(prompts=prompts, out=out):
             with torch.no_grad():
                 out["hf"] = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                         max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)  # fmt: skip
 
         timed(run_ours), timed(run_hf)  # warm-up: kernels, allocator, graphs
+        compile_s = timed(run_compiled)  # the first call compiles the decoding step for this batch shape
         ours_s = statistics.median(timed(run_ours) for _ in range(args.repeats))
+        compiled_s = statistics.median(timed(run_compiled) for _ in range(args.repeats))
         hf_s = statistics.median(timed(run_hf) for _ in range(args.repeats))
         hf_new = out["hf"][:, args.prompt :].tolist()
         agree = sum(a[:8] == b[:8] for a, b in zip(out["ours"], hf_new, strict=True)) / batch
         tokens = batch * args.new
         print(json.dumps({"shape": shape, "batch": batch, "ours_tokens_per_s": round(tokens / ours_s, 1),
                           "hf_generate_tokens_per_s": round(tokens / hf_s, 1), "speedup": round(hf_s / ours_s, 2),
+                          "ours_compiled_tokens_per_s": round(tokens / compiled_s, 1),
+                          "compiled_speedup": round(hf_s / compiled_s, 2), "first_call_with_compile_s": round(compile_s, 1),
                           "first_8_tokens_agree": round(agree, 3)}), flush=True)  # fmt: skip
 
 

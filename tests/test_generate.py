@@ -124,3 +124,22 @@ def test_cuda_graph_decoding_matches_eager(style):
     assert generate_tokens(model, PROMPTS, seeded) == generate_tokens(
         model, PROMPTS, seeded, cuda_graphs=False
     )
+
+
+def test_compile_changes_nothing_without_cuda_graphs():
+    model = model_of("gpt2")
+    assert generate_tokens(model, PROMPTS, GREEDY, compile=True) == generate_tokens(model, PROMPTS, GREEDY)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_compiled_decoding_step_matches_eager():
+    """The decoding step compiled by torch.compile, then recorded: the same greedy tokens as eager decoding
+    (float32, so that fused kernels cannot part the paths by rounding), across a context slide and for two
+    batch shapes."""
+    model = model_of("llama", num_kv_heads=2).cuda()
+    sampling = Sampling(max_new_tokens=70, temperature=0)
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        compiled = generate_tokens(model, prompts, sampling, compile=True)
+        eager = generate_tokens(model, prompts, sampling, cuda_graphs=False)
+        assert compiled == eager and all(len(row) == 70 for row in compiled)

@@ -43,6 +43,9 @@ def build_parser():
         action="store_true",
         help="Fail on a prompt longer than the context instead of cutting it.",
     )
+    p.add_argument("--compile", action="store_true",
+                   help="On CUDA: compile the decoding step with torch.compile (faster for many prompts; about "
+                   "10 s more at the start).")  # fmt: skip
     add_device_flag(p)
     return p
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     sampling = Sampling(max_new, args.temperature, args.top_k, args.top_p,
                                         args.repetition_penalty, args.seed + index)  # fmt: skip
                     new = generate_tokens(trained.module, [ids for _, _, ids in items], sampling,
-                                          eos_id=tok.eot_id, stop_check=stop_check)  # fmt: skip
+                                          eos_id=tok.eot_id, stop_check=stop_check, compile=args.compile)  # fmt: skip
                     for (number, text, _), ids in zip(items, new, strict=True):
                         results[number] = {"prompt": text, "completion": completion_text(tok, ids, stops),
                                            "new_tokens": len(ids)}  # fmt: skip

@@ -124,6 +124,7 @@ def generate_tokens(
     limits: Sequence[int] | None = None,
     on_update: Callable[[int, list[int], bool], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (without a final end-of-text or stop sequence).
 
@@ -133,6 +134,9 @@ def generate_tokens(
     ``limits``: a ``max_new_tokens`` per row (instead of the sampling's). ``on_update(row, new_tokens,
     finished)`` is called whenever a row gains a token or ends (streaming). ``cancelled(row)`` True ends
     that row at once, keeping its tokens so far (a request that timed out, a client that left).
+    ``compile``: on CUDA, the decoding step is also compiled by ``torch.compile`` before it is recorded,
+    fusing its small kernels (about 10 s the first time for a 124M model and for a new batch shape;
+    1.4 to 1.7x the tokens/s after that); ignored where there are no CUDA graphs.
     """
     s = sampling or Sampling()
     s.check()
@@ -203,7 +207,7 @@ def generate_tokens(
                     cache, logits = _prefill(model, [h[-keep:] for h in history], context, device)
                 else:
                     if graphs and (decode is None or decode.cache is not cache):
-                        decode = _GraphedStep(model, cache)
+                        decode = _GraphedStep(model, cache, compile)
                     if decode is not None:
                         logits = decode(next_ids)
                     else:
@@ -223,14 +227,35 @@ def generate_tokens(
     return out
 
 
-class _GraphedStep:
-    """One decoding step (a token per row) over ``cache``: run eagerly the first time (which also warms up
-    the kernels), recorded as a CUDA graph the second time, replayed after that. Everything the step reads
-    and writes is a device tensor of fixed shape (the cache's buffers, cursor and positions), so a replay
-    is exactly the eager step."""
+def _decode_step(model: Transformer, ids: torch.Tensor, cache: KVCache, ones: torch.Tensor) -> torch.Tensor:
+    """One token per row through the model and into the cache: device work only (no host-side reads), so
+    it can be compiled and recorded."""
+    cache.prepare(ones)
+    logits = model(ids, cache=cache)[:, -1, :].float()
+    cache.cursor += 1
+    return logits
 
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """``_decode_step`` compiled once per process (shapes: a second batch size makes the batch dynamic)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step)
+    return _compiled_decode_step
+
+
+class _GraphedStep:
+    """One decoding step (a token per row) over ``cache``: run eagerly (or compiled) the first time, which
+    also warms up the kernels, recorded as a CUDA graph the second time, replayed after that. Everything
+    the step reads and writes is a device tensor of fixed shape (the cache's buffers, cursor and
+    positions), so a replay is exactly the first step's computation."""
+
+    def __init__(self, model: Transformer, cache: KVCache, compile: bool = False) -> None:
         self.model, self.cache = model, cache
+        self.step = compiled_decode_step() if compile else _decode_step
         batch = cache.valid.size(0)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.valid.device)
         self.ones = torch.ones(batch, 1, dtype=torch.bool, device=cache.valid.device)
@@ -239,10 +264,9 @@ class _GraphedStep:
         self.calls = 0
 
     def _body(self) -> torch.Tensor:
-        self.cache.step(self.ones)
-        logits = self.model(self.ids, cache=self.cache)[:, -1, :].float()
-        self.cache.cursor += 1
-        return logits
+        if self.cache.length + 1 > self.cache.max_len:  # the caller refills a full cache first
+            raise ValueError(f"the cache holds {self.cache.max_len} tokens; it is full")
+        return self.step(self.model, self.ids, self.cache, self.ones)
 
     def __call__(self, next_ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(next_ids[:, None])

@@ -350,6 +350,12 @@ class KVCache:
         T = valid.size(1)
         if self.length + T > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; {self.length + T} asked for")
+        self.prepare(valid)
+
+    def prepare(self, valid: torch.Tensor) -> None:
+        """``step`` without its host-side check: device work only, which a compiled or recorded step can
+        hold (the caller checks that the tokens fit)."""
+        T = valid.size(1)
         self.slots = self.cursor + torch.arange(T, device=valid.device)
         self.valid.index_copy_(1, self.slots, valid)
         counts = torch.cumsum(valid.long(), dim=1)

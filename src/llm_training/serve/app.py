@@ -40,6 +40,7 @@ class ServeOptions:
     max_request_bytes: int = 1 << 20
     timeout: float = 120.0  # seconds a request may take, waiting included
     truncate: bool = False  # prompts longer than the context: 400 (False) or cut from the left (True)
+    compile: bool = False  # on CUDA: decoding steps compiled by torch.compile (a slower first request)
 
     def to_env(self) -> str:
         """The options as the JSON a child process or uvicorn worker reads from ``OPTIONS_ENV``."""
@@ -64,7 +65,7 @@ class ApiError(Exception):
 
 def make_engine(options: ServeOptions) -> Engine:
     return Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
-                  options.max_pending, options.truncate)  # fmt: skip
+                  options.max_pending, options.truncate, options.compile)  # fmt: skip
 
 
 def error_response(

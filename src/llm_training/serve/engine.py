@@ -70,12 +70,13 @@ class Job:
 
 class Engine:
     def __init__(self, model_path: str, device: str = "auto", max_batch_size: int = 32, batch_wait: float = 0.005,
-                 batching: bool = True, max_pending: int = 256, truncate: bool = True) -> None:  # fmt: skip
+                 batching: bool = True, max_pending: int = 256, truncate: bool = True,
+                 compile: bool = False) -> None:  # fmt: skip
         self.model_path, self.device_name = model_path, device
         self.model_id = Path(model_path).name
         self.max_batch_size = max_batch_size if batching else 1
         self.batch_wait = batch_wait if batching else 0.0
-        self.max_pending, self.truncate = max_pending, truncate
+        self.max_pending, self.truncate, self.compile = max_pending, truncate, compile
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pending = 0  # submitted, not finished
         self.lock = threading.Lock()
@@ -200,7 +201,7 @@ class Engine:
         new = generate_tokens(self.loaded.module, prompts, sampling, eos_id=tok.eot_id, truncate=self.truncate,
                               limits=[j.request.max_new_tokens for j in jobs],
                               stop_check=stop_text_check(tok, stops), on_update=on_update if streaming else None,
-                              cancelled=lambda i: jobs[i].aborted)  # fmt: skip
+                              cancelled=lambda i: jobs[i].aborted, compile=self.compile)  # fmt: skip
         for i, job in enumerate(jobs):  # streamed rows got their last text as they finished
             reason = "length" if len(new[i]) >= job.request.max_new_tokens else "stop"
             job.future.set_result(
