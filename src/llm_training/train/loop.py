@@ -731,5 +731,15 @@ def sample_text(
         return ""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     sampling = Sampling(max_tokens, temperature, top_k, seed=seed)
-    new = generate_tokens(model, [ids], sampling, eos_id=tokenizer.eot_id, autocast=runtime.autocast)
-    return prompt + tokenizer.decode(new[0])
+    new = generate_tokens(model, [ids], sampling, autocast=runtime.autocast)[0]
+    # not stopped at end-of-text: after an empty prompt a model may end the document at once (a few percent
+    # of the time), which would show an empty sample; the first document with text is shown instead (a
+    # prompt's continuation ends at its end-of-text)
+    pieces, start = [], 0
+    for i, token in enumerate([*new, tokenizer.eot_id]):
+        if token == tokenizer.eot_id:
+            pieces.append(tokenizer.decode(new[start:i]))
+            start = i + 1
+    if prompt or pieces[0].strip():
+        return prompt + pieces[0]
+    return next((piece for piece in pieces[1:] if piece.strip()), "")
