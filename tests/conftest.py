@@ -66,6 +66,21 @@ def run_cli(
     )
 
 
+def call_cli(main, args: list[str]) -> subprocess.CompletedProcess:
+    """A command's ``main(argv)`` run in this process, its output captured: for bad-input checks that fail
+    before any real work, without the second of interpreter and import start-up a subprocess costs."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit status 2, one line on stderr starting with 'error:', no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import assert_user_error, corpus_records, run_cli, train_on_plays
+from conftest import assert_user_error, call_cli, corpus_records, run_cli, train_on_plays
 from llm_training.errors import DataError
 from llm_training.eval.data import read_test_data
 from llm_training.eval.metrics import macro_f1, parse_metrics
@@ -172,16 +172,23 @@ def test_command_line_errors(trained, tmp_path):
     _, checkpoint, text, _ = trained
     assert_user_error(evaluate(["--model-path", str(tmp_path / "none.pt"), "--test-data", str(text)], tmp_path),
                       "checkpoint not found")  # fmt: skip
-    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "none.jsonl")], tmp_path),
+    from llm_training.cli.evaluate import main as evaluate_main
+
+    def in_process(
+        args,
+    ):  # the rest fail before any work: in this process (the run above shows the real exit)
+        return call_cli(evaluate_main, args)
+
+    assert_user_error(in_process(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "none.jsonl")]),
                       "test data not found")  # fmt: skip
-    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "bleu"], tmp_path),
+    assert_user_error(in_process(["--model-path", str(checkpoint), "--test-data", str(text), "--metrics", "bleu"]),
                       "unknown bleu")  # fmt: skip
     (tmp_path / "latin.txt").write_bytes(b"fine\ncaf\xe9\n")
-    assert_user_error(evaluate(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "latin.txt")], tmp_path),
+    assert_user_error(in_process(["--model-path", str(checkpoint), "--test-data", str(tmp_path / "latin.txt")]),
                       "latin.txt: line 2: not UTF-8")  # fmt: skip
     not_a_checkpoint = tmp_path / "x.pt"
     not_a_checkpoint.write_text("hello")
-    assert_user_error(evaluate(["--model-path", str(not_a_checkpoint), "--test-data", str(text)], tmp_path),
+    assert_user_error(in_process(["--model-path", str(not_a_checkpoint), "--test-data", str(text)]),
                       "not a readable checkpoint")  # fmt: skip
 
 
@@ -271,6 +278,8 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
     assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
                                "--output", str(tmp_path / "g.jsonl")], tmp_path), "checkpoint not found")  # fmt: skip
     # bad records and flags are named; a flag is checked before the model is even looked for
+    from llm_training.cli.infer import main as infer_main
+
     for name, content, needle in (
         ("count.jsonl", '{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": "ten"}\n', "count.jsonl: line 2: 'max_new_tokens'"),
         ("latin.jsonl", b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n', "latin.jsonl: line 3: not UTF-8"),
@@ -278,10 +287,10 @@ def test_llm_infer_stop_strings_long_prompts_and_bad_input(trained, tmp_path):
          "null.jsonl: line 2: 'max_new_tokens' must be"),  # null: the flag's value
     ):  # fmt: skip
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        assert_user_error(run_cli([*INFER, "--model", str(checkpoint), "--input", str(tmp_path / name),
-                                   "--output", str(tmp_path / "h.jsonl")], tmp_path), needle)  # fmt: skip
-    assert_user_error(run_cli([*INFER, "--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
-                               "--output", str(tmp_path / "g.jsonl"), "--top-p", "0"], tmp_path), "top_p must be in")  # fmt: skip
+        assert_user_error(call_cli(infer_main, ["--model", str(checkpoint), "--input", str(tmp_path / name),
+                                                "--output", str(tmp_path / "h.jsonl")]), needle)  # fmt: skip
+    assert_user_error(call_cli(infer_main, ["--model", str(tmp_path / "no.pt"), "--input", str(tmp_path / "prompts.jsonl"),
+                                            "--output", str(tmp_path / "g.jsonl"), "--top-p", "0"]), "top_p must be in")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- llm-compare, Trainer

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, corpus_records, run_cli, train_on_plays
+from conftest import assert_user_error, call_cli, corpus_records, run_cli, train_on_plays
 from llm_training.train.artifacts import load_trained
 
 pytest.importorskip("onnxruntime")
@@ -238,18 +238,19 @@ def test_trainer_export(trained, tmp_path):
 
 
 def test_bad_inputs(trained, tmp_path):
+    from llm_training.cli.export import main as export_main
+
     checkpoint, _ = trained
-    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(tmp_path / "nope.pt"), "--format", "onnx"], tmp_path),
+    # in this process: each fails before any work (the subprocess runs below show the real exit status)
+    assert_user_error(call_cli(export_main, ["--checkpoint", str(tmp_path / "nope.pt"), "--format", "onnx"]),
                       "nope.pt")  # fmt: skip
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(checkpoint.read_bytes()[:50_000])
-    assert_user_error(
-        run_cli([*EXPORT, "--checkpoint", str(damaged), "--format", "onnx"], tmp_path), "damaged.pt"
-    )
-    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "tflite"], tmp_path),
+    assert_user_error(call_cli(export_main, ["--checkpoint", str(damaged), "--format", "onnx"]), "damaged.pt")
+    assert_user_error(call_cli(export_main, ["--checkpoint", str(checkpoint), "--format", "tflite"]),
                       "unknown export format 'tflite'", "onnx, torchscript, safetensors, hf, gguf")  # fmt: skip
-    assert_user_error(run_cli([*EXPORT, "--checkpoint", str(checkpoint), "--format", "torchscript", "--quantize",
-                               "int8"], tmp_path), "not available for torchscript", "none, fp16")  # fmt: skip
+    assert_user_error(call_cli(export_main, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--quantize",
+                                             "int8"]), "not available for torchscript", "none, fp16")  # fmt: skip
     # an existing output is kept as it was, unless --overwrite
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"precious")

@@ -196,7 +196,8 @@ def test_overload_api_keys_and_graceful_shutdown_through_the_cli(model):
         busy = httpx.post(url + "/predict", json=long, headers=auth, timeout=60)
         assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]  # both in flight
         proc.send_signal(signal.SIGTERM)
-        with pytest.raises(httpx.ConnectError):  # the port closes at once; the requests in flight go on
+        # the port closes at once (a connection caught in the closing is reset); the requests in flight go on
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
             for _ in range(100):
                 httpx.get(url + "/health", timeout=5)
                 time.sleep(0.05)
