@@ -107,9 +107,7 @@ def _records(path: Path):
             lines = _array_lines(text, len(text) - len(text.lstrip()))
         else:
             raise DataError(f"{path}: expected a JSON list of records (or JSON Lines in a .jsonl file)")
-        if len(lines) != len(
-            data
-        ):  # a repeated "data" key (JSON keeps the last): fall back to record numbers
+        if len(lines) != len(data):  # a repeated "data" key (JSON keeps the last): record numbers instead
             lines = list(range(1, len(data) + 1))
         yield from zip(lines, data, strict=True)
         return

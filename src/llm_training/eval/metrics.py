@@ -58,8 +58,8 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
     context = model.cfg.max_seq_length
     tokens = torch.as_tensor(stream, dtype=torch.long)  # a list or a numpy array of ids
     starts = list(range(0, len(stream) - 1, context))
-    nll, correct, counted = 0.0, 0, 0
-    hits = targets = guesses = None  # per-token-class counts for F1, on the device
+    nll = 0.0
+    counts = torch.zeros(3, model.cfg.vocab_size, dtype=torch.long, device=device)  # hits, answers, guesses
     for b in range(0, len(starts), batch_size):
         rows = [tokens[s : s + context + 1] for s in starts[b : b + batch_size]]
         width = max(len(r) for r in rows)
@@ -72,22 +72,21 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
             logits = model(ids).float()
         mask = labels != -100
         nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-        truth, guess = labels[mask], logits.argmax(-1)[mask]
-        if hits is None:
-            hits, targets, guesses = (
-                torch.zeros(logits.size(-1), dtype=torch.long, device=device) for _ in "htg"
-            )
-        hits += torch.bincount(truth[guess == truth], minlength=hits.numel())
-        targets += torch.bincount(truth, minlength=hits.numel())
-        guesses += torch.bincount(guess, minlength=hits.numel())
-        correct += int((guess == truth).sum())
-        counted += int(mask.sum())
-    return {"nll": nll, "tokens": counted, "correct": correct, "f1": f1_from_counts(hits, targets, guesses)}
+        counts += class_counts(labels[mask], logits.argmax(-1)[mask], counts.size(1))
+    hits, targets, _ = counts.sum(1).tolist()  # every hit is a correct top prediction; every answer a token
+    return {"nll": nll, "tokens": targets, "correct": hits, "f1": f1_from_counts(counts)}
 
 
-def f1_from_counts(hits: torch.Tensor, targets: torch.Tensor, guesses: torch.Tensor) -> float:
-    """Macro F1 from per-class true positives, answers and predictions: 2TP / (2TP + FP + FN), averaged
-    over the classes that occur as an answer or a prediction."""
+def class_counts(truth: torch.Tensor, guess: torch.Tensor, classes: int) -> torch.Tensor:
+    """(3, classes): per class, the correct predictions, the answers and the predictions."""
+    count = lambda x: torch.bincount(x, minlength=classes)  # noqa: E731
+    return torch.stack([count(truth[guess == truth]), count(truth), count(guess)])
+
+
+def f1_from_counts(counts: torch.Tensor) -> float:
+    """Macro F1 from ``class_counts``: 2TP / (2TP + FP + FN), averaged over the classes that occur as an
+    answer or a prediction."""
+    hits, targets, guesses = counts
     present = (targets + guesses) > 0
     if not bool(present.any()):
         return 0.0
@@ -159,9 +158,7 @@ def _choice_logprobs(model, tokenizer, items, batch_size: int, autocast) -> list
 
 
 def macro_f1(truth: list[int], predicted: list[int], classes: int) -> float:
-    t, p = torch.tensor(truth, dtype=torch.long), torch.tensor(predicted, dtype=torch.long)
-    count = lambda x: torch.bincount(x, minlength=classes)  # noqa: E731
-    return f1_from_counts(count(t[t == p]), count(t), count(p))
+    return f1_from_counts(class_counts(torch.tensor(truth), torch.tensor(predicted), classes))
 
 
 def evaluate_model(

@@ -167,6 +167,15 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     return folder
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file's object ({} for another JSON value); unreadable or invalid JSON is one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
 def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     """A Hugging Face GPT-2 or Llama folder (ours or another's) as our model, and its tokenizer if it has
     a ``tokenizer.json``. A config field that changes the computation in a way our model cannot (another
@@ -177,10 +186,7 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        c = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    c = read_json_object(config_path)
     kind = c.get("model_type")
     if kind not in ("gpt2", "llama"):
         raise UserError(f"{folder}: model_type {kind!r} is not supported (gpt2 or llama)")

@@ -9,7 +9,6 @@ and GGUF that is our ``Transformer`` itself (generation gets the KV cache); ONNX
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
+from llm_training.export.hf import read_json_object
 
 
 class RuntimeModule(nn.Module):
@@ -102,13 +102,13 @@ def detect_format(path: str | Path) -> str:
         raise UserError(f"checkpoint not found: {path} (nor an exported model)")
     if path.is_dir():
         config = path / "config.json"
-        if config.is_file() and "model_type" in _json(config):
+        if config.is_file() and "model_type" in read_json_object(config):
             return "hf"
         if (path / "model.safetensors").is_file():
             return "safetensors"
         raise UserError(f"{path}: a folder that is neither a Hugging Face model nor a safetensors export")
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
     if head[:4] == b"GGUF":
         return "gguf"
     if head[:2] == b"PK":
@@ -130,23 +130,11 @@ def detect_format(path: str | Path) -> str:
 
 def _safetensors_header(head: bytes, path: Path) -> bool:
     """safetensors starts with the length of its JSON header (8 bytes, little-endian), then ``{``: whatever
-    the file is called."""
-    if len(head) < 8:
+    the file is called (``head``: the file's first 9 bytes)."""
+    if len(head) < 9:
         return False
-    size = int.from_bytes(head, "little")
-    if not 2 <= size <= path.stat().st_size - 8:
-        return False
-    with open(path, "rb") as handle:
-        handle.seek(8)
-        return handle.read(1) == b"{"
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8 and head[8:9] == b"{"
 
 
 def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:

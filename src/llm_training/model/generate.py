@@ -12,6 +12,7 @@ benchmark).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -202,25 +203,20 @@ def generate_tokens(
                         logits = model(torch.tensor(rows, device=device))[:, -1, :].float()
                     else:
                         logits = _prefill(model, rows, context, device)[1]
-                elif cache is None or cache.length + 1 > cache.max_len:  # first step, or the cache is full:
+                elif cache is None or cache.full:  # first step, or the cache is full:
                     keep = context if cache is None else context // 2  # start again from the recent half
                     cache, logits = _prefill(model, [h[-keep:] for h in history], context, device)
                 else:
-                    if graphs and (decode is None or decode.cache is not cache):
-                        decode = _GraphedStep(model, cache, compile)
-                    if decode is not None:
-                        logits = decode(next_ids)
-                    else:
-                        cache.step(torch.ones(len(history), 1, dtype=torch.bool, device=device))
-                        logits = model(next_ids[:, None], cache=cache)[:, -1, :].float()
-                        cache.advance()
+                    if decode is None or decode.cache is not cache:
+                        decode = _DecodeStep(model, cache, graphs, compile)
+                    logits = decode(next_ids)
             next_ids = pick_next(logits, seen, s, generator)
             seen.scatter_(1, next_ids[:, None], True)
             pending.append(next_ids)
             # read back when ``ahead`` steps are pending, when some row may reach its limit, and before the
             # cache is refilled from the host's history
             left = min(limit[i] - len(out[i]) for i in range(len(history)) if not done[i])
-            if len(pending) >= min(ahead, left) or cache is not None and cache.length + 1 > cache.max_len:
+            if len(pending) >= min(ahead, left) or cache is not None and cache.full:
                 read_back()
     finally:
         model.train(was_training)
@@ -236,26 +232,21 @@ def _decode_step(model: Transformer, ids: torch.Tensor, cache: KVCache, ones: to
     return logits
 
 
-_compiled_decode_step = None
-
-
+@functools.cache
 def compiled_decode_step():
     """``_decode_step`` compiled once per process (shapes: a second batch size makes the batch dynamic)."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step)
-    return _compiled_decode_step
+    return torch.compile(_decode_step)
 
 
-class _GraphedStep:
-    """One decoding step (a token per row) over ``cache``: run eagerly (or compiled) the first time, which
-    also warms up the kernels, recorded as a CUDA graph the second time, replayed after that. Everything
-    the step reads and writes is a device tensor of fixed shape (the cache's buffers, cursor and
-    positions), so a replay is exactly the first step's computation."""
+class _DecodeStep:
+    """One decoding step (a token per row) over ``cache``. With ``graphs``: run eagerly (or compiled) the
+    first time, which also warms up the kernels, recorded as a CUDA graph the second time, replayed after
+    that. Everything the step reads and writes is a device tensor of fixed shape (the cache's buffers,
+    cursor and positions), so a replay is exactly the first step's computation. Without: run every time."""
 
-    def __init__(self, model: Transformer, cache: KVCache, compile: bool = False) -> None:
-        self.model, self.cache = model, cache
-        self.step = compiled_decode_step() if compile else _decode_step
+    def __init__(self, model, cache: KVCache, graphs: bool, compile: bool = False) -> None:
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.step = compiled_decode_step() if compile and graphs else _decode_step
         batch = cache.valid.size(0)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.valid.device)
         self.ones = torch.ones(batch, 1, dtype=torch.bool, device=cache.valid.device)
@@ -264,14 +255,13 @@ class _GraphedStep:
         self.calls = 0
 
     def _body(self) -> torch.Tensor:
-        if self.cache.length + 1 > self.cache.max_len:  # the caller refills a full cache first
-            raise ValueError(f"the cache holds {self.cache.max_len} tokens; it is full")
+        self.cache.check_room(1)  # the caller refills a full cache first
         return self.step(self.model, self.ids, self.cache, self.ones)
 
     def __call__(self, next_ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(next_ids[:, None])
         self.calls += 1
-        if self.calls == 1:
+        if not self.graphs or self.calls == 1:
             logits = self._body()
         else:
             if self.graph is None:

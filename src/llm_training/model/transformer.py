@@ -347,10 +347,16 @@ class KVCache:
     def step(self, valid: torch.Tensor) -> None:
         """Prepare the forward pass of the next ``valid.shape[1]`` tokens (``valid``: (B, T) bool). Only
         device tensors are read, so a recorded step replays correctly."""
-        T = valid.size(1)
+        self.check_room(valid.size(1))
+        self.prepare(valid)
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.max_len
+
+    def check_room(self, T: int) -> None:
         if self.length + T > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; {self.length + T} asked for")
-        self.prepare(valid)
 
     def prepare(self, valid: torch.Tensor) -> None:
         """``step`` without its host-side check: device work only, which a compiled or recorded step can

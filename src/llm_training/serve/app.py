@@ -62,6 +62,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.code)
+
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict:
+    """The JSON of every error, answered or streamed (OpenAI's shape)."""
+    return {"error": {"message": message, "type": kind, "code": code}}
+
 
 def make_engine(options: ServeOptions) -> Engine:
     return Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
@@ -75,8 +83,7 @@ def error_response(
 
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, code), status_code=status, headers=headers)
 
 
 class Guard:
@@ -88,6 +95,7 @@ class Guard:
 
     def __init__(self, app, options: ServeOptions, metrics) -> None:
         self.app, self.options, self.metrics = app, options, metrics
+        self.keys = [key.encode() for key in options.api_keys]  # compared as bytes, see below
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -106,14 +114,12 @@ class Guard:
 
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            keys = self.options.api_keys
+            keys = self.keys
             if keys and path not in ("/health", "/metrics"):
                 given = headers.get("authorization", "")
                 token = given[7:] if given.lower().startswith("bearer ") else ""
                 # bytes: compare_digest refuses non-ASCII str, and a header is whatever a client sends
-                if not any(
-                    hmac.compare_digest(token.encode("latin-1", "replace"), key.encode()) for key in keys
-                ):
+                if not any(hmac.compare_digest(token.encode("latin-1", "replace"), key) for key in keys):
                     return await answer(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                         "authentication_error")  # fmt: skip
             limit = self.options.max_request_bytes
@@ -182,33 +188,32 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                   openapi_url=None)  # fmt: skip
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(Guard, options=options, metrics=metrics)
-    error = error_response
 
     @app.exception_handler(HTTPException)  # Starlette's own 404 (unknown path) and 405 (wrong method)
     async def http_error(_request, exc: HTTPException):
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error(exc.status_code, str(exc.detail), kind, code, exc.headers)
+        return error_response(exc.status_code, str(exc.detail), kind, code, exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return error(exc.status, exc.message, exc.kind, exc.code)
+        return error_response(exc.status, exc.message, exc.kind, exc.code)
 
     @app.exception_handler(Overloaded)  # engine.submit: too many requests waiting
     async def overloaded(_request, exc: Overloaded):
-        return error(429, str(exc), "rate_limit_error", "overloaded")
+        return error_response(429, str(exc), "rate_limit_error", "overloaded")
 
     @app.exception_handler(Unavailable)  # engine.submit: starting or shutting down
     async def unavailable(_request, exc: Unavailable):
-        return error(503, str(exc), "server_error", "unavailable")
+        return error_response(503, str(exc), "server_error", "unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return error(422, "the body is not valid JSON", "invalid_request_error")
+            return error_response(422, "the body is not valid JSON", "invalid_request_error")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(
+        return error_response(
             422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error"
         )
 
@@ -220,9 +225,9 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                            code="max_tokens_over_limit")  # fmt: skip
         if not prompts:
             raise ApiError(400, "no prompt given", code="empty_prompt")
-        if len(prompts) * n > options.max_pending:  # could never be admitted: not a "retry later"
+        if len(prompts) * n > engine.max_pending:  # could never be admitted: not a "retry later"
             raise ApiError(400, f"{len(prompts)} prompts x n={n} completions are over this server's limit of "
-                                f"{options.max_pending} at once", code="too_many_completions")  # fmt: skip
+                                f"{engine.max_pending} at once", code="too_many_completions")  # fmt: skip
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         out = []
         for prompt in prompts:
@@ -236,6 +241,13 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             out += [request] * n  # the same request object: the engine only reads it
         return out
 
+    def timed_out() -> ApiError:
+        return ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
+                        "server_error", "timeout")  # fmt: skip
+
+    def prompt_error(exc: ValueError) -> ApiError:  # the generator's own checks (a prompt that cannot fit)
+        return ApiError(400, str(exc), code="invalid_prompt")
+
     async def wait(jobs):
         try:
             try:
@@ -246,10 +258,9 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                     engine.cancel(job)
                 raise
         except asyncio.TimeoutError:
-            raise ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
-                           "server_error", "timeout") from None  # fmt: skip
-        except ValueError as exc:  # the generator's own checks (a prompt that cannot fit)
-            raise ApiError(400, str(exc), code="invalid_prompt") from None
+            raise timed_out() from None
+        except ValueError as exc:
+            raise prompt_error(exc) from None
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", engine.model_id):
@@ -259,7 +270,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
     @app.get("/health")
     async def health():
         if engine.loaded is None or engine.stopping:
-            return error(503, "starting or shutting down", "server_error", "unavailable")
+            return error_response(503, "starting or shutting down", "server_error", "unavailable")
         return {"status": "ok", "model": engine.model_id, "format": engine.loaded.kind, "pending": engine.pending,
                 "uptime_seconds": round(time.time() - started, 1)}  # fmt: skip
 
@@ -328,8 +339,8 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                     "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
             return f"data: {json.dumps(data)}\n\n"
 
-        def failure(message: str, code: str, kind: str = "server_error") -> str:
-            return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': code}})}\n\n"
+        def failure(error: ApiError) -> str:
+            return f"data: {json.dumps(error.body())}\n\n"
 
         async def events():
             open_jobs = len(jobs)
@@ -341,8 +352,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                             pieces.get(), timeout=max(0.0, deadline - time.monotonic())
                         )
                     except asyncio.TimeoutError:
-                        yield failure(f"the request ran past the server's timeout of {options.timeout:g} s",
-                                      "timeout")  # fmt: skip
+                        yield failure(timed_out())
                         return
                     if text is not None:
                         yield chunk(index, text, None)
@@ -350,9 +360,13 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
                     open_jobs -= 1
                     exc = jobs[index].future.exception()
                     if isinstance(exc, ValueError):  # the generator's own checks: a message for the user
-                        yield failure(str(exc), "invalid_prompt", "invalid_request_error")
+                        yield failure(prompt_error(exc))
                     elif exc is not None:  # a bug: the engine logged it with its traceback
-                        yield failure("internal error (see the server log)", "internal_error")
+                        yield failure(
+                            ApiError(
+                                500, "internal error (see the server log)", "server_error", "internal_error"
+                            )
+                        )
                     else:
                         result = jobs[index].future.result()
                         metrics.tokens(result.prompt_tokens, result.completion_tokens)

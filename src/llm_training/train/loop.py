@@ -8,6 +8,7 @@ resumes exactly from a checkpoint, saves one and stops cleanly on SIGTERM/SIGINT
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import time
@@ -729,17 +730,17 @@ def sample_text(
 ) -> str:
     if max_tokens == 0:
         return ""
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    eot = tokenizer.eot_id
     sampling = Sampling(max_tokens, temperature, top_k, seed=seed)
-    new = generate_tokens(model, [ids], sampling, autocast=runtime.autocast)[0]
-    # not stopped at end-of-text: after an empty prompt a model may end the document at once (a few percent
-    # of the time), which would show an empty sample; the first document with text is shown instead (a
-    # prompt's continuation ends at its end-of-text)
-    pieces, start = [], 0
-    for i, token in enumerate([*new, tokenizer.eot_id]):
-        if token == tokenizer.eot_id:
-            pieces.append(tokenizer.decode(new[start:i]))
-            start = i + 1
-    if prompt or pieces[0].strip():
-        return prompt + pieces[0]
-    return next((piece for piece in pieces[1:] if piece.strip()), "")
+    if prompt:  # its continuation, to its end-of-text
+        new = generate_tokens(
+            model, [tokenizer.encode(prompt)], sampling, eos_id=eot, autocast=runtime.autocast
+        )
+        return prompt + tokenizer.decode(new[0])
+    # after an empty prompt a model may end the document at once (a few percent of the time): generation
+    # goes on past end-of-text, and the first document with text is shown rather than an empty sample
+    new = generate_tokens(model, [[eot]], sampling, autocast=runtime.autocast)[0]
+    documents = (
+        tokenizer.decode(list(ids)) for is_eot, ids in itertools.groupby(new, eot.__eq__) if not is_eot
+    )
+    return next((text for text in documents if text.strip()), "")
