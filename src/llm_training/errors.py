@@ -15,3 +15,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Input data that cannot be read or prepared."""
+
+
+class StorageError(UserError):
+    """A file that cannot be written or read: a full disk, a quota, a read-only file system, permissions."""

@@ -122,12 +122,21 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def run(fn: Callable[[], int | None]) -> int:
-    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2."""
+    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2, and so does a
+    full disk or a permission error that no caller closer to the file explained."""
+    from llm_training.fileio import HANDLED, storage_error
+
     try:
         return fn() or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in HANDLED:
+            raise
+        error = storage_error(exc)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     except RuntimeError as exc:
         import os
 

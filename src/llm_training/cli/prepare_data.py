@@ -20,7 +20,17 @@ Several machines: give each --num-shards N --shard-index i and the same --tokeni
 def build_parser():
     p = parser("llm-prepare-data", DESCRIPTION)
     p.add_argument("--input", help="What to read: file, folder, glob, URL or hf://dataset.")
-    p.add_argument("--output", default="prepared_data", help="Folder to write (replaced only on success).")
+    p.add_argument(
+        "--output",
+        default="prepared_data",
+        help="Folder to write, replaced only once the new one is complete. An existing folder is replaced "
+        "only when this tool wrote everything in it (else see --overwrite); never the input's folder.",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --output even when it holds files this tool did not write, or is a file.",
+    )
     p.add_argument(
         "--format",
         choices=["txt", "jsonl", "json", "csv", "parquet"],
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.monitor.console import StageProgress
 
         if args.merge:
-            report = merge_prepared(args.merge, args.output)
+            report = merge_prepared(args.merge, args.output, args.overwrite)
             print(
                 f"merged {len(args.merge)} folders into {args.output}: train {report['train_documents']:,} "
                 f"documents / {report['train_tokens']:,} tokens, validation {report['validation_documents']:,}"
@@ -128,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.multimodal.data import is_image_text, prepare_from_config, summary
 
         if is_image_text(args.input):  # captions with image paths or URLs
-            print(summary(prepare_from_config(cfg, args.input, args.output), args.output))
+            print(
+                summary(
+                    prepare_from_config(cfg, args.input, args.output, overwrite=args.overwrite), args.output
+                )
+            )
             return 0
         source = source_from_config(cfg.data, args.input, on_error="skip")
         options = options_from_config(
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         progress = StageProgress(not args.quiet)
         try:
-            result = prepare(source, args.output, options, on_progress=progress)
+            result = prepare(source, args.output, options, on_progress=progress, overwrite=args.overwrite)
         finally:
             progress.close()
         print(_summary(result.report, args.output))

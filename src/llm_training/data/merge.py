@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from llm_training.data.prepare import DOCUMENT_DTYPE, SPLITS, _replace_dir, read_manifest
+from llm_training.data.prepare import DOCUMENT_DTYPE, PREPARED_NAMES, SPLITS, read_manifest
 from llm_training.errors import DataError
+from llm_training.fileio import building_dir, check_output_dir
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -28,8 +28,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
-    """Combine ``inputs`` into ``output_dir`` (replaced atomically); returns the merged report."""
+def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: bool = False) -> dict:
+    """Combine ``inputs`` into ``output_dir`` (replaced atomically, and only when this tool wrote all of
+    it or with ``overwrite``); returns the merged report."""
     folders = [Path(p) for p in inputs]
     if len(folders) < 2:
         raise DataError("--merge needs at least two prepared folders")
@@ -41,10 +42,8 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
             "(--tokenizer)"
         )
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)
-    try:
+    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=folders)
+    with building_dir(output_dir, "llm-prepare-data --merge") as staging:
         shutil.copy2(folders[0] / "vocab.json", staging / "vocab.json")
         report: dict = {
             "merged_from": [str(f) for f in folders],
@@ -97,8 +96,4 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path) -> dict:
             dropped.pop("other_shard", None)
             report["dropped"] = dict(sorted(dropped.items()))
         (staging / "prepare_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report

@@ -25,10 +25,8 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -43,9 +41,16 @@ from llm_training.data.sources import DataSourceConnector, Document, Problems
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.data.words import MAX_BATCH_DOCS
 from llm_training.errors import DataError
+from llm_training.fileio import building_dir, check_output_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
+# every name a prepared folder of this tool holds (text, merged shards, image-caption pairs): an older
+# folder without the marker file is replaced only when it holds nothing else
+PREPARED_NAMES = (
+    r"(train|validation)(\.json|\.spool|_documents\.npy|(_m\d{3})?_\d{6}\.bin|_(images|captions|offsets)\.npy)"
+    r"|vocab\.json|prepare_report\.json|report\.json"
+)
 DOCUMENT_DTYPE = np.dtype(
     [("shard", "<u4"), ("offset", "<u8"), ("num_tokens", "<u4"), ("num_bytes", "<u8"), ("quality", "<f4")]
 )
@@ -384,9 +389,11 @@ def prepare(
     *,
     split_fn: Callable[[str], bool] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Prepare ``source`` into ``output_dir`` (replaced atomically). ``split_fn(doc_id) -> bool`` picks
-    validation documents; by default a hash of the id with ``options.seed``."""
+    validation documents; by default a hash of the id with ``options.seed``. An existing ``output_dir``
+    is replaced only when this tool wrote all of it, or with ``overwrite`` (see ``fileio``)."""
     options = options or PrepareOptions()
     if options.num_shards > 1 and not options.tokenizer_path:
         raise DataError(
@@ -398,11 +405,10 @@ def prepare(
     split_fn = split_fn or (lambda doc_id: is_validation(doc_id, options.seed, options.validation_fraction))
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; prepared data is shared like any output
+    inputs = [options.source, options.tokenizer_path, *getattr(source, "paths", ())]
+    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=inputs)
     stages: dict[str, float] = {}
-    try:
+    with building_dir(output_dir, "llm-prepare-data") as staging:
         spools = {split: _Spool(staging / f"{split}.spool") for split in SPLITS}
         decisions = _select(source, options, spools, split_fn, on_progress)
         for spool in spools.values():
@@ -486,10 +492,6 @@ def prepare(
         report["seconds"] = round(total, 3)
         report["mb_per_second"] = round(decisions.bytes_read / 1e6 / max(total, 1e-9), 2)
         (staging / "prepare_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return PrepareResult(
         output_dir,
         output_dir / "train.json",
@@ -511,17 +513,6 @@ def prepare_documents(
     return prepare(
         documents, output_dir, PrepareOptions(**options), split_fn=split_fn, on_progress=on_progress
     )
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap the finished folder into place; an existing one is removed only after the new one is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def read_manifest(path: str | Path) -> dict:

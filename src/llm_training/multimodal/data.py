@@ -9,15 +9,15 @@ end-of-text) with ``<split>_offsets.npy``, and the manifest ``<split>.json`` (``
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llm_training.data.prepare import FORMAT_VERSION, read_manifest
+from llm_training.data.prepare import FORMAT_VERSION, PREPARED_NAMES, read_manifest
 from llm_training.errors import DataError
+from llm_training.fileio import building_dir, check_output_dir
 from llm_training.multimodal.images import ImageProblem, load_image, resized
 
 KIND = "image_text"
@@ -51,9 +51,12 @@ def is_image_text(path: str | Path, image_field: str = "image") -> bool:
     return False
 
 
-def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: ImageTextOptions) -> dict:
+def prepare_image_text(
+    input_path: str | Path, output_dir: str | Path, options: ImageTextOptions, overwrite: bool = False
+) -> dict:
     """Read, check, tokenize and store; returns the report. Nothing is left half-written: the folder is
-    built beside the target and renamed into place."""
+    built beside the target and renamed into place, and an existing one is replaced only when this tool
+    wrote all of it, or with ``overwrite``."""
     from llm_training.data.tokenizer import Tokenizer
 
     if options.on_error not in ("skip", "fail"):
@@ -61,6 +64,7 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
     source, out = Path(input_path), Path(output_dir)
     if not source.is_file():
         raise DataError(f"{source}: no such file")
+    check_output_dir(out, names=PREPARED_NAMES, overwrite=overwrite, inputs=[source, options.tokenizer])
     problems: Counter = Counter()
     examples: dict[str, str] = {}
     texts, pixels = [], []
@@ -101,34 +105,31 @@ def prepare_image_text(input_path: str | Path, output_dir: str | Path, options: 
     order = np.random.default_rng(options.seed).permutation(len(texts))
     n_val = max(1, min(len(texts), round(len(texts) * options.validation_fraction)))
     splits = {"validation": order[:n_val], "train": order[n_val:]}
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer.save(staging / "vocab.json")
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    report = {"source": str(source), "pairs": len(texts), "skipped": dict(problems), "examples": examples,
-              "vocab_size": tokenizer.vocab_size, "image_size": options.image_size}  # fmt: skip
-    for split, indices in splits.items():
-        if len(indices) == 0:  # evaluation data: everything in one split
-            continue
-        ids = [row + [tokenizer.eot_id] for row in tokenizer.encode_batch([texts[i] for i in indices])]
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        np.save(staging / f"{split}_images.npy", np.stack([pixels[i] for i in indices]))
-        np.save(staging / f"{split}_captions.npy", np.concatenate([np.array(x, dtype=dtype) for x in ids]))
-        np.save(staging / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-        manifest = {"format_version": FORMAT_VERSION, "kind": KIND, "split": split, "shards": [],
-                    "num_items": len(indices), "num_tokens": int(lengths.sum()),
-                    "num_bytes": sum(len(texts[i].encode()) + 1 for i in indices),
-                    "max_caption_tokens": int(lengths.max()), "image_size": options.image_size,
-                    "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "eot_id": tokenizer.eot_id,
-                    "max_seq_length": int(lengths.max())}  # fmt: skip
-        (staging / f"{split}.json").write_text(json.dumps(manifest, indent=1))
-    for split, indices in splits.items():
-        report[f"{split}_pairs"] = len(indices)
-    (staging / "report.json").write_text(json.dumps(report, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with building_dir(out, "llm-prepare-data") as staging:
+        tokenizer.save(staging / "vocab.json")
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        report = {"source": str(source), "pairs": len(texts), "skipped": dict(problems), "examples": examples,
+                  "vocab_size": tokenizer.vocab_size, "image_size": options.image_size}  # fmt: skip
+        for split, indices in splits.items():
+            if len(indices) == 0:  # evaluation data: everything in one split
+                continue
+            ids = [row + [tokenizer.eot_id] for row in tokenizer.encode_batch([texts[i] for i in indices])]
+            lengths = np.array([len(x) for x in ids], dtype=np.int64)
+            np.save(staging / f"{split}_images.npy", np.stack([pixels[i] for i in indices]))
+            np.save(
+                staging / f"{split}_captions.npy", np.concatenate([np.array(x, dtype=dtype) for x in ids])
+            )
+            np.save(staging / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+            manifest = {"format_version": FORMAT_VERSION, "kind": KIND, "split": split, "shards": [],
+                        "num_items": len(indices), "num_tokens": int(lengths.sum()),
+                        "num_bytes": sum(len(texts[i].encode()) + 1 for i in indices),
+                        "max_caption_tokens": int(lengths.max()), "image_size": options.image_size,
+                        "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "eot_id": tokenizer.eot_id,
+                        "max_seq_length": int(lengths.max())}  # fmt: skip
+            (staging / f"{split}.json").write_text(json.dumps(manifest, indent=1))
+        for split, indices in splits.items():
+            report[f"{split}_pairs"] = len(indices)
+        (staging / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -177,14 +178,14 @@ class CaptionDataset:
 
 
 def prepare_from_config(
-    cfg, input_path: str | Path, output_dir: str | Path, on_error: str | None = None
+    cfg, input_path: str | Path, output_dir: str | Path, on_error: str | None = None, overwrite: bool = False
 ) -> dict:
     """``prepare_image_text`` with the ``data`` and ``vision`` settings of a config."""
     d = cfg.data
     options = ImageTextOptions(vocab_size=d.vocab_size, tokenizer=d.tokenizer, image_size=cfg.vision.image_size,
                                validation_fraction=d.validation_fraction, on_error=on_error or d.on_error or "skip",
                                text_field=d.text_field, seed=d.seed)  # fmt: skip
-    return prepare_image_text(input_path, output_dir, options)
+    return prepare_image_text(input_path, output_dir, options, overwrite)
 
 
 def summary(report: dict, output: str | Path) -> str:

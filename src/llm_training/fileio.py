@@ -1,0 +1,226 @@
+"""Writing files so that nothing the user owns is lost: every writer of the project goes through here.
+
+- A file is written to a fresh temporary beside it (``tempfile``: ``O_EXCL``, unpredictable name, so a
+  planted symlink is never followed), flushed, fsynced and renamed over the target; on any error the
+  temporary is removed and the old file stays whole.
+- A folder is built in a fresh staging folder beside it and swapped in when complete. An existing folder is
+  replaced only when everything in it was written by this tool (a marker file lists what it wrote) or the
+  caller passed ``overwrite``; a folder that is, holds or contains an input, or the current folder, never.
+- A full disk, a quota, a read-only file system or a permission problem becomes one ``StorageError`` line
+  naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from llm_training.errors import StorageError, UserError
+
+MARKER = ".llm_training.json"  # in every folder this tool builds: who wrote it, and which files
+_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_ACCESS = {errno.EACCES, errno.EPERM}
+HANDLED = _SPACE | _ACCESS | {errno.EROFS}
+
+
+def storage_error(exc: OSError, path: str | Path | None = None) -> StorageError:
+    """The one line for ``exc``; names the file the error names, else ``path``."""
+    where = exc.filename if exc.filename is not None else (path if path is not None else "a file")
+    if exc.errno in _SPACE:
+        what = f"no space left on the device ({exc.strerror}); free some space or write elsewhere, then run again"
+    elif exc.errno in _ACCESS:
+        what = "permission denied; fix its permissions (or use another path) and run again"
+    elif exc.errno == errno.EROFS:
+        what = "read-only file system; write elsewhere"
+    else:
+        what = exc.strerror or str(exc)
+    return StorageError(f"{where}: {what}")
+
+
+@contextmanager
+def reporting(path: str | Path | None = None) -> Iterator[None]:
+    """Turn a full disk or a permission error inside the block into a ``StorageError`` about ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in HANDLED:
+            raise
+        raise storage_error(exc, path) from None
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible everywhere; the rename is atomic all the same
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh empty temporary file beside ``path`` for a writer that needs a file name (``np.save``,
+    ``torch.save``...); when the block ends it is fsynced and renamed to ``path``, on an error removed."""
+    path = Path(path)
+    with reporting(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a written file is shared as usual
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """An open temporary file that becomes ``path`` when the block ends without an error."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+        yield handle
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 2, **dumps: Any) -> Path:
+    return write_text(path, json.dumps(value, indent=indent, **dumps) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(
+    target: str | Path,
+    *,
+    names: str = "",
+    overwrite: bool = False,
+    inputs: Iterable[Any] = (),
+    label: str = "output folder",
+) -> Path:
+    """Refuse, before any work, an output folder whose replacement would lose something the user owns.
+
+    ``names`` is a regular expression of the file names the tool writes there: a folder without the marker
+    (made before it existed) counts as the tool's own when it holds a manifest and only such names.
+    ``inputs`` are the paths read (non-paths are ignored). Returns ``target`` resolved."""
+    target = Path(target)
+    full = target.resolve()
+    if _within(Path.cwd().resolve(), full):
+        raise UserError(f"{label} {target}: is the current folder (or holds it); name a new folder to write")
+    for item in inputs:
+        if not isinstance(item, str | os.PathLike) or "://" in str(item):
+            continue
+        source = Path(item).resolve()
+        if _within(source, full):
+            raise UserError(
+                f"{label} {target}: {'is' if source == full else 'holds'} the input {item}; "
+                "choose another output folder"
+            )
+    if not (target.exists() or target.is_symlink()) or overwrite:
+        return full
+    if target.is_symlink() or not target.is_dir():
+        raise UserError(
+            f"{label} {target}: exists and is not a folder; choose another path or pass --overwrite to replace it"
+        )
+    foreign = foreign_entries(target, names)
+    if foreign:
+        raise UserError(
+            f"{label} {target}: holds files this tool did not write (e.g. {foreign[0]}); "
+            "choose a new folder or pass --overwrite to replace it"
+        )
+    return full
+
+
+def foreign_entries(folder: Path, names: str = "") -> list[str]:
+    """Entries of ``folder`` not written by this tool (sorted); none in an empty folder."""
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return []
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        written = set(record["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):  # no marker: an older folder of this tool, or not ours
+        pattern = re.compile(names) if names else None
+        manifest = any((folder / m).is_file() for m in ("train.json", "validation.json", "vocab.json"))
+        if pattern is None or not manifest:
+            return entries
+        return [e for e in entries if not pattern.fullmatch(e)]
+    return [e for e in entries if e not in written]
+
+
+def staging_dir(target: str | Path) -> Path:
+    """A fresh folder beside ``target`` in which to build it."""
+    target = Path(target).resolve()
+    with reporting(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs are shared like any folder
+    return staging
+
+
+def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
+    """Mark ``staging`` as this tool's and swap it in; an existing ``target`` is removed only afterwards."""
+    target = Path(target).resolve()
+    files = sorted(p.name for p in staging.iterdir())
+    write_json(staging / MARKER, {"written_by": written_by, "files": files})
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def building_dir(target: str | Path, written_by: str) -> Iterator[Path]:
+    """A staging folder that replaces ``target`` when the block ends; removed (and a full disk or a
+    permission error reported in one line) on any error. Check ``target`` first (``check_output_dir``)."""
+    staging = staging_dir(target)
+    try:
+        with reporting(target):
+            yield staging
+            replace_dir(staging, target, written_by)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
