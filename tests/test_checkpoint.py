@@ -210,7 +210,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_valid(tmp_path, da
     assert proc.returncode == -signal.SIGKILL
     folder = out / "checkpoints"
     assert not (folder / "model_step_9.pt").exists()
-    assert [p.name for p in folder.glob(".model_step_9.pt.tmp-*")]  # the half-written temporary
+    assert [p.name for p in folder.glob(".model_step_9.pt.*.tmp-*")]  # the half-written temporary
     assert ckpt.latest_checkpoint(folder).name == "model_step_6.pt"
     resume_to_end(data, out)
     assert not list(folder.glob(".*.tmp-*"))  # cleaned on resume

@@ -642,8 +642,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved configuration (YAML) so a run records exactly what it used."""
     import yaml
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    from llm_training.fileio import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -77,6 +77,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def new_temp(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A new empty file beside ``path`` with an unpredictable name (created with ``O_EXCL``: never a file
+    or a symlink that was there before)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a written file is shared as usual
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A fresh empty temporary file beside ``path`` for a writer that needs a file name (``np.save``,
@@ -84,14 +96,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with reporting(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = new_temp(path)
         try:
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a written file is shared as usual
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except BaseException:
@@ -127,6 +136,22 @@ def write_json(path: str | Path, value: Any, indent: int | None = 2, **dumps: An
 
 def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
+
+
+def check_output_file(path: str | Path, flag: str, inputs: Iterable[Any] = ()) -> Path:
+    """Refuse an output file that is one of the files or folders the command reads."""
+    path = Path(path)
+    full = path.resolve()
+    for item in inputs:
+        if (
+            isinstance(item, str | os.PathLike)
+            and "://" not in str(item)
+            and _within(Path(item).resolve(), full)
+        ):
+            raise UserError(f"{flag} {path}: is the input {item}; write the output to another file")
+    if full.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'results.json'}")
+    return full
 
 
 def check_output_dir(

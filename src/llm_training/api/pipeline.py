@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_training.errors import UserError
+from llm_training.fileio import atomic_open, write_json
 
 log = logging.getLogger("llm_training.pipeline")
 
@@ -108,10 +109,7 @@ class Pipeline:
             return {}
 
     def _save_state(self, state: dict) -> None:
-        path = self.output_dir / STATE_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        write_json(self.output_dir / STATE_FILE, state, default=str)
 
     # -------------------------------------------------------------------------------------------- stages
 
@@ -129,19 +127,16 @@ class Pipeline:
         connector = open_source(source, fmt=options.get("format"), text_field=options.get("text_field", "text"),
                                 on_error=options.get("on_error", "skip"))  # fmt: skip
         target = self.output_dir / "collected.jsonl"
-        tmp = target.with_suffix(".jsonl.tmp")
         count = size = 0
-        with open(tmp, "w", encoding="utf-8") as out:
+        with atomic_open(target) as out:
             for doc in connector.documents():
                 out.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
                 count += 1
                 size += len(doc.text.encode())
                 if limit and count >= int(limit):
                     break
-        if count == 0:
-            tmp.unlink()
-            raise UserError(f"{source}: no documents could be read")
-        tmp.replace(target)
+            if count == 0:  # raised inside: the temporary goes, an earlier file stays
+                raise UserError(f"{source}: no documents could be read")
         return {"source": str(source), "path": str(target), "documents": count, "bytes": size}
 
     def _preprocessing(self, options: dict, results: dict) -> dict:

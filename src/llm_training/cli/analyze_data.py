@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.data.inspect import analyze, open_prepared
         from llm_training.errors import UserError
+        from llm_training.fileio import write_text
         from llm_training.report.html import render
 
         if args.top_tokens < 1:
@@ -49,11 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         page = render(analyze(prepared, top_k=args.top_tokens))
         output = Path(args.output)
         try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(page, encoding="utf-8")
-            tmp.replace(output)
-        except OSError as exc:
+            write_text(output, page)
+        except OSError as exc:  # a full disk or permissions are explained by write_text
             raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
         print(f"wrote {output} ({len(page) / 1e3:,.0f} kB): {prepared.folder}, split {prepared.selected}")
         return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.eval.data import read_test_data
         from llm_training.eval.metrics import parse_metrics
         from llm_training.eval.runner import default_metrics, evaluate_checkpoint
+        from llm_training.fileio import check_output_file, write_json, write_text
         from llm_training.report.compare import render
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        for out in (args.output, args.output + ".json"):  # the report and its numbers
+            check_output_file(out, "--output", [*args.models, args.test_data])
         missing = [m for m in args.models if not Path(m).exists()]  # a Hugging Face export is a folder
         if missing:
             raise UserError(f"checkpoint not found: {', '.join(missing)}")
@@ -43,12 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             results.append(evaluate_checkpoint(model, data, metrics, args.batch_size, args.device))
             print(f"{model}: " + ", ".join(f"{m} {results[-1][m]:.4f}" for m in metrics))
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(results, metrics, args.test_data), encoding="utf-8")
-        numbers = out.with_name(out.name + ".json")
-        numbers.write_text(
-            json.dumps({"test_data": args.test_data, "metrics": metrics, "models": results}, indent=2) + "\n"
+        out = write_text(args.output, render(results, metrics, args.test_data))
+        numbers = write_json(
+            out.with_name(out.name + ".json"),
+            {"test_data": args.test_data, "metrics": metrics, "models": results},
         )
         print(f"wrote {out} and {numbers}")
         return 0

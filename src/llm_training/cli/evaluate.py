@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from llm_training.cli.common import add_scoring_flags, parser, run
 from llm_training.eval.metrics import METRICS
@@ -38,8 +36,11 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.eval.runner import evaluate_checkpoint
+        from llm_training.fileio import check_output_file, write_json
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.output:  # before the work: the results must not replace what they are computed from
+            check_output_file(args.output, "--output", [args.model_path, args.test_data])
         results = evaluate_checkpoint(
             args.model_path, args.test_data, args.metrics, args.batch_size, args.device
         )
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             elif key not in ("labels",):
                 print(f"{key:<14} {value}")
         if args.output:
-            out = Path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-            print(f"wrote {out}")
+            print(f"wrote {write_json(args.output, results)}")
         return 0
 
     return run(body)

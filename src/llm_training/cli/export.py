@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from llm_training.cli.common import parser, run
@@ -95,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':<17} pruned: {100 * r.pruning['pruned_sparsity']:.1f}% of hidden weights "
                       f"({100 * r.pruning['overall_sparsity']:.1f}% of all)")  # fmt: skip
         if args.json:
-            from pathlib import Path
+            from llm_training.fileio import write_json
 
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+            write_json(args.json, [r.as_dict() for r in results])
         return 0
 
     return run(body)

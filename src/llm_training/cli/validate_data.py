@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from llm_training.cli.common import parser, run
 from llm_training.data.inspect import CHECKS, Thresholds
@@ -84,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
         print(f"{result['status']}: {prepared.folder} ({counts})")
         if args.json:
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            from llm_training.fileio import write_json
+
+            write_json(args.json, result)
         return 1 if result["status"] == "FAIL" else 0
 
     return run(body)

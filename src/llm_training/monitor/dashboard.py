@@ -12,7 +12,6 @@ report. The server is FastAPI under uvicorn in a background thread.
 import json
 import logging
 import math
-import os
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from llm_training import events
 from llm_training.errors import UserError
+from llm_training.fileio import write_text
 from llm_training.monitor import runs as run_index
 from llm_training.report.page import CSS, esc
 
@@ -166,11 +166,8 @@ class MetricsDashboard:
             raise UserError(
                 f"{target} is a folder; give the report's file name, e.g. {target / 'report.html'}"
             )
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            partial.write_text(self.page(live=False, data=data), encoding="utf-8")
-            os.replace(partial, target)  # an earlier report stays whole until the new one is complete
+        try:  # an earlier report stays whole until the new one is complete
+            write_text(target, self.page(live=False, data=data))
         except OSError as exc:
             raise UserError(f"cannot write the report {target}: {exc.strerror or exc}") from None
         return target

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from llm_training.errors import UserError
+from llm_training.fileio import new_temp
 
 log = logging.getLogger("llm_training.checkpoint")
 
@@ -131,8 +132,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    side, side_tmp = sidecar_path(path), path.with_name(f".{path.name}.json.tmp-{os.getpid()}")
+    # fresh names (O_EXCL), so a planted symlink is never followed; the pid lets resume clear stale ones
+    side, side_tmp, tmp = sidecar_path(path), None, new_temp(path, f".tmp-{os.getpid()}")
     try:
         with _open_tmp(tmp) as handle:
             writer = _HashingWriter(handle)
@@ -153,6 +154,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(meta or {}),
         }
+        side_tmp = new_temp(side, f".tmp-{os.getpid()}")
         with open(side_tmp, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1)
             handle.flush()
@@ -163,7 +165,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
         _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
+        if side_tmp is not None:
+            side_tmp.unlink(missing_ok=True)
         raise
     return path
 
