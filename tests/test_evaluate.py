@@ -238,6 +238,8 @@ def test_llm_infer_keeps_order_and_resumes_a_half_written_output(trained, tmp_pa
     partial = tmp_path / "partial.jsonl"
     text = (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     partial.write_text("".join(text[:4]) + text[4][:10], encoding="utf-8")
+    # by the same job (its record beside the output: model, input and settings)
+    (tmp_path / "partial.jsonl.job.json").write_bytes((tmp_path / "all.jsonl.job.json").read_bytes())
     resumed = run_cli([*base, "--output", str(partial), "--batch-size", "4"], tmp_path)
     assert resumed.returncode == 0 and "(4 were already there)" in resumed.stdout
     # not a terminal: plain progress lines with the count, rate and the total, not a redrawn bar

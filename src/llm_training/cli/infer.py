@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +16,9 @@ Generate a completion for every prompt of a JSON Lines file. Each input line is 
 {"text": ...}, or a JSON string), optionally with "id" and "max_new_tokens"; each output line is
 {"id", "prompt", "completion", "new_tokens"} in the input's order. The input is read in batches, never
 whole. If the output already holds some lines (an interrupted run), those prompts are skipped and a
-half-written last line is replaced, so running the same command again finishes the job."""
+half-written last line is replaced, so running the same command again finishes the job. Which job wrote
+the output (model, input, settings) is recorded beside it in OUTPUT.job.json: an output of another job is
+never appended to."""
 
 
 def build_parser():
@@ -102,6 +106,50 @@ def completed_lines(path: Path) -> int:
     return count
 
 
+def job_record(args, source: Path) -> dict:
+    """What makes a job's output: the model (its files' sizes and times), the input's bytes, the settings."""
+    import hashlib
+    import os
+
+    model = Path(args.model)
+    files = [model] if model.is_file() else sorted(p for p in model.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(model)) if p != model else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]  # fmt: skip
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                              "repetition_penalty", "stop", "seed", "no_truncate")}  # fmt: skip
+    if args.temperature > 0:  # sampling is seeded per batch: the batch size changes the text
+        settings["batch_size"] = args.batch_size
+    parts = {"model": [os.path.abspath(model), stats], "input": digest.hexdigest(), "settings": settings}
+    return json.loads(json.dumps({"written_by": "llm-infer", **parts}))  # as read back: lists, not tuples
+
+
+def job_path(target: Path) -> Path:
+    return target.with_name(target.name + ".job.json")
+
+
+def check_job(target: Path, record: dict) -> None:
+    """An output that holds anything must have been written by this same job."""
+    if not target.is_file() or target.stat().st_size == 0:
+        return
+    try:
+        previous = json.loads(job_path(target).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict):
+        why = f"no record of the job that wrote it ({job_path(target).name})"
+    else:
+        differ = [k for k in ("model", "input", "settings") if previous.get(k) != record[k]]
+        if not differ:
+            return
+        why = f"another job wrote it (different {' and '.join(differ)})"
+    raise UserError(f"--output {target}: already holds completions and {why}; write to another --output, "
+                    "or delete it to start again")  # fmt: skip
+
+
 def count_prompts(path: Path) -> int:
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.strip())
@@ -110,6 +158,7 @@ def count_prompts(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.export.runtime import load_for_generation
+        from llm_training.fileio import HANDLED, check_output_file, storage_error, write_json
         from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
         from llm_training.monitor.console import CountProgress
 
@@ -117,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         source, target = Path(args.input), Path(args.output)
         if not source.is_file():
             raise DataError(f"input not found: {source}")
+        check_output_file(target, "--output", [source, args.model])
         if args.batch_size < 1 or args.max_new_tokens < 0:
             raise UserError("--batch-size must be at least 1 and --max-new-tokens at least 0")
         try:  # bad sampling flags fail before the model is loaded
@@ -128,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         total = count_prompts(source)
         if total == 0:
             raise DataError(f"{source}: empty input (no prompts)")
+        record = job_record(args, source)
+        check_job(target, record)  # before anything in the output is touched
         done = completed_lines(target)
         if done > total:
             raise UserError(
@@ -140,14 +192,17 @@ def main(argv: list[str] | None = None) -> int:
 
         stop_check = stop_text_check(tok, stops)
 
-        target.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not target.exists()
+        write_json(job_path(target), record)
         progress = CountProgress(total, done, unit="prompt", desc="infer")
         batch: list = []
         index = done
-        with open(target, "a", encoding="utf-8") as out:
+        good = target.stat().st_size if target.exists() else 0  # bytes of whole batches written
+        out = open(target, "a", encoding="utf-8")  # noqa: SIM115 - closed below, also on errors
+        try:
 
             def flush() -> None:
-                nonlocal index
+                nonlocal index, good
                 groups: dict[int, list] = {}
                 for number, text, record in batch:
                     ids = tok.encode(text)
@@ -173,19 +228,32 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"id": record.get("id", index + position), **results[number]}
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
+                good = os.fstat(out.fileno()).st_size
                 index += len(batch)
                 progress.update(len(batch))
                 batch.clear()
 
-            try:
-                for item in read_prompts(source, done):
-                    batch.append(item)
-                    if len(batch) == args.batch_size:
-                        flush()
-                if batch:
+            for item in read_prompts(source, done):
+                batch.append(item)
+                if len(batch) == args.batch_size:
                     flush()
-            finally:
-                progress.close()
+            if batch:
+                flush()
+        except BaseException as exc:
+            # nothing half-written: the output keeps whole batches only, and a new one that got none goes
+            with contextlib.suppress(OSError):  # a full disk refuses the buffered rest too
+                out.close()
+            if fresh and good == 0:
+                target.unlink(missing_ok=True)
+                job_path(target).unlink(missing_ok=True)
+            else:
+                os.truncate(target, good)
+            if isinstance(exc, OSError) and exc.errno in HANDLED:
+                raise storage_error(exc, target) from None
+            raise
+        finally:
+            progress.close()
+        out.close()
         print(
             f"wrote {total - done} completions to {target}"
             + (f" ({done} were already there)" if done else "")

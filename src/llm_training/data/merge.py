@@ -34,6 +34,8 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: 
     folders = [Path(p) for p in inputs]
     if len(folders) < 2:
         raise DataError("--merge needs at least two prepared folders")
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=folders)
     manifests = {split: [read_manifest(f / f"{split}.json") for f in folders] for split in SPLITS}
     fingerprints = {m.get("tokenizer_fingerprint") for m in manifests["train"]}
     if len(fingerprints) != 1 or None in fingerprints:
@@ -41,8 +43,6 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: 
             "the folders were prepared with different tokenizers; sharded preparation must share one "
             "(--tokenizer)"
         )
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=folders)
     with building_dir(output_dir, "llm-prepare-data --merge") as staging:
         shutil.copy2(folders[0] / "vocab.json", staging / "vocab.json")
         report: dict = {

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_training.errors import DataError
+from llm_training.fileio import storage_error
 
 SAMPLE_NAME = "python_reference.jsonl.gz"
 FORMATS = ("txt", "jsonl", "json", "csv", "parquet")
@@ -237,6 +238,8 @@ class FileSource(DataSourceConnector):
         except (EOFError, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise DataError(f"input not found: {path}") from None
+            if isinstance(exc, PermissionError):  # the user can fix it: stop rather than train on less
+                raise storage_error(exc, path) from None
             self.problems.record(
                 "truncated_or_unreadable",
                 path,

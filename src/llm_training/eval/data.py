@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_training.errors import DataError
+from llm_training.fileio import HANDLED, storage_error
 
 
 @dataclass
@@ -49,6 +50,8 @@ def read_text(path: Path) -> str:
         with opener(path, "rb") as handle:
             data = handle.read()
     except (OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno in HANDLED:
+            raise storage_error(exc, path) from None
         raise DataError(f"{path}: cannot be read ({exc})") from None
     try:
         return data.decode("utf-8")
