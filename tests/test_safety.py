@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, call_cli, corpus_records, train_on_plays
+from conftest import TINY, assert_user_error, call_cli, corpus_records, train_on_plays
 from llm_training.cli import prepare_data
 
 PREPARE = ["--quiet", "--vocab-size", "300", "--workers", "1"]
@@ -127,7 +127,7 @@ def test_a_symlink_planted_at_an_old_temporary_name_is_not_followed(tmp_path):
     save_config(load_config(cli={}, environ={}, default_file=None), run / "config.yaml")
     save_checkpoint(run / "model.pt", {"weights": [1, 2, 3]})
     assert victim.read_text() == "not yours"
-    assert (run / "config.yaml").read_text().startswith("model:")
+    assert "\nmodel:\n" in (run / "config.yaml").read_text()
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert sorted(leftovers) == sorted(["config.yaml.tmp", f".model.pt.tmp-{os.getpid()}",
                                         f".model.pt.json.tmp-{os.getpid()}"])  # fmt: skip
@@ -184,6 +184,13 @@ def test_full_disk_while_preparing_is_one_line_and_leaves_nothing(text_folder, t
     proc = prepare(["--input", str(text_folder), "--output", str(tmp_path / "out")])
     assert_user_error(proc, "no space left", str(tmp_path))
     assert entries(tmp_path) == []  # no staging folder, no output
+    # the main job prepares through the same code: one line, and no prepared folder or staging in the run
+    from llm_training.cli import main_job
+
+    proc = call_cli(main_job.cli_main, ["--input-file", str(text_folder / "plays.txt"), "--output-dir",
+                                        str(tmp_path / "run"), *TINY, "--set", "training.max_steps=1"])  # fmt: skip
+    assert_user_error(proc, "no space left", "prepared_data")
+    assert entries(tmp_path / "run") == ["logs"]  # the log says what happened
 
 
 def test_full_disk_while_saving_config_or_results(trained, tmp_path, monkeypatch):

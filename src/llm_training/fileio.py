@@ -36,7 +36,8 @@ def storage_error(exc: OSError, path: str | Path | None = None) -> StorageError:
     """The one line for ``exc``; names the file the error names, else ``path``."""
     where = exc.filename if exc.filename is not None else (path if path is not None else "a file")
     if exc.errno in _SPACE:
-        what = f"no space left on the device ({exc.strerror}); free some space or write elsewhere, then run again"
+        full = "no space left on the device" if exc.errno == errno.ENOSPC else f"{exc.strerror} (disk space)"
+        what = f"{full}; free some space or write elsewhere, then run again"
     elif exc.errno in _ACCESS:
         what = "permission denied; fix its permissions (or use another path) and run again"
     elif exc.errno == errno.EROFS:
@@ -226,7 +227,8 @@ def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
     """Mark ``staging`` as this tool's and swap it in; an existing ``target`` is removed only afterwards."""
     target = Path(target).resolve()
     files = sorted(p.name for p in staging.iterdir())
-    write_json(staging / MARKER, {"written_by": written_by, "files": files})
+    # a plain write: the staging folder is fresh and private, and the rename below makes it all atomic
+    (staging / MARKER).write_text(json.dumps({"written_by": written_by, "files": files}) + "\n")
     if target.exists() or target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, old / "previous")

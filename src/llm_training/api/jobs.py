@@ -96,6 +96,13 @@ def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = Fals
     return target
 
 
+def _save_config(cfg: Config, path: Path) -> None:
+    try:
+        save_config(cfg, path)
+    except UserError as exc:  # a full disk: one line (a handler's error would be logged with a traceback)
+        log.error("%s", exc)
+
+
 def run_training(
     cfg: Config, resume_from: str | Path | None = None, *, console: bool = True, bus: EventBus | None = None
 ) -> TrainResult:
@@ -146,7 +153,7 @@ def run_training_on(
             log.info(
                 "TensorBoard logging is off: pip install tensorboard (or the 'monitor' extra) to turn it on"
             )
-        unsubscribe = [bus.subscribe(events.RUN_START, lambda e: save_config(cfg, out / "config.yaml"))]
+        unsubscribe = [bus.subscribe(events.RUN_START, lambda e: _save_config(cfg, out / "config.yaml"))]
         try:
             log.info("run %s starting in %s (%d process(es))", run_id, out.resolve(), env.world_size)
             if data_dir is None:
