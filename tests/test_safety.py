@@ -100,6 +100,21 @@ def test_prepare_replaces_its_own_folder_and_nothing_more(text_folder, tmp_path)
     assert (out / "my_notes.md").read_text() == "mine"
 
 
+def test_reports_never_replace_the_data_they_describe(text_folder, tmp_path):
+    from llm_training.cli import analyze_data, validate_data
+
+    out = tmp_path / "prepared"
+    assert prepare(["--input", str(text_folder), "--output", str(out)]).returncode == 0
+    manifest = (out / "train.json").read_text()
+    proc = call_cli(
+        analyze_data.main, ["--data-file", str(out / "train.json"), "--output", str(out / "train.json")]
+    )
+    assert_user_error(proc, "--output", "is the input")
+    proc = call_cli(validate_data.main, ["--data-dir", str(out), "--json", str(out / "train.json")])
+    assert_user_error(proc, "--json", "is the input")
+    assert (out / "train.json").read_text() == manifest
+
+
 def test_merge_refuses_an_output_holding_its_inputs(tmp_path):
     from llm_training.data.merge import merge_prepared
     from llm_training.errors import UserError

@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         checks = parse_checks(args.checks)  # bad names fail before any reading
         thresholds = Thresholds(**{key: getattr(args, key) for key in _THRESHOLD_HELP})
         prepared = open_prepared(args.data_dir)
+        if args.json:  # the findings never replace a file of the data
+            from pathlib import Path
+
+            from llm_training.fileio import check_output_file
+
+            check_output_file(args.json, "--json", [*Path(prepared.folder).iterdir()])
         findings = validate(prepared, checks, thresholds)
         for finding in findings:
             if not args.quiet or finding.status != "PASS":
