@@ -5,7 +5,7 @@
   temporary is removed and the old file stays whole.
 - A folder is built in a fresh staging folder beside it and swapped in when complete. An existing folder is
   replaced only when everything in it was written by this tool (a marker file lists what it wrote) or the
-  caller passed ``overwrite``; a folder that is, holds or contains an input, or the current folder, never.
+  caller passed ``overwrite``; a folder that is or holds an input, or the current folder, never.
 - A full disk, a quota, a read-only file system or a permission problem becomes one ``StorageError`` line
   naming the path and what to do.
 """
