@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import add_scoring_flags, parser, run
+from llm_training.cli.common import add_format_flag, add_scoring_flags, parser, run
 from llm_training.eval.metrics import METRICS
 
 DESCRIPTION = """\
@@ -32,6 +32,7 @@ def build_parser():
     )
     p.add_argument("--output", help="Write the results here as JSON (folders are created).")
     add_scoring_flags(p)
+    add_format_flag(p)
     return p
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         results = evaluate_checkpoint(
-            args.model_path, args.test_data, args.metrics, args.batch_size, args.device
+            args.model_path, args.test_data, args.metrics, args.batch_size, args.device, args.model_format
         )
         for key, value in results.items():
             if isinstance(value, float):
