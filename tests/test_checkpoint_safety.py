@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import assert_user_error, call_cli, prepared_plays, run_cli, set_flags
 from llm_training.cli.evaluate import main as evaluate_main
@@ -72,10 +71,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def one_line_error(proc, *needles: str) -> None:
-    assert_user_error(proc, *needles)
-
-
 # ------------------------------------------------------------------------------------ damaged checkpoints
 
 
@@ -88,14 +83,14 @@ def test_flipped_byte_without_sidecar_is_refused_by_every_command(run, plays, tm
     text.write_text("To be, or not to be, that is the question.\n" * 20)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ROMEO:"}\n')
-    one_line_error(call_cli(evaluate_main, ["--model-path", str(final), "--test-data", str(text), "--device", "cpu"]),
+    assert_user_error(call_cli(evaluate_main, ["--model-path", str(final), "--test-data", str(text), "--device", "cpu"]),
                    "model_final.pt: corrupted", "CRC")  # fmt: skip
-    one_line_error(call_cli(export_main, ["--checkpoint", str(final), "--format", "safetensors", "--output",
+    assert_user_error(call_cli(export_main, ["--checkpoint", str(final), "--format", "safetensors", "--output",
                                           str(tmp_path / "m.safetensors")]), "model_final.pt: corrupted")  # fmt: skip
     assert not (tmp_path / "m.safetensors").exists()
-    one_line_error(call_cli(infer_main, ["--model", str(final), "--input", str(prompts), "--output",
+    assert_user_error(call_cli(infer_main, ["--model", str(final), "--input", str(prompts), "--output",
                                          str(tmp_path / "out.jsonl"), "--device", "cpu"]), "corrupted")  # fmt: skip
-    one_line_error(call_cli(train_main, train_args(plays[0], run, "--resume", str(final), **{"training.max_steps": 9})),
+    assert_user_error(call_cli(train_main, train_args(plays[0], run, "--resume", str(final), **{"training.max_steps": 9})),
                    "model_final.pt: corrupted")  # fmt: skip
 
 
@@ -152,7 +147,7 @@ def test_malformed_sidecar_is_a_damaged_checkpoint_in_one_line(run, plays, tmp_p
         call_cli(infer_main, ["--model", str(final), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]),
         call_cli(train_main, train_args(plays[0], run, "--resume", str(final), **{"training.max_steps": 9})),
     ):  # fmt: skip
-        one_line_error(proc, "model_final.pt: its checksum file model_final.pt.json is damaged")
+        assert_user_error(proc, "model_final.pt: its checksum file model_final.pt.json is damaged")
     # resume auto lists and skips it (its step is not trusted), continuing from model_step_6.pt
     assert ckpt.latest_checkpoint(folder) == folder / "model_step_6.pt"
 
@@ -189,13 +184,17 @@ def test_a_torchscript_archive_named_pt_is_refused_and_never_run(finished, tmp_p
     assert made.returncode == 0, made.stderr
     text = tmp_path / "t.txt"
     text.write_text("Enter ROMEO.\n" * 20)
-    command = ["-m", "llm_training.cli.evaluate", "--model-path", str(evil), "--test-data", str(text), "--device", "cpu"]
+    command = ["-m", "llm_training.cli.evaluate", "--model-path", str(evil), "--test-data", str(text)]
     refused = run_cli(command, tmp_path)
-    assert_user_error(refused, "model_final.pt: a TorchScript archive, not a checkpoint", "--format torchscript")
+    assert_user_error(
+        refused, "model_final.pt: a TorchScript archive, not a checkpoint", "--format torchscript"
+    )
     assert "CODE RAN" not in refused.stdout + refused.stderr
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('"O"\n')
-    infer = call_cli(infer_main, ["--model", str(evil), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")])
+    infer = call_cli(
+        infer_main, ["--model", str(evil), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]
+    )
     assert_user_error(infer, "a TorchScript archive")
     trusted = run_cli([*command, "--format", "torchscript"], tmp_path)
     assert "TORCHSCRIPT CODE RAN" in trusted.stdout  # the same file does run code when asked to load it
@@ -210,7 +209,9 @@ def test_the_exporters_torchscript_loads_by_name_or_with_format(finished, tmp_pa
                       ExportOptions(format="torchscript", output=exported))  # fmt: skip
     text = tmp_path / "t.txt"
     text.write_text("Enter ROMEO.\n" * 20)
-    by_name = call_cli(evaluate_main, ["--model-path", str(exported), "--test-data", str(text), "--device", "cpu"])
+    by_name = call_cli(
+        evaluate_main, ["--model-path", str(exported), "--test-data", str(text), "--device", "cpu"]
+    )
     assert by_name.returncode == 0, by_name.stderr
     renamed = shutil.copyfile(exported, tmp_path / "renamed.pt")
     args = ["--model-path", str(renamed), "--test-data", str(text), "--device", "cpu"]
