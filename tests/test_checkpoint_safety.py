@@ -262,9 +262,13 @@ def test_a_fresh_run_does_not_replace_another_runs_checkpoints(run, plays):
     before = snapshot(run)
     other_data = call_cli(train_main, train_args(plays[1], run))
     assert_user_error(other_data, "another tokenizer", "--resume auto", "--output-dir")
+    assert snapshot(run) == before  # refused before anything is written
+    # other raw text is prepared first (a bad file is reported as in an empty folder), then refused
     sample = call_cli(main_job, ["--output-dir", str(run), *set_flags(SETTINGS)])
-    assert_user_error(sample, "would be prepared with a newly trained tokenizer", "--output-dir")
-    assert snapshot(run) == before
+    assert_user_error(sample, "another tokenizer", "the checkpoints already in", "--output-dir")
+    assert snapshot(run / "checkpoints") == {
+        k.removeprefix("checkpoints/"): v for k, v in before.items() if k.startswith("checkpoints/")
+    }
     # the same job again, on the same data, retrains and replaces its own model (as the main job always has)
     again = call_cli(train_main, train_args(plays[0], run, **{"training.max_steps": 3}))
     assert again.returncode == 0, again.stderr

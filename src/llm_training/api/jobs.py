@@ -122,11 +122,14 @@ def _data_tokenizer(cfg: Config, data_dir: str | Path | None):
     return (Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None), plan
 
 
-def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> tuple | None:
+def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> tuple[tuple | None, bool]:
     """Before anything is written: a resumed run's data must be in the tokenizer of the checkpoint it
     resumes from, and a fresh run must not replace the checkpoints of a run on data in another tokenizer in
     ``<output_dir>/checkpoints`` (a re-run of the same job on the same data may). Returns the preparation
-    plan when it made one (for ``prepare_data``)."""
+    plan when it made one (for ``prepare_data``), and whether to check again once the data is prepared: a
+    fresh run whose input gets a new tokenizer is refused after preparing, so that a bad input file is
+    reported first, as in an empty folder (preparing may replace the folder's prepared data, which its input
+    makes again, never its checkpoints)."""
     from llm_training.data.tokenizer import Tokenizer, check_same_tokenizer
     from llm_training.train.checkpoint import checkpoint_tokenizer, resume_candidates
 
@@ -138,10 +141,10 @@ def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> t
         paths = [Path(resume)] if explicit else [e.path for e in resume_candidates(folder)]
         source, theirs = next(((p, t) for p in paths if (t := checkpoint_tokenizer(p))), (None, None))
     if not theirs:
-        return None
+        return None, False
     vocab, plan = _data_tokenizer(cfg, data_dir)
     if vocab == "unknown":
-        return plan
+        return plan, False
     if resume is not None:
         whose = f"{source}'s"
         fix = (
@@ -151,12 +154,14 @@ def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> t
     else:
         whose = f"the checkpoints already in {folder} ({Path(source).name})"
         fix = f"continue that run with --resume auto, or train into another --output-dir (or remove {folder})"
+    if vocab is None and resume is None:
+        return plan, True
     if vocab is None:
         raise UserError(
             f"{_input_spec(cfg)} would be prepared with a newly trained tokenizer, not the one of {whose}; {fix}"
         )
     check_same_tokenizer(Tokenizer.from_json(theirs), vocab, whose, fix)
-    return plan
+    return plan, False
 
 
 def run_training(
@@ -184,7 +189,7 @@ def run_training_on(
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
-    plan = check_checkpoints_fit(cfg, data_dir, resume)
+    plan, check_again = check_checkpoints_fit(cfg, data_dir, resume)
     bus = bus or EventBus()
     with ComputeResourceManager(bus, cfg.resources) as env:
         if not env.enabled and cfg.resources.distributed:
@@ -215,6 +220,8 @@ def run_training_on(
             log.info("run %s starting in %s (%d process(es))", run_id, out.resolve(), env.world_size)
             if data_dir is None:
                 data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar, plan=plan)
+                if check_again:
+                    check_checkpoints_fit(cfg, data_dir, resume)
             if env.enabled:
                 broadcast_object(str(data_dir), env)
             return train(cfg, data_dir, bus, resume, model=model, env=env)
