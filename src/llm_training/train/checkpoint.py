@@ -238,7 +238,10 @@ def archive_problem(path: str | Path) -> str | None:
     except zipfile.BadZipFile as exc:
         if "CRC" in str(exc) or "header" in str(exc).lower():
             return f"corrupted: {str(exc).strip()[:200]} (a zip member does not match its checksum)"
-        return f"not a readable checkpoint ({str(exc).strip()[:200] or 'not a zip archive'})"
+        return (
+            "not a readable checkpoint (not a whole zip archive as torch.save writes: truncated, or "
+            "another file)"
+        )
     except (EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as exc:
         return f"corrupted: the archive cannot be read ({str(exc).strip()[:200] or type(exc).__name__})"
     return None
@@ -283,6 +286,11 @@ def load_checkpoint(
     problem = verify_checkpoint(path) if verify else None
     if problem and problem.startswith("not a readable checkpoint"):
         raise CheckpointError(f"{path}: {problem}")
+    if problem and problem.startswith("its checksum file"):
+        raise CheckpointError(
+            f"{path}: {problem}; if the checkpoint itself is intact, delete {sidecar_path(path).name} to "
+            "have it checked by its archive's CRC-32s, else resume from an earlier checkpoint"
+        )
     if problem:
         raise CheckpointError(
             f"{path}: {problem}; resume from an earlier checkpoint (--resume auto finds one)"
