@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, call_cli, prepared_plays, run_cli, set_flags
+from llm_training.cli.compare import main as compare_main
 from llm_training.cli.evaluate import main as evaluate_main
 from llm_training.cli.export import main as export_main
 from llm_training.cli.infer import main as infer_main
 from llm_training.cli.main_job import cli_main as main_job
+from llm_training.cli.serve import main as serve_main
 from llm_training.cli.train import main as train_main
 from llm_training.train import checkpoint as ckpt
 
@@ -220,6 +222,14 @@ def test_the_exporters_torchscript_loads_by_name_or_with_format(finished, tmp_pa
     assert trusted.returncode == 0, trusted.stderr
     assert trusted.stdout.split("loss")[1].split()[0] == by_name.stdout.split("loss")[1].split()[0]
     assert_user_error(call_cli(evaluate_main, [*args, "--format", "tflite"]), "unknown model format 'tflite'")
+    # llm-serve checks the model before starting its workers; llm-compare takes --format too
+    served = call_cli(serve_main, ["--model", str(renamed), "--workers", "2", "--port", "1"])
+    assert_user_error(served, "renamed.pt: a TorchScript archive")
+    report = tmp_path / "compare.html"
+    compared = call_cli(compare_main, ["--models", str(renamed), "--test-data", str(text), "--output", str(report),
+                                       "--device", "cpu", "--format", "torchscript"])  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    assert json.loads(report.with_name("compare.html.json").read_text())["models"][0]["loss"] > 0
 
 
 # ------------------------------------------------------------------------------------ failed final save
