@@ -22,6 +22,7 @@ SAMPLE = "sample"
 DATA_PREPARED = "data_prepared"
 ERROR = "error"
 RECOVERY = "recovery"  # the loop rolled back, shrank the batch or retried (train/recovery.py)
+WARNING = "warning"  # something the user must see (a damaged checkpoint skipped, a save that failed)
 METRIC = "metric"  # a user's own scalar: publish(METRIC, name=..., value=..., step=...)
 
 

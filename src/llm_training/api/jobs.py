@@ -53,8 +53,26 @@ def _size_and_mtime(path: str) -> tuple[int, ...]:
     return info.st_size, info.st_mtime_ns
 
 
-def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = False) -> Path:
-    """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input."""
+def _plan_preparation(cfg: Config):
+    """(source, target folder, fingerprint) of the text preparation ``prepare_data`` would run; resolving the
+    input checks it exists and is not empty, before anything is written."""
+    try:
+        source = source_from_config(cfg.data, _input_spec(cfg), on_error="fail")
+    except DataError as exc:
+        if cfg.data.data_dir and not cfg.data.input_file and "no input files" in str(exc):
+            raise DataError(
+                f"{cfg.data.data_dir}: no train.json (prepared data) and no input files to prepare"
+            ) from None
+        raise
+    target = Path(cfg.output_dir) / cfg.data.prepared_dir
+    paths = getattr(source, "paths", [source.describe()])
+    stats = [(p, *_size_and_mtime(p)) for p in paths]
+    return source, target, fingerprint_of(__version__, stats, sorted(vars(cfg.data).items()))
+
+
+def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = False, plan=None) -> Path:
+    """Return a folder of prepared data: ``data.data_dir`` when it already is one, else prepare the input
+    (``plan``: ``_plan_preparation``'s, when the caller made it already)."""
     if cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
         return Path(cfg.data.data_dir)
     from llm_training.multimodal.data import is_image_text, prepare_from_config, summary
@@ -67,18 +85,7 @@ def prepare_data(cfg: Config, bus: EventBus | None = None, progress: bool = Fals
         if bus is not None:
             bus.publish(events.DATA_PREPARED, path=str(target), **report)
         return target
-    try:  # resolving the input checks it exists and is not empty, before anything is written
-        source = source_from_config(cfg.data, spec, on_error="fail")
-    except DataError as exc:
-        if cfg.data.data_dir and not cfg.data.input_file and "no input files" in str(exc):
-            raise DataError(
-                f"{cfg.data.data_dir}: no train.json (prepared data) and no input files to prepare"
-            ) from None
-        raise
-    target = Path(cfg.output_dir) / cfg.data.prepared_dir
-    paths = getattr(source, "paths", [source.describe()])
-    stats = [(p, *_size_and_mtime(p)) for p in paths]
-    fingerprint = fingerprint_of(__version__, stats, sorted(vars(cfg.data).items()))
+    source, target, fingerprint = plan or _plan_preparation(cfg)
     if existing_fingerprint(target) == fingerprint:
         log.info("reusing prepared data in %s", target)
         return target
@@ -101,6 +108,67 @@ def _save_config(cfg: Config, path: Path) -> None:
         save_config(cfg, path)
     except UserError as exc:  # a full disk: one line (a handler's error would be logged with a traceback)
         log.error("%s", exc)
+
+
+def _data_tokenizer(cfg: Config, data_dir: str | Path | None):
+    """(the tokenizer the run's data is or will be in: a vocab.json path, a Tokenizer, None when preparation
+    trains a new one, "unknown"; the preparation plan or None), without writing anything."""
+    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.multimodal.data import is_image_text
+
+    if data_dir is None and cfg.data.data_dir and (Path(cfg.data.data_dir) / "train.json").is_file():
+        data_dir = cfg.data.data_dir
+    if data_dir is not None:
+        vocab = Path(data_dir) / "vocab.json"
+        return (vocab if vocab.is_file() else "unknown"), None
+    if is_image_text(_input_spec(cfg)):
+        return "unknown", None
+    plan = _plan_preparation(cfg)
+    if existing_fingerprint(plan[1]) == plan[2]:
+        return plan[1] / "vocab.json", plan
+    return (Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None), plan
+
+
+def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> tuple[tuple | None, bool]:
+    """Before anything is written: a resumed run's data must be in the tokenizer of the checkpoint it
+    resumes from, and a fresh run must not replace the checkpoints of a run on data in another tokenizer in
+    ``<output_dir>/checkpoints`` (a re-run of the same job on the same data may). Returns the preparation
+    plan when it made one (for ``prepare_data``), and whether to check again once the data is prepared: a
+    fresh run whose input gets a new tokenizer is refused after preparing, so that a bad input file is
+    reported first, as in an empty folder (preparing may replace the folder's prepared data, which its input
+    makes again, never its checkpoints)."""
+    from llm_training.data.tokenizer import Tokenizer, check_same_tokenizer
+    from llm_training.train.checkpoint import checkpoint_tokenizer, resume_candidates
+
+    folder = Path(cfg.output_dir) / "checkpoints"
+    if isinstance(resume, dict):
+        source, theirs = "the checkpoint", resume.get("tokenizer_json")
+    else:
+        explicit = resume is not None and str(resume) != "auto"
+        paths = [Path(resume)] if explicit else [e.path for e in resume_candidates(folder)]
+        source, theirs = next(((p, t) for p in paths if (t := checkpoint_tokenizer(p))), (None, None))
+    if not theirs:
+        return None, False
+    vocab, plan = _data_tokenizer(cfg, data_dir)
+    if vocab == "unknown":
+        return plan, False
+    if resume is not None:
+        whose = f"{source}'s"
+        fix = (
+            "resume on the data that checkpoint was trained on (the same --input-file and settings, or "
+            "--data-dir with its prepared data)"
+        )
+    else:
+        whose = f"the checkpoints already in {folder} ({Path(source).name})"
+        fix = f"continue that run with --resume auto, or train into another --output-dir (or remove {folder})"
+    if vocab is None and resume is None:
+        return plan, True
+    if vocab is None:
+        raise UserError(
+            f"{_input_spec(cfg)} would be prepared with a newly trained tokenizer, not the one of {whose}; {fix}"
+        )
+    check_same_tokenizer(Tokenizer.from_json(theirs), vocab, whose, fix)
+    return plan, False
 
 
 def run_training(
@@ -128,6 +196,7 @@ def run_training_on(
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
+    plan, check_again = check_checkpoints_fit(cfg, data_dir, resume)
     bus = bus or EventBus()
     with ComputeResourceManager(bus, cfg.resources) as env:
         if not env.enabled and cfg.resources.distributed:
@@ -157,7 +226,9 @@ def run_training_on(
         try:
             log.info("run %s starting in %s (%d process(es))", run_id, out.resolve(), env.world_size)
             if data_dir is None:
-                data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
+                data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar, plan=plan)
+                if check_again:
+                    check_checkpoints_fit(cfg, data_dir, resume)
             if env.enabled:
                 broadcast_object(str(data_dir), env)
             return train(cfg, data_dir, bus, resume, model=model, env=env)

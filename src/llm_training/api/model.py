@@ -132,17 +132,10 @@ def check_data_tokenizer(model: ModelInitializerOutput, data_dir: str | Path) ->
     """Refuse to train ``model`` further on prepared data whose ``vocab.json`` is not the tokenizer its
     weights were trained with: the same ids would name other tokens, and training would go on silently
     from a meaningless start. A model without a known tokenizer (random) takes any data."""
-    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.data.tokenizer import check_same_tokenizer
 
     vocab = Path(data_dir) / "vocab.json"
     if model.tokenizer is None or not vocab.is_file():
         return
-    data = Tokenizer.load(vocab)
-    ours = model.tokenizer
-    if data.fingerprint == ours.fingerprint or data.backend.get_vocab(True) == ours.backend.get_vocab(True):
-        return
-    raise ConfigError(
-        f"{vocab}: the data was tokenized with another tokenizer ({data.vocab_size} tokens) than the model's "
-        f"({ours.vocab_size} tokens); prepare it again with llm-prepare-data --tokenizer "
-        f"{model.tokenizer_path or '<the model tokenizer>'}"
-    )
+    fix = f"prepare it again with llm-prepare-data --tokenizer {model.tokenizer_path or '<the model tokenizer>'}"
+    check_same_tokenizer(model.tokenizer, vocab, "the model's", fix)

@@ -109,7 +109,7 @@ def _check_model(options: ServeOptions) -> None:
 
     from llm_training.export.runtime import load_model
 
-    loaded = load_model(options.model_path, "cpu")
+    loaded = load_model(options.model_path, "cpu", options.model_format)
     del loaded
     gc.collect()
 

@@ -29,6 +29,14 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N].")
 
 
+def add_format_flag(p: argparse.ArgumentParser) -> None:
+    """``--format`` of the commands that load a model (checked by ``export.runtime.load_model``)."""
+    p.add_argument("--format", dest="model_format", default="auto", metavar="FORMAT",
+                   help="auto, checkpoint, torchscript, onnx, safetensors, hf or gguf. auto goes by the name: .pt "
+                   "is a checkpoint (read without running code), .torchscript.pt/.ts TorchScript, .onnx, .gguf, "
+                   ".safetensors, a folder Hugging Face. torchscript runs the archive's code: for files you trust.")  # fmt: skip
+
+
 def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     """What the commands that score a model on test data share."""
     p.add_argument("--batch-size", type=int, default=16, help="Sequences scored at once.")
@@ -89,26 +97,44 @@ def report(result) -> str:
             f"({result.precision}), {result.num_parameters / 1e6:.2f}M parameters",
             f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
             f"{result.val_bpb:.3f} bits per byte",
-            f"final checkpoint: {Path(result.final_checkpoint)}",
+            _final_line(result),
             "sample:",
             "  " + result.sample.strip().replace("\n", "\n  "),
         ]
     )
 
 
-def print_result(result, prog: str, argv: list[str]) -> None:
-    """The run's summary (rank 0 only when several processes trained), or how to resume an interrupted one."""
+def _final_line(result) -> str:
+    final = Path(result.final_checkpoint)
+    why = getattr(result, "unsaved", {}).get(final.name)
+    if why is None:
+        return f"final checkpoint: {final}"
+    return f"final checkpoint: NOT SAVED ({why}): {final} does not exist"
+
+
+UNSAVED_EXIT = 1  # training ran, but its final (or preemption) checkpoint could not be written
+
+
+def print_result(result, prog: str, argv: list[str]) -> int:
+    """The run's summary (rank 0 only when several processes trained), or how to resume an interrupted one;
+    returns the exit status: ``UNSAVED_EXIT`` when the checkpoint the summary names was not saved
+    (``checkpoint.on_save_error: continue`` after a failed save), with a line on stderr, else 0."""
     import os
 
     if os.environ.get("RANK", "0") != "0":
-        return
+        return 0
+    final = Path(result.final_checkpoint)
+    why = getattr(result, "unsaved", {}).get(final.name)
     if result.status == "interrupted":
-        print(
-            f"stopped by {result.interrupted_by} at step {result.steps}; saved {result.final_checkpoint}\n"
-            f"resume with: {resume_command(prog, argv)}"
-        )
+        saved = f"could not save {final} ({why})" if why else f"saved {final}"
+        print(f"stopped by {result.interrupted_by} at step {result.steps}; {saved}\n"
+              f"resume with: {resume_command(prog, argv)}")  # fmt: skip
     else:
         print(report(result))
+    if why is None:
+        return 0
+    print(f"error: {final} was not saved ({why}); the model of this run is not on disk", file=sys.stderr)
+    return UNSAVED_EXIT
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import add_scoring_flags, parser, run
+from llm_training.cli.common import add_format_flag, add_scoring_flags, parser, run
 from llm_training.errors import UserError
 
 DESCRIPTION = """\
@@ -22,6 +22,7 @@ def build_parser():
                    "plus f1 on labelled data).")  # fmt: skip
     p.add_argument("--output", required=True, help="The HTML report to write (folders are created).")
     add_scoring_flags(p)
+    add_format_flag(p)
     return p
 
 
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = parse_metrics(args.metrics) if args.metrics else default_metrics(data)
         results = []
         for model in args.models:
-            results.append(evaluate_checkpoint(model, data, metrics, args.batch_size, args.device))
+            results.append(
+                evaluate_checkpoint(model, data, metrics, args.batch_size, args.device, args.model_format)
+            )
             print(f"{model}: " + ", ".join(f"{m} {results[-1][m]:.4f}" for m in metrics))
         out = write_text(args.output, render(results, metrics, args.test_data))
         numbers = write_json(

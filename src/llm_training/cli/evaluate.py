@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from llm_training.cli.common import add_scoring_flags, parser, run
+from llm_training.cli.common import add_format_flag, add_scoring_flags, parser, run
 from llm_training.eval.metrics import METRICS
 
 DESCRIPTION = """\
@@ -30,6 +30,7 @@ def build_parser():
     )
     p.add_argument("--output", help="Write the results here as JSON (folders are created).")
     add_scoring_flags(p)
+    add_format_flag(p)
     return p
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:  # before the work: the results must not replace what they are computed from
             check_output_file(args.output, "--output", [args.model_path, args.test_data])
         results = evaluate_checkpoint(
-            args.model_path, args.test_data, args.metrics, args.batch_size, args.device
+            args.model_path, args.test_data, args.metrics, args.batch_size, args.device, args.model_format
         )
         for key, value in results.items():
             if isinstance(value, float):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from llm_training.cli.common import add_device_flag, parser, run
+from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
 from llm_training.errors import DataError, UserError
 
 DESCRIPTION = """\
@@ -51,6 +51,7 @@ def build_parser():
                    help="On CUDA: compile the decoding step with torch.compile (faster for many prompts; about "
                    "10 s more at the start).")  # fmt: skip
     add_device_flag(p)
+    add_format_flag(p)
     return p
 
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"{target} has {done} lines but {source} only {total} prompts: a different input?"
             )
-        trained = load_for_generation(args.model, args.device)
+        trained = load_for_generation(args.model, args.device, args.model_format)
         tok = trained.tokenizer
         context = trained.cfg.max_seq_length
         stops = [s for s in args.stop if s]

@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None, **overrides):
 def cli_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         arguments = sys.argv[1:] if argv is None else argv
-        print_result(main(arguments), "python -m llm_training.main", arguments)
-        return 0
+        return print_result(main(arguments), "python -m llm_training.main", arguments)
 
     return run(body)

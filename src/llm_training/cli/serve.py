@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from llm_training.cli.common import add_device_flag, parser, run
+from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
 
 DESCRIPTION = """\
 Serve a model over HTTP on loopback by default (--host 0.0.0.0 to listen on every interface).
@@ -32,6 +32,7 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     p.add_argument("--workers", type=int, default=1, help="Worker processes (each loads the model).")
     add_device_flag(p)
+    add_format_flag(p)
     p.add_argument("--api-key", action="append", default=[], help="Accepted API key (repeatable).")
     p.add_argument("--max-batch-size", type=int, default=32, help="Requests generated together at most.")
     p.add_argument(
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                    max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                    batching=not args.no_batching, max_pending=args.max_pending,
                                    max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
-                                   timeout=args.timeout, truncate=args.truncate, compile=args.compile)  # fmt: skip
+                                   timeout=args.timeout, truncate=args.truncate, compile=args.compile,
+                                   model_format=args.model_format)  # fmt: skip
         if args.workers < 1 or options.max_batch_size < 1:
             raise UserError("--workers and --max-batch-size must be at least 1")
         print(

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         cfg = load_config(args.config, cli=cli)
         result = run_training(cfg, resume_from=args.resume)
-        print_result(result, "llm-train", arguments)
-        return 0
+        return print_result(result, "llm-train", arguments)
 
     return run(body)
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llm_training.errors import DataError
+from llm_training.errors import ConfigError, DataError
 
 log = logging.getLogger("llm_training.tokenizer")
 
@@ -271,6 +271,21 @@ class Tokenizer:
         if sample and fast.encode_ordinary_batch(sample, num_threads=1) != self._encode_hf(sample):
             log.warning("tiktoken disagrees with Hugging Face on this tokenizer; encoding with Hugging Face")
             self._fast = None
+
+
+def check_same_tokenizer(ours: Tokenizer, vocab: str | Path | Tokenizer, whose: str, fix: str) -> None:
+    """Refuse data whose tokenizer (``vocab``: prepared data's ``vocab.json``, or the tokenizer it will be
+    prepared with) is not ``ours``, the one a model (``whose``, e.g. "the model's") was trained with: the same
+    ids would name other tokens and training would go on silently from a meaningless start. ``fix``: what to
+    do instead."""
+    data = vocab if isinstance(vocab, Tokenizer) else Tokenizer.load(vocab)
+    if data.fingerprint == ours.fingerprint or data.backend.get_vocab(True) == ours.backend.get_vocab(True):
+        return
+    where = "the data" if isinstance(vocab, Tokenizer) else f"{vocab}: the data"
+    raise ConfigError(
+        f"{where} was tokenized with another tokenizer ({data.vocab_size} tokens) than {whose} "
+        f"({ours.vocab_size} tokens); {fix}"
+    )
 
 
 def _encode_tiktoken(fast, texts: list[str], num_threads: int) -> list[list[int]]:

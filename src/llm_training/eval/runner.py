@@ -23,9 +23,10 @@ def evaluate_checkpoint(
     metrics: str | list[str] | None = None,
     batch_size: int = 16,
     device: str = "auto",
+    model_format: str | None = None,
 ) -> dict:
     """The metrics of one checkpoint; ``test_data`` a path or data already read (to read a file once for
-    several models); ``metrics`` None: ``default_metrics``."""
+    several models); ``metrics`` None: ``default_metrics``; ``model_format`` None: by the model's name."""
     import torch
 
     from llm_training.export.runtime import load_model
@@ -43,7 +44,7 @@ def evaluate_checkpoint(
     data = read_test_data(test_data) if isinstance(test_data, (str, Path)) else test_data
     names = parse_metrics(metrics) if metrics is not None else default_metrics(data)
     target = pick_device(device)  # bad data and metric names fail above, before the model is loaded
-    trained = load_model(model_path, target)
+    trained = load_model(model_path, target, model_format)
     if getattr(trained.module, "vision_cfg", None) is not None:
         raise UserError(f"{model_path} reads an image before its text: evaluate it on captions with images "
                         '(JSON Lines of {"text": ..., "image": ...})')  # fmt: skip

@@ -201,6 +201,11 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     target = _target(checkpoint, fmt, options)
     _refuse_existing(fmt, target, options.overwrite)
+    from llm_training.export.runtime import TORCHSCRIPT_SUFFIXES
+
+    if fmt == "torchscript" and not target.name.lower().endswith(TORCHSCRIPT_SUFFIXES):
+        log.warning("%s: the other commands read a TorchScript export by its name (.torchscript.pt, .ts) or "
+                    "with --format torchscript; under this name they refuse it as a checkpoint", target)  # fmt: skip
     started = time.perf_counter()
     source = source or load_source(checkpoint, options.pruning, options.validation_data, options.check_tokens)
     images = getattr(source.model, "vision_cfg", None) is not None

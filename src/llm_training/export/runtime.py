@@ -1,5 +1,9 @@
 """Any model this tool writes, loaded for inference: a training checkpoint, or an export (ONNX, TorchScript,
-safetensors, a Hugging Face folder, GGUF), recognised by its content.
+safetensors, a Hugging Face folder, GGUF), recognised by its name (or named by the caller: ``--format``).
+
+A ``.pt`` file is always a checkpoint of this tool, read with ``weights_only``: TorchScript runs code when it
+is loaded, so it is loaded only under a TorchScript name (``.torchscript.pt``, as the exporter writes, or
+``.torchscript``/``.ts``) or when the caller says ``torchscript``, never because of what a file contains.
 
 ``load_model(path)`` returns a ``LoadedModel``: the tokenizer, the model config, and ``module``, an
 ``nn.Module`` whose ``forward(input_ids)`` returns logits. For checkpoints, safetensors, Hugging Face folders
@@ -9,7 +13,6 @@ and GGUF that is our ``Transformer`` itself (generation gets the KV cache); ONNX
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,20 +86,24 @@ class LoadedModel:
         return pick_precision("auto", device_of(self.module)) == "bf16"
 
 
-def load_for_generation(path: str | Path, device: str = "auto") -> LoadedModel:
+def load_for_generation(path: str | Path, device: str = "auto", kind: str | None = None) -> LoadedModel:
     """``load_model`` on ``device`` ("auto": CUDA when present), with the weights cast to bf16 where the
     device computes in bf16: autocast would cast every weight again at every generated token."""
     from llm_training.train.device import pick_device
 
-    loaded = load_model(path, pick_device(device))
+    loaded = load_model(path, pick_device(device), kind)
     if loaded.prefers_bf16:
         loaded.module.to(torch.bfloat16)
     return loaded
 
 
+FORMATS = ("auto", "checkpoint", "torchscript", "onnx", "safetensors", "hf", "gguf")
+TORCHSCRIPT_SUFFIXES = (".torchscript.pt", ".torchscript", ".ts")
+
+
 def detect_format(path: str | Path) -> str:
     """Which format (checkpoint, onnx, torchscript, safetensors, hf, gguf) the file or folder at ``path``
-    is (by content, not by name)."""
+    is: by its name; a file with another name by its header, for the formats that hold no code."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (nor an exported model)")
@@ -107,25 +114,23 @@ def detect_format(path: str | Path) -> str:
         if (path / "model.safetensors").is_file():
             return "safetensors"
         raise UserError(f"{path}: a folder that is neither a Hugging Face model nor a safetensors export")
+    name = path.name.lower()
+    if name.endswith(TORCHSCRIPT_SUFFIXES):
+        return "torchscript"
+    by_suffix = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx", ".gguf": "gguf",
+                 ".safetensors": "safetensors"}  # fmt: skip
+    if path.suffix.lower() in by_suffix:
+        return by_suffix[path.suffix.lower()]
     with open(path, "rb") as handle:
         head = handle.read(9)
     if head[:4] == b"GGUF":
         return "gguf"
-    if head[:2] == b"PK":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile:
-            raise UserError(
-                f"{path}: a damaged archive (neither a checkpoint nor TorchScript can be read)"
-            ) from None
-        return "torchscript" if any("/code/" in n for n in names) else "checkpoint"
-    if path.suffix == ".safetensors" or _safetensors_header(head, path):
+    if _safetensors_header(head, path):
         return "safetensors"
     # an ONNX ModelProto is serialised field by field, ir_version (field 1, varint: tag 0x08) first
-    if path.suffix == ".onnx" or head[:1] == b"\x08":
+    if head[:1] == b"\x08":
         return "onnx"
-    return "checkpoint"  # its loader says what is wrong with it (truncated, not a checkpoint, ...)
+    return "checkpoint"  # its loader says what is wrong with it (truncated, TorchScript, not a checkpoint...)
 
 
 def _safetensors_header(head: bytes, path: Path) -> bool:
@@ -146,9 +151,14 @@ def _need_tokenizer(tokenizer: Tokenizer | None, path: Path) -> Tokenizer:
 def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str | None = None) -> LoadedModel:
     """The model at ``path`` in eval mode; torch formats on ``device``; ONNX on onnxruntime's CPU provider for a
     CPU device, else on its best provider.
-    ``kind``: the format, when the caller knows it (the exporter's self-check); None: ``detect_format``."""
+    ``kind``: the format, when the caller knows it (``--format``, the exporter's self-check); None or "auto":
+    ``detect_format``."""
     path = Path(path)
-    kind = kind or detect_format(path)
+    if kind not in (None, "auto") and not path.exists():
+        raise UserError(f"checkpoint not found: {path} (nor an exported model)")
+    kind = detect_format(path) if kind in (None, "auto") else kind
+    if kind not in FORMATS:
+        raise UserError(f"unknown model format {kind!r}; one of {', '.join(FORMATS)}")
     if kind == "checkpoint":
         from llm_training.train.artifacts import load_trained
 
@@ -173,7 +183,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str |
     if kind == "torchscript":
         from llm_training.export.torchscript import load_torchscript
 
-        module, extra = load_torchscript(path)
+        try:
+            module, extra = load_torchscript(path)
+        except Exception as exc:  # torch.jit.load raises RuntimeError (and others) on what it cannot read
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{path}: not a readable TorchScript archive ({first[:200]})") from None
         if "config.json" not in extra:
             raise UserError(f"{path}: TorchScript without llm_training's config.json inside")
         cfg = model_config_from_json(extra["config.json"], str(path))

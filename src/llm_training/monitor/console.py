@@ -31,6 +31,7 @@ class ConsoleSink(Sink):
             (events.CHECKPOINT_SAVED, self._checkpoint),
             (events.RUN_END, self._end),
             (events.RECOVERY, self._recovery),
+            (events.WARNING, self._warning),
         ):
             self.listen(bus, topic, handler)
 
@@ -118,6 +119,9 @@ class ConsoleSink(Sink):
     def _recovery(self, event: Event) -> None:
         p = event.payload
         self._write(f"recovery ({p['action']}, attempt {p['attempt']}): {p['error']}; {p['message']}")
+
+    def _warning(self, event: Event) -> None:
+        self._write(f"warning: {event.payload['message']}")
 
     def close(self) -> None:
         super().close()

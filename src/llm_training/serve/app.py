@@ -41,6 +41,7 @@ class ServeOptions:
     timeout: float = 120.0  # seconds a request may take, waiting included
     truncate: bool = False  # prompts longer than the context: 400 (False) or cut from the left (True)
     compile: bool = False  # on CUDA: decoding steps compiled by torch.compile (a slower first request)
+    model_format: str = "auto"  # by the model's name; "torchscript" to run a TorchScript archive you trust
 
     def to_env(self) -> str:
         """The options as the JSON a child process or uvicorn worker reads from ``OPTIONS_ENV``."""
@@ -73,7 +74,7 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict:
 
 def make_engine(options: ServeOptions) -> Engine:
     return Engine(options.model_path, options.device, options.max_batch_size, options.batch_wait, options.batching,
-                  options.max_pending, options.truncate, options.compile)  # fmt: skip
+                  options.max_pending, options.truncate, options.compile, options.model_format)  # fmt: skip
 
 
 def error_response(

@@ -71,8 +71,8 @@ class Job:
 class Engine:
     def __init__(self, model_path: str, device: str = "auto", max_batch_size: int = 32, batch_wait: float = 0.005,
                  batching: bool = True, max_pending: int = 256, truncate: bool = True,
-                 compile: bool = False) -> None:  # fmt: skip
-        self.model_path, self.device_name = model_path, device
+                 compile: bool = False, model_format: str = "auto") -> None:  # fmt: skip
+        self.model_path, self.device_name, self.model_format = model_path, device, model_format
         self.model_id = Path(model_path).name
         self.max_batch_size = max_batch_size if batching else 1
         self.batch_wait = batch_wait if batching else 0.0
@@ -91,7 +91,7 @@ class Engine:
         """Load the model (in the caller's thread, so a bad path fails the start) and start the worker."""
         from llm_training.export.runtime import load_for_generation
 
-        self.loaded = load_for_generation(self.model_path, self.device_name)
+        self.loaded = load_for_generation(self.model_path, self.device_name, self.model_format)
         self.thread.start()
 
     @property

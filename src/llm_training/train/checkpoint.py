@@ -17,6 +17,8 @@ import random
 import re
 import time
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,12 +176,48 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+_SIDECAR_LIMIT = 1 << 20  # a real one is a few hundred bytes; a bigger file is not ours
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def sidecar_problem(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the sidecar's record, None), (None, None) when there is none, or (None, what is wrong with it): a
+    damaged sidecar (not JSON, not an object, fields of the wrong type, huge) never vouches for a file."""
+    side = sidecar_path(path)
     try:
-        record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and "sha256" in record else None
+        if side.stat().st_size > _SIDECAR_LIMIT:
+            return None, f"its checksum file {side.name} is damaged (over {_SIDECAR_LIMIT:,} bytes)"
+        record = json.loads(side.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"its checksum file {side.name} cannot be read ({exc.strerror or exc})"
+    except ValueError:  # not UTF-8 or not JSON
+        return None, f"its checksum file {side.name} is damaged (not JSON)"
+    if not isinstance(record, dict):
+        return None, f"its checksum file {side.name} is damaged (not a JSON object)"
+    wrong = [
+        key
+        for key, ok in (
+            ("sha256", isinstance(record.get("sha256"), str) and _SHA256.match(record["sha256"])),
+            ("bytes", "bytes" not in record or _count(record["bytes"])),
+            ("step", "step" not in record or _count(record["step"])),
+            ("val_loss", record.get("val_loss") is None or isinstance(record["val_loss"], (int, float))),
+        )
+        if not ok
+    ]
+    if wrong:
+        return None, f"its checksum file {side.name} is damaged ({', '.join(wrong)} missing or not valid)"
+    return record, None
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar's record; None when it is missing or damaged."""
+    return sidecar_problem(path)[0]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -190,18 +228,53 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def archive_problem(path: str | Path) -> str | None:
+    """None when every member of the zip archive reads back with its CRC-32 (a ``torch.save`` archive
+    records one per tensor and for the pickle), streamed; else what is wrong. Checks a checkpoint whose
+    sidecar is missing: one flipped byte anywhere in the data is caught."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:  # zipfile checks the CRC-32 at the member's end
+                    while member.read(_HASH_CHUNK):
+                        pass
+    except zipfile.BadZipFile as exc:
+        if "CRC" in str(exc) or "header" in str(exc).lower():
+            return f"corrupted: {str(exc).strip()[:200]} (a zip member does not match its checksum)"
+        return (
+            "not a readable checkpoint (not a whole zip archive as torch.save writes: truncated, or "
+            "another file)"
+        )
+    except (EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as exc:
+        return f"corrupted: the archive cannot be read ({str(exc).strip()[:200] or type(exc).__name__})"
+    return None
+
+
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None when the file matches its sidecar (or has none); else what is wrong, in a few words."""
+    """None when the file matches its sidecar, or (without one) every member matches its CRC-32; else what
+    is wrong, in a few words."""
     path = Path(path)
-    record = read_sidecar(path)
+    record, problem = sidecar_problem(path)
+    if problem:
+        return problem
     if record is None:
-        return None
+        return archive_problem(path)
     size = path.stat().st_size
     if size != record.get("bytes", size):
         return f"truncated or extended: {size:,} bytes, its checksum file says {record['bytes']:,}"
     if file_sha256(path) != record["sha256"]:
         return "corrupted: its SHA-256 does not match its checksum file"
     return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether the archive at ``path`` is a TorchScript one (code and constants, which only
+    ``torch.jit.load`` reads): looked at only to say so in an error, never to load it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def load_checkpoint(
@@ -214,9 +287,21 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     problem = verify_checkpoint(path) if verify else None
+    if problem and problem.startswith("not a readable checkpoint"):
+        raise CheckpointError(f"{path}: {problem}")
+    if problem and problem.startswith("its checksum file"):
+        raise CheckpointError(
+            f"{path}: {problem}; if the checkpoint itself is intact, delete {sidecar_path(path).name} to "
+            "have it checked by its archive's CRC-32s, else resume from an earlier checkpoint"
+        )
     if problem:
         raise CheckpointError(
             f"{path}: {problem}; resume from an earlier checkpoint (--resume auto finds one)"
+        )
+    if _is_torchscript(path):  # torch.load would refuse it with a warning and a paragraph
+        raise CheckpointError(
+            f"{path}: a TorchScript archive, not a checkpoint of this tool; if you trust it (loading "
+            "TorchScript runs its code), pass --format torchscript"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -226,6 +311,23 @@ def load_checkpoint(
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not an llm_training checkpoint (no model or config inside)")
     return state
+
+
+def checkpoint_tokenizer(path: str | Path) -> str | None:
+    """The tokenizer JSON a checkpoint was trained with, read cheaply (the tensors memory-mapped, not read,
+    nothing verified: a check before a run, whose own load verifies); None if it cannot be read."""
+    import warnings
+
+    if _is_torchscript(Path(path)):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or not a checkpoint: the run's own load says so
+        return None
+    value = state.get("tokenizer_json") if isinstance(state, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -308,14 +410,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def find_resume(resume: str | Path, checkpoint_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+def find_resume(
+    resume: str | Path, checkpoint_dir: str | Path, warn: Callable[[str], None] | None = None
+) -> tuple[Path | None, dict[str, Any] | None]:
     """Resolve ``--resume``: a path is loaded (an error if it cannot be); "auto" loads the newest checkpoint
-    of ``checkpoint_dir`` that loads, skipping damaged ones with a warning, or gives (None, None)."""
+    of ``checkpoint_dir`` that loads, or gives (None, None). Each damaged checkpoint skipped, and starting
+    from the beginning because every one is damaged, is told to ``warn`` (the console), else logged."""
     if str(resume) != "auto":
         return Path(resume), load_checkpoint(resume)
+    say = warn or log.warning
+    skipped = []
     for entry in resume_candidates(checkpoint_dir):
         try:
-            return entry.path, load_checkpoint(entry.path)
+            state = load_checkpoint(entry.path)
         except CheckpointError as exc:
-            log.warning("skipping %s", exc)
+            skipped.append(entry.path.name)
+            say(f"resume auto: skipping {exc}")
+            continue
+        if skipped:
+            say(f"resume auto: continuing from {entry.path} (step {state.get('step', '?')}), not the damaged "
+                f"{', '.join(skipped)}")  # fmt: skip
+        return entry.path, state
+    if skipped:
+        say(f"resume auto: every checkpoint in {checkpoint_dir} is damaged ({', '.join(skipped)}); "
+            "training starts from step 0")  # fmt: skip
     return None, None

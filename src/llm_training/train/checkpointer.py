@@ -75,6 +75,7 @@ class Checkpointer:
         self._pending: Future | None = None
         self.stall_seconds: list[tuple[str, float]] = []  # (name, how long its save held up the loop)
         self.last_saved: Path | None = None
+        self.unsaved: dict[str, str] = {}  # name -> why, for saves that failed under on_save_error=continue
 
     # ----------------------------------------------------------------------------------------- saving
 
@@ -128,6 +129,7 @@ class Checkpointer:
         if self.recovery is not None:
             self.recovery.succeeded("io")
         self.last_saved = path
+        self.unsaved.pop(name, None)
         self.bus.publish(events.CHECKPOINT_SAVED, path=str(path), **meta)
         if meta.get("kind") == "step":
             self.retain(known_valid=path)
@@ -139,7 +141,10 @@ class Checkpointer:
         message = f"could not save {path}: {reason}; nothing half-written was left, {keep}"
         self.bus.publish(events.ERROR, error=message, errno=errno.errorcode.get(exc.errno or 0, ""))
         if self.cfg.on_save_error == "continue":
-            log.error("%s; training continues (checkpoint.on_save_error=continue)", message)
+            self.unsaved[path.name] = reason
+            self.bus.publish(
+                events.WARNING, message=f"{message}; training continues (checkpoint.on_save_error=continue)"
+            )
             return
         raise CheckpointWriteError(
             f"{message}; free space (or set checkpoint.on_save_error=continue), then resume with --resume auto"

@@ -22,7 +22,7 @@ from llm_training import events
 from llm_training.config import Config, config_from_dict
 from llm_training.data.loader import BatchLoader, TokenDataset
 from llm_training.data.prepare import read_manifest
-from llm_training.data.tokenizer import Tokenizer
+from llm_training.data.tokenizer import Tokenizer, check_same_tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.model import build_model
@@ -79,6 +79,7 @@ class TrainResult:
     interrupted_by: str | None = None  # the signal that stopped an interrupted run
     resumed_from: Path | None = None
     recoveries: int = 0  # rollbacks, batch reductions and retries during the run
+    unsaved: dict = field(default_factory=dict)  # name -> why it was not saved (on_save_error=continue)
     model: Any = field(default=None, repr=False)  # the trained torch module
 
 
@@ -680,6 +681,7 @@ class Trainer:
             metrics=m,
             resumed_from=self.resumed_from,
             recoveries=len(self.recovery.history) if self.recovery is not None else 0,
+            unsaved=dict(self.checkpointer.unsaved),
         )
         result.model = self.model
         skip = ("metrics", "resumed_from", "model")
@@ -709,9 +711,16 @@ def train(
     if isinstance(resume, dict):
         state = resume
     elif resume is not None:
-        path, state = find_resume(resume, Path(cfg.output_dir) / "checkpoints")
+        warn = lambda message: bus.publish(events.WARNING, message=message)  # noqa: E731
+        path, state = find_resume(resume, Path(cfg.output_dir) / "checkpoints", warn)
         if state is None:
-            log.info("resume auto: no checkpoint in %s yet, starting from the beginning", cfg.output_dir)
+            log.info("resume auto: no valid checkpoint in %s, starting from the beginning", cfg.output_dir)
+    vocab = Path(data_dir) / "vocab.json"
+    if state is not None and state.get("tokenizer_json") and vocab.is_file():
+        fix = "resume on the data that checkpoint was trained on"
+        check_same_tokenizer(
+            Tokenizer.from_json(state["tokenizer_json"]), vocab, f"{path or 'the checkpoint'}'s", fix
+        )
     if state is not None:  # the architecture comes from the checkpoint: the model is built before restoring
         cfg.model = config_from_dict({"model": state["config"]["model"]}, str(path or "checkpoint")).model
     trainer = Trainer(cfg, data_dir, bus, model=model, recovery=recovery, env=env)
