@@ -35,17 +35,24 @@ def surrogate_at(text: str) -> int | None:
 def bad_text(value: Any) -> str | None:
     """Why a string cannot be used as text (a lone surrogate), or None."""
     if isinstance(value, str) and (at := surrogate_at(value)) is not None:
-        return f"a lone surrogate \\u{ord(value[at]):04x} at character {at}, which is not Unicode text"
+        return (
+            f"a lone surrogate \\u{ord(value[at]):04x} at character {at} (from an escape such as \\ud800, or "
+            "bytes that are not UTF-8), which is not Unicode text"
+        )
     return None
 
 
 def json_loads(text: str | bytes) -> Any:
-    """``json.loads`` whose too-deep nesting is a ``JSONDecodeError`` like any other malformed JSON."""
+    """``json.loads`` whose too-deep nesting or too-long numbers are a ``JSONDecodeError`` like any other
+    malformed JSON (its position is unknown: 0)."""
     try:
         return json.loads(text)
     except RecursionError:
-        doc = text if isinstance(text, str) else ""
-        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # an integer of more than 4,300 digits
+        raise json.JSONDecodeError("a number too long to read", "", 0) from None
 
 
 @functools.cache
