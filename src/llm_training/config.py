@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from llm_training.errors import ConfigError, quoted
-from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, yaml_load
+from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, json_loads, yaml_load
 
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
@@ -250,7 +250,7 @@ def parse_duration(value: str | float | None, key: str = "duration") -> float | 
             raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {quoted(value)}")
         seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key}: the time budget must be positive, got {quoted(value)}")
+        raise ConfigError(f"{key}: the time budget must be positive and finite, got {quoted(value)}")
     if seconds > MAX_DURATION:
         raise ConfigError(f"{key}: at most {MAX_DURATION:,.0f} seconds (10 years), got {quoted(value)}")
     return seconds
@@ -510,10 +510,9 @@ def model_config_json(cfg: ModelConfig) -> str:
 
 def model_config_from_json(text: str, where: str) -> ModelConfig:
     """The model config an export carries, checked like any config (``where`` names the file in errors)."""
-    import json
 
     try:
-        data = json.loads(text)
+        data = json_loads(text)
     except ValueError as exc:
         raise ConfigError(f"{where}: its model config is not valid JSON ({exc})") from None
     return config_from_dict({"model": data}, where).model
@@ -664,7 +663,7 @@ def validate(cfg: Config) -> None:
     v = cfg.vision
     _require(v.patch_size >= 1 and v.image_size % v.patch_size == 0,
              f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")  # fmt: skip
-    _require(v.hidden_size % v.num_attention_heads == 0,
+    _require(v.num_attention_heads >= 1 and v.hidden_size % v.num_attention_heads == 0,
              "vision.hidden_size must be a multiple of vision.num_attention_heads")  # fmt: skip
     _require(
         len(v.mean) == 3 and len(v.std) == 3 and min(v.std) > 0, "vision.mean and vision.std need 3 values"

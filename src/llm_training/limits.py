@@ -14,7 +14,7 @@ from typing import Any
 
 MAX_YAML_NODES = 100_000  # values in a config after its aliases are expanded; real configs have < 500
 MAX_YAML_DEPTH = 64  # nesting of a config; real configs use 3
-MAX_CONFIG_BYTES = 1 << 20  # a config file; the shipped ones are under 4 kB
+MAX_CONFIG_BYTES = 1 << 18  # a config file (PyYAML reads about 0.5 MB/s); the shipped ones are under 4 kB
 MAX_LINE_BYTES = 16 << 20  # one line (record) of a test or prompt file, as data.max_document_bytes' default
 MAX_NEW_TOKENS = 1 << 20  # new tokens per prompt in llm-infer (about 4 MB of text)
 MAX_CHOICES = 1000  # choices of one multiple-choice item, and labels of a classification file
@@ -122,9 +122,25 @@ def _check_nodes(root) -> None:
         stack.extend((c, False) for c in children if id(c) not in sizes)
 
 
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth_check(text: str) -> None:
+    """Refuse deep ``[[[...`` / ``{{{...`` before PyYAML's scanner sees them: it looks ahead over every open
+    bracket at each one (quadratic: 5,000 take seconds, 100,000 hours). Brackets inside quoted text count
+    too, which only matters for a config holding more than MAX_YAML_DEPTH unclosed ones."""
+    depth = 0
+    for match in _BRACKET.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        if depth > MAX_YAML_DEPTH:
+            line = text.count("\n", 0, match.start()) + 1
+            raise InputLimitError(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+
+
 def yaml_load(text: str) -> Any:
     """``yaml.safe_load`` within the bounds above: raises ``InputLimitError`` past them, ``yaml.YAMLError``
     on malformed YAML."""
+    _flow_depth_check(text)
     loader = _loader_class()(text)
     try:
         node = loader.get_single_node()
