@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from llm_training.errors import ConfigError
+from llm_training.errors import ConfigError, quoted
+from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, json_loads, yaml_load
 
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
@@ -229,6 +230,7 @@ class Config:
 
 # --------------------------------------------------------------------------------------------- durations
 
+MAX_DURATION = 10 * 365 * 86400.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
 
@@ -238,17 +240,19 @@ def parse_duration(value: str | float | None, key: str = "duration") -> float | 
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {value!r}")
+        raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {quoted(value)}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
         text = str(value).strip().lower().replace(" ", "")
         parts = list(_DURATION_PART.finditer(text))
         if not text or "".join(p.group(0) for p in parts) != text:
-            raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {value!r}")
+            raise ConfigError(f"{key}: expected a duration such as '70s', '15m' or '2h', got {quoted(value)}")
         seconds = sum(float(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key}: the time budget must be positive, got {value!r}")
+        raise ConfigError(f"{key}: the time budget must be positive and finite, got {quoted(value)}")
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"{key}: at most {MAX_DURATION:,.0f} seconds (10 years), got {quoted(value)}")
     return seconds
 
 
@@ -261,6 +265,12 @@ def _section(cfg: Config, name: str, source: str):
     if name not in SECTIONS:
         raise ConfigError(f"{source}: unknown section '{name}'{_suggest(name, [*SECTIONS, 'output_dir'])}")
     return getattr(cfg, name)
+
+
+def _clip(name: Any) -> str:
+    """A key as written by the user, short enough to quote."""
+    text = str(name) if isinstance(name, str) else quoted(name)
+    return quoted(text[:100])[1:-1] if len(text) > 100 or bad_text(text) else text
 
 
 def _suggest(name: str, choices: list[str], section: str = "") -> str:
@@ -284,8 +294,22 @@ def _allowed(tp) -> tuple[tuple[type, ...], bool]:
     return (tp,), False
 
 
+MAX_TEXT_CHARS = 1_000_000  # a text value (a path, a prompt...)
+MAX_INT = 1 << 62  # beyond any sensible size or count; RANGES holds the real bounds of each key
+
+
+def _check_text(value: str, key: str, source: str) -> None:
+    why = bad_text(value) or ("a NUL character" if "\0" in value else None)
+    if why is None and len(value) > MAX_TEXT_CHARS:
+        why = f"{len(value):,} characters (at most {MAX_TEXT_CHARS:,})"
+    if why is not None:
+        raise ConfigError(f"{source}: '{key}' cannot be used as text: {why}")
+
+
 def _coerce(value: Any, tp, key: str, source: str) -> Any:
     kinds, optional = _allowed(tp)
+    if isinstance(value, str):
+        _check_text(value, key, source)
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
         if optional:
             return None
@@ -294,26 +318,36 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
         items = value.strip("[] ").split(",") if isinstance(value, str) else value
         if isinstance(items, (list, tuple)):
             parsed = [_parse_scalar(i.strip()) if isinstance(i, str) else i for i in items]
-            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in parsed):
+            if all(_is_number(x) for x in parsed):
                 return [float(x) for x in parsed]
-        raise ConfigError(f"{source}: '{key}' expects a list of numbers, got {value!r}")
+        raise ConfigError(f"{source}: '{key}' expects a list of numbers, got {quoted(value)}")
     if isinstance(value, str) and str not in kinds:
         value = _parse_scalar(value)  # environment variables and flags arrive as text
     elif isinstance(value, str) and int in kinds:  # an integer or a word such as "auto"
         parsed = _parse_scalar(value)
-        value = parsed if isinstance(parsed, int) and not isinstance(parsed, bool) else value
+        value = parsed if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else value
+    if isinstance(value, float) and int in kinds and float not in kinds and value.is_integer():
+        value = int(value) if abs(value) <= MAX_INT else value  # 1e6 steps, '2.048e3' tokens
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {quoted(value)}")
     if isinstance(value, bool):
         if bool in kinds:
             return value
     elif isinstance(value, int) and int in kinds:
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{source}: '{key}' is out of range, got {quoted(value)}")
         return value
     elif isinstance(value, (int, float)) and float in kinds:
         return float(value)
     elif isinstance(value, str) and str in kinds:
         return value
     raise ConfigError(
-        f"{source}: '{key}' expects {_type_names(kinds)}, got {value!r} ({type(value).__name__})"
+        f"{source}: '{key}' expects {_type_names(kinds)}, got {quoted(value)} ({type(value).__name__})"
     )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -323,11 +357,11 @@ def _parse_scalar(text: str) -> Any:
     for number in (int, float):
         try:
             return number(text.strip())
-        except ValueError:
+        except ValueError:  # also an integer of more than 4,300 digits
             pass
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return yaml_load(text)
+    except (yaml.YAMLError, InputLimitError):
         return text
 
 
@@ -346,16 +380,16 @@ def apply_layer(cfg: Config, layer: dict[str, Any], source: str) -> None:
         if name == "output_dir":
             cfg.output_dir = _coerce(values, str, "output_dir", source)
             continue
-        section = _section(cfg, str(name), source)
+        section = _section(cfg, _clip(name), source)
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {quoted(values)}")
         hints = _field_types(section)
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}'{_suggest(str(key), list(hints), name)}"
+                    f"{source}: unknown key '{name}.{_clip(key)}'{_suggest(_clip(key), list(hints), name)}"
                 )
             setattr(section, key, _coerce(value, hints[key], f"{name}.{key}", source))
 
@@ -366,10 +400,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass a YAML file such as config/default.yaml)")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: {size:,} bytes is too large for a config file (at most {MAX_CONFIG_BYTES:,})"
+        )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is not part of the text
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except InputLimitError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -469,10 +510,9 @@ def model_config_json(cfg: ModelConfig) -> str:
 
 def model_config_from_json(text: str, where: str) -> ModelConfig:
     """The model config an export carries, checked like any config (``where`` names the file in errors)."""
-    import json
 
     try:
-        data = json.loads(text)
+        data = json_loads(text)
     except ValueError as exc:
         raise ConfigError(f"{where}: its model config is not valid JSON ({exc})") from None
     return config_from_dict({"model": data}, where).model
@@ -486,6 +526,48 @@ BACKENDS = {"auto", "nccl", "gloo"}
 LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
+_B = 10**12  # steps, intervals: beyond any run
+# every numeric key's allowed range (inclusive), checked after the rules below; the memory check before a
+# model is built (model/footprint.py) says which sizes inside these ranges fit the machine
+RANGES: dict[str, tuple[float, float]] = {
+    "model.num_layers": (1, 1 << 16), "model.hidden_size": (1, 1 << 20), "model.num_attention_heads": (1, 1 << 16),
+    "model.num_kv_heads": (1, 1 << 16), "model.intermediate_size": (1, 1 << 24), "model.vocab_size": (2, 1 << 31),
+    "model.max_seq_length": (1, 1 << 24), "model.dropout": (0, 1), "model.norm_eps": (1e-12, 1),
+    "model.rope_theta": (1, 1e12), "model.init_std": (1e-8, 10), "model.loss_chunk_tokens": (0, 1 << 30),
+    "data.vocab_size": (260, 1 << 24), "data.tokenizer_sample_bytes": (0, 1 << 40),
+    "data.validation_fraction": (0, 1), "data.max_seq_length": (1, 1 << 24), "data.min_quality": (0, 1),
+    "data.dedup_threshold": (0, 1), "data.max_document_bytes": (1, 1 << 31), "data.workers": (0, 1024),
+    "data.seed": (0, 2**32 - 1),
+    "training.batch_size": (1, 1 << 20), "training.global_batch_size": (1, 1 << 24),
+    "training.num_epochs": (1, 1_000_000), "training.max_steps": (1, _B), "training.seq_length": (1, 1 << 24),
+    "training.learning_rate": (0, 100), "training.min_lr_ratio": (0, 1), "training.warmup_steps": (0, _B),
+    "training.weight_decay": (0, 100), "training.beta1": (0, 1), "training.beta2": (0, 1),
+    "training.grad_clip": (0, 1e9), "training.gradient_accumulation_steps": (1, 1 << 20),
+    "training.eval_interval": (1, _B), "training.eval_batches": (0, 1 << 30), "training.log_interval": (1, _B),
+    "training.checkpoint_interval": (1, _B), "training.seed": (0, 2**32 - 1),
+    "training.sample_tokens": (0, 100_000), "training.sample_temperature": (0, 100),
+    "training.sample_top_k": (0, 1 << 31),
+    "checkpoint.keep_last": (0, 1_000_000), "checkpoint.keep_best": (0, 1_000_000),
+    "recovery.max_retries": (0, 1000), "recovery.backup_freq": (0, _B), "recovery.loss_spike_factor": (0, 1e6),
+    "recovery.backoff_seconds": (0, 3600),
+    "resources.gpu_count": (0, 4096), "resources.num_threads": (1, 4096), "logging.profile_steps": (0, 100_000),
+    "vision.image_size": (1, 4096), "vision.patch_size": (1, 4096), "vision.hidden_size": (1, 1 << 16),
+    "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024),
+}  # fmt: skip
+
+
+def _check_ranges(cfg: Config) -> None:
+    for dotted, (low, high) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _require(low <= value <= high, f"{dotted} must be from {low:,} to {high:,}, got {quoted(value)}")
+    for value in (*cfg.vision.mean, *cfg.vision.std):
+        _require(
+            math.isfinite(value) and abs(value) <= 1e6, "vision.mean and vision.std must be finite numbers"
+        )
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -493,7 +575,7 @@ def _require(ok: bool, message: str) -> None:
 
 def _one_of(value: Any, allowed: set[str], key: str) -> None:
     ok = str(value).lower() in {a.lower() for a in allowed}
-    _require(ok, f"{key}: {value!r} is not one of {', '.join(sorted(allowed))}")
+    _require(ok, f"{key}: {quoted(value)} is not one of {', '.join(sorted(allowed))}")
 
 
 def validate(cfg: Config) -> None:
@@ -556,7 +638,7 @@ def validate(cfg: Config) -> None:
     if isinstance(t.batch_size, str):
         _require(
             t.batch_size.lower() == "auto",
-            f"'training.batch_size' expects an integer or 'auto', got {t.batch_size!r}",
+            f"'training.batch_size' expects an integer or 'auto', got {quoted(t.batch_size)}",
         )
     else:
         _require(t.batch_size >= 1, f"training.batch_size must be at least 1, got {t.batch_size}")
@@ -581,7 +663,7 @@ def validate(cfg: Config) -> None:
     v = cfg.vision
     _require(v.patch_size >= 1 and v.image_size % v.patch_size == 0,
              f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")  # fmt: skip
-    _require(v.hidden_size % v.num_attention_heads == 0,
+    _require(v.num_attention_heads >= 1 and v.hidden_size % v.num_attention_heads == 0,
              "vision.hidden_size must be a multiple of vision.num_attention_heads")  # fmt: skip
     _require(
         len(v.mean) == 3 and len(v.std) == 3 and min(v.std) > 0, "vision.mean and vision.std need 3 values"
@@ -627,7 +709,7 @@ def validate(cfg: Config) -> None:
 
     _require(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,
-        f"resources.device: {r.device!r} is not one of auto, cpu, cuda, cuda:N, mps",
+        f"resources.device: {quoted(r.device)} is not one of auto, cpu, cuda, cuda:N, mps",
     )
     _require(r.gpu_count is None or r.gpu_count >= 0, "resources.gpu_count cannot be negative")
     _require(r.num_threads is None or r.num_threads >= 1, "resources.num_threads must be at least 1")
@@ -636,6 +718,7 @@ def validate(cfg: Config) -> None:
     _require((parse_duration(r.timeout, "resources.timeout") or 0) > 0, "resources.timeout must be positive")
     _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
     _require(cfg.logging.profile_steps >= 0, "logging.profile_steps cannot be negative")
+    _check_ranges(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

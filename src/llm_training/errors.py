@@ -19,3 +19,28 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """A file that cannot be written or read: a full disk, a quota, a read-only file system, permissions."""
+
+
+QUOTE_LIMIT = 200
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters, computed in bounded time and
+    memory: a user's value may be a 100 MB string, a YAML alias bomb or a 5,000-digit number."""
+    import reprlib
+
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length():,} bits>"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    text = short.repr(value)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate prints as \ud800
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """A message as one printable line of at most ``limit`` characters (the CLI's last guard)."""
+    text = " ".join(str(message).split("\n")) if "\n" in str(message) else str(message)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llm_training.errors import ConfigError, UserError
+from llm_training.errors import ConfigError, UserError, one_line, quoted
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -142,7 +142,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.batch_size=8")
+            raise ConfigError(f"--set {quoted(item)}: expected KEY=VALUE, e.g. --set training.batch_size=8")
         values[key.strip()] = value
     return values
 
@@ -155,7 +155,7 @@ def run(fn: Callable[[], int | None]) -> int:
     try:
         return fn() or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)  # bounded, printable whatever it quotes
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in HANDLED:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
-from llm_training.errors import DataError, UserError
+from llm_training.errors import DataError, UserError, quoted
+from llm_training.limits import MAX_LINE_BYTES, MAX_NEW_TOKENS, bad_text, json_loads
 
 DESCRIPTION = """\
 Generate a completion for every prompt of a JSON Lines file. Each input line is {"prompt": "..."} (or
@@ -34,7 +35,10 @@ def build_parser():
     )
     p.add_argument("--batch-size", type=int, default=32, help="Prompts generated together.")
     p.add_argument(
-        "--max-new-tokens", type=int, default=128, help="New tokens per prompt (unless the line says)."
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help=f"New tokens per prompt (unless the line says); at most {MAX_NEW_TOKENS:,}.",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher samples more freely.")
     p.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens (0: all).")
@@ -57,16 +61,25 @@ def build_parser():
 
 def _prompt(record, where: str) -> tuple[str, dict]:
     if isinstance(record, str):
-        return record, {}
+        record = {"prompt": record}
     if isinstance(record, dict):
         text = record.get("prompt", record.get("text"))
         if isinstance(text, str):
             limit = record.get("max_new_tokens")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
                 raise DataError(
-                    f"{where}: 'max_new_tokens' must be a whole number of 0 or more, got {limit!r}"
+                    f"{where}: 'max_new_tokens' must be a whole number of 0 or more, got {quoted(limit)}"
                 )
+            if limit is not None and limit > MAX_NEW_TOKENS:
+                raise DataError(f"{where}: 'max_new_tokens' {limit:,} is more than llm-infer generates for one "
+                                f"prompt ({MAX_NEW_TOKENS:,}); lower it")  # fmt: skip
+            why = bad_text(text) or bad_text(record.get("id"))
+            if why is not None:
+                raise DataError(f"{where}: holds {why}; fix or drop this line")
             return text, record
+        if text is not None:
+            name = "prompt" if "prompt" in record else "text"
+            raise DataError(f"{where}: '{name}' is {type(text).__name__}, not a string")
     raise DataError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
@@ -74,14 +87,14 @@ def read_prompts(path: Path, skip: int):
     """(line number, prompt, record) from ``path`` after the first ``skip`` prompts, lazily."""
     with open(path, "rb") as handle:
         seen = 0
-        for number, raw in enumerate(handle, 1):
+        for number, raw in enumerate(_lines(handle, path), 1):
             if not raw.strip():
                 continue
             seen += 1
             if seen <= skip:
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json_loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError:
                 raise DataError(f"{path}: line {number}: not UTF-8 text; save the file as UTF-8") from None
             except json.JSONDecodeError as exc:
@@ -151,9 +164,18 @@ def check_job(target: Path, record: dict) -> None:
                     "or delete it to start again")  # fmt: skip
 
 
+def _lines(handle, path: Path):
+    """The file's lines; one longer than MAX_LINE_BYTES is an error naming it, without being held."""
+    for number, line in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{path}: line {number}: longer than the {MAX_LINE_BYTES:,} bytes a prompt line "
+                            "may hold; shorten the prompt (only its end fits the context anyway)")  # fmt: skip
+        yield line
+
+
 def count_prompts(path: Path) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
+    """Prompts in ``path``, each read and checked: a bad line fails here, before the model is loaded."""
+    return sum(1 for _ in read_prompts(path, 0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             raise DataError(f"input not found: {source}")
         check_output_file(target, "--output", [source, args.model])
-        if args.batch_size < 1 or args.max_new_tokens < 0:
-            raise UserError("--batch-size must be at least 1 and --max-new-tokens at least 0")
+        if args.batch_size < 1 or not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+            raise UserError(f"--batch-size must be at least 1 and --max-new-tokens 0 to {MAX_NEW_TOKENS:,}")
         try:  # bad sampling flags fail before the model is loaded
             Sampling(
                 args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty

@@ -40,8 +40,9 @@ from llm_training.data.filters import Analysed, FilterSettings, analyse_batch
 from llm_training.data.sources import DataSourceConnector, Document, Problems
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.data.words import MAX_BATCH_DOCS
-from llm_training.errors import DataError
+from llm_training.errors import DataError, quoted
 from llm_training.fileio import building_dir, check_output_dir
+from llm_training.limits import bad_text, json_loads
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -524,7 +525,7 @@ def read_manifest(path: str | Path) -> dict:
             f"manifest not found: {path} (prepare data first, e.g. `llm-prepare-data --input ... --output ...`)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a valid manifest ({exc})") from None
     if (
@@ -533,8 +534,48 @@ def read_manifest(path: str | Path) -> dict:
         or "shards" not in manifest
     ):
         raise DataError(f"{path}: not a manifest of format version {FORMAT_VERSION}; prepare the data again")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: {problem}; prepare the data again")
     manifest["_dir"] = str(path.parent)
     return manifest
+
+
+_COUNTS = ("num_tokens", "num_bytes", "num_documents", "vocab_size", "eot_id", "max_seq_length", "num_items",
+           "max_caption_tokens", "image_size")  # fmt: skip
+_MAX_COUNT = 1 << 50
+
+
+def _count_ok(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable (a wrong type, a negative or absurd count, a shard outside its folder),
+    named with the key, or None; readers index these keys without further checks."""
+    for key in _COUNTS:
+        if key in manifest and not _count_ok(manifest[key]):
+            return f"'{key}' must be a whole number from 0 to {_MAX_COUNT:,}, got {quoted(manifest[key])}"
+    if manifest.get("dtype", "uint16") not in ("uint16", "uint32"):
+        return f"'dtype' must be uint16 or uint32, got {quoted(manifest.get('dtype'))}"
+    if not isinstance(manifest.get("split", ""), str):
+        return f"'split' must be text, got {quoted(manifest.get('split'))}"
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        return f"'shards' must be a list, got {type(shards).__name__}"
+    for i, shard in enumerate(shards):
+        name = shard.get("path") if isinstance(shard, dict) else None
+        if (
+            not isinstance(name, str)
+            or not name
+            or Path(name).name != name
+            or name in (".", "..")
+            or bad_text(name)
+        ):
+            return f"shard {i}: 'path' must be a file name in the data folder, got {quoted(name)}"
+        if not _count_ok(shard.get("num_tokens")):
+            return f"shard {i}: 'num_tokens' must be a whole number from 0, got {quoted(shard.get('num_tokens'))}"
+    return None
 
 
 def existing_fingerprint(output_dir: str | Path) -> str | None:

@@ -27,8 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llm_training.errors import DataError
+from llm_training.errors import DataError, quoted
 from llm_training.fileio import storage_error
+from llm_training.limits import bad_text, json_loads
 
 SAMPLE_NAME = "python_reference.jsonl.gz"
 FORMATS = ("txt", "jsonl", "json", "csv", "parquet")
@@ -46,6 +47,7 @@ _EXTENSIONS = {
 _COMPRESSION = (".gz", ".zst")
 DEFAULT_MAX_DOCUMENT_BYTES = 16 * 2**20
 _PROBLEM_EXAMPLES = 100
+MAX_JSON_FILE_BYTES = 1 << 30  # a .json file is parsed whole (about 10x its size in memory)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class Problems:
     def record(self, reason: str, source: str, line: int | None, detail: str) -> None:
         where = f"{source}:{line}" if line else source
         if self.on_error == "fail":
-            raise DataError(f"{where}: {detail} (use --on-error skip to skip such records and count them)")
+            raise DataError(
+                f"{where}: {detail} (--on-error skip, or --set data.on_error=skip, skips such records and counts them)"
+            )
         self.counts[reason] += 1
         if len(self.examples) < _PROBLEM_EXAMPLES:
             self.examples.append({"reason": reason, "source": source, "line": line, "detail": detail})
@@ -126,19 +130,29 @@ class DataSourceConnector:
             )
             return None
         text = record.get(self.text_field)
+        if self.text_field in record and not isinstance(text, str):
+            kind = "null" if text is None else type(text).__name__
+            self.problems.record(
+                "text_not_a_string", path, number, f"field '{self.text_field}' is {kind}, not a string"
+            )
+            return None
         if not isinstance(text, str):
-            keys = ", ".join(sorted(map(str, record))) or "none"
+            keys = sorted(map(str, record))
+            shown = ", ".join(quoted(k, 40)[1:-1] for k in keys[:20]) + (", ..." if len(keys) > 20 else "")
             self.problems.record(
                 "missing_text_field",
                 path,
                 number,
-                f"no text field '{self.text_field}' (fields: {keys}); set --text-field",
+                f"no text field '{self.text_field}' (fields: {shown or 'none'}); set --text-field",
             )
             return None
         doc_id = record.get(self.id_field)
-        return Document(
-            str(doc_id) if doc_id is not None else f"{Path(path).name}:{number}", text, path, number
-        )
+        doc_id = str(doc_id) if doc_id is not None else f"{Path(path).name}:{number}"
+        why = bad_text(text) or bad_text(doc_id)
+        if why is not None:  # from a "\ud800" escape: no file can hold it, so neither can the shards
+            self.problems.record("invalid_unicode", path, number, why)
+            return None
+        return Document(doc_id, text, path, number)
 
     def describe(self) -> str:
         """A short description of the source, for logs and reports."""
@@ -271,7 +285,8 @@ class FileSource(DataSourceConnector):
                 )
                 continue
             try:
-                yield number, chunk.decode("utf-8")
+                line = chunk.decode("utf-8")
+                yield number, line[1:] if number == 1 and line.startswith("\ufeff") else line  # a BOM
             except UnicodeDecodeError as exc:
                 self.problems.record(
                     "not_utf8", path, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
@@ -393,7 +408,7 @@ def _read_jsonl(raw, path: str, source: FileSource) -> Iterator[Document]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_loads(line)
         except json.JSONDecodeError as exc:
             source.problems.record("invalid_json", path, number, f"invalid JSON ({exc.msg})")
             continue
@@ -404,8 +419,14 @@ def _read_jsonl(raw, path: str, source: FileSource) -> Iterator[Document]:
 
 def _read_json(raw, path: str, source: FileSource) -> Iterator[Document]:
     """A JSON list of records (or an object with a ``data`` list); read whole, so for modest files."""
+    limit = max(source.max_document_bytes, MAX_JSON_FILE_BYTES)
+    content = raw.read(limit + 1)
+    if len(content) > limit:
+        source.problems.record("file_too_large", path, None, f"a .json file is read whole and this one is over "
+                               f"{limit:,} bytes; write it as JSON Lines (.jsonl), one record a line")  # fmt: skip
+        return
     try:
-        data = json.loads(raw.read().decode("utf-8"))
+        data = json_loads(content.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         source.problems.record("not_utf8", path, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
         return
@@ -426,7 +447,7 @@ def _read_json(raw, path: str, source: FileSource) -> Iterator[Document]:
 
 def _read_csv(raw, path: str, source: FileSource) -> Iterator[Document]:
     csv.field_size_limit(source.max_document_bytes)
-    text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # -sig: a BOM is not a column name
     delimiter = (
         "\t" if path.split("?")[0].lower().removesuffix(".gz").removesuffix(".zst").endswith(".tsv") else ","
     )

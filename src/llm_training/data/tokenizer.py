@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm_training.errors import ConfigError, DataError
+from llm_training.limits import json_loads
 
 log = logging.getLogger("llm_training.tokenizer")
 
@@ -376,7 +377,7 @@ def _find_in_folder(folder: Path) -> Path:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json_loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a tokenizer file ({str(exc).splitlines()[0]}); {_USAGE}") from None
 

@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_training.errors import DataError
+from llm_training.errors import DataError, quoted
 from llm_training.fileio import HANDLED, storage_error
+from llm_training.limits import MAX_CHOICES, MAX_LINE_BYTES, bad_text, json_loads
 
 
 @dataclass
@@ -53,8 +54,14 @@ def read_text(path: Path) -> str:
         if isinstance(exc, OSError) and exc.errno in HANDLED:
             raise storage_error(exc, path) from None
         raise DataError(f"{path}: cannot be read ({exc})") from None
+    if len(data) > MAX_LINE_BYTES:  # a line past the cap would take minutes to score: refused, not cut
+        lengths = [len(line) for line in data.split(b"\n")]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] > MAX_LINE_BYTES:
+            raise DataError(f"{path}: line {longest + 1}: {lengths[longest]:,} bytes, more than the "
+                            f"{MAX_LINE_BYTES:,} a line may hold; split it into several lines")  # fmt: skip
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark is not text
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
@@ -99,7 +106,7 @@ def _records(path: Path):
     text = read_text(path)
     if path.name.removesuffix(".gz").endswith(".json"):
         try:
-            data = json.loads(text)
+            data = json_loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -117,9 +124,21 @@ def _records(path: Path):
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                yield number, json.loads(line)
+                yield number, json_loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+
+
+def _text(value, where: str, name: str) -> str:
+    """``value`` if it is text a model can read, else a one-line error naming the line."""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: {name} is {'null' if value is None else type(value).__name__}, not a string"
+        )
+    why = bad_text(value)
+    if why is not None:
+        raise DataError(f"{where}: {name} holds {why}; fix or drop this record")
+    return value
 
 
 def _kind(record, where: str) -> str:
@@ -132,7 +151,7 @@ def _kind(record, where: str) -> str:
     if "text" in record:
         return "text"
     raise DataError(
-        f"{where}: no 'text', 'prompt'+'choices'+'answer' or 'text'+'label' field (has {sorted(record)})"
+        f"{where}: no 'text', 'prompt'+'choices'+'answer' or 'text'+'label' field (has {quoted(sorted(map(str, record)))})"
     )
 
 
@@ -159,9 +178,7 @@ def _read(path: Path) -> TextSet | ChoiceSet:
         elif this != kind:
             raise DataError(f"{where}: a {this} record in a file of {kind} records")
         if kind == "text":
-            if not isinstance(record["text"], str):
-                raise DataError(f"{where}: 'text' must be a string")
-            texts.append(record["text"])
+            texts.append(_text(record["text"], where, "'text'"))
         else:
             raw.append((number, record, where))
     if kind is None:
@@ -169,11 +186,13 @@ def _read(path: Path) -> TextSet | ChoiceSet:
     if kind == "text":
         return TextSet(texts)
     if kind == "labels":
-        labels = sorted({str(r["label"]) for _, r, _ in raw})
+        labels = sorted({_text(str(r["label"]), where, "'label'") for _, r, where in raw})
+        if len(labels) > MAX_CHOICES:  # every item is scored against every label
+            raise DataError(f"{path}: {len(labels):,} different labels, more than {MAX_CHOICES:,}; "
+                            "is 'label' a class, not a free text?")  # fmt: skip
         items = []
         for number, r, where in raw:
-            if not isinstance(r.get("text"), str):
-                raise DataError(f"{where}: a labelled record needs a string 'text'")
+            _text(r.get("text"), where, "a labelled record's 'text'")
             items.append(
                 ChoiceItem(r["text"].rstrip() + "\nLabel:", labels, labels.index(str(r["label"])), number)
             )
@@ -187,14 +206,17 @@ def _read(path: Path) -> TextSet | ChoiceSet:
         prompt, choices, answer = r.get("prompt"), r.get("choices"), r.get("answer")
         if not isinstance(prompt, str) or not isinstance(choices, list) or len(choices) < 2:
             raise DataError(f"{where}: needs a string 'prompt' and a list 'choices' of two or more")
-        choices = [str(c) for c in choices]
+        if len(choices) > MAX_CHOICES:
+            raise DataError(f"{where}: {len(choices):,} choices, more than {MAX_CHOICES:,}")
+        _text(prompt, where, "'prompt'")
+        choices = [_text(str(c), where, "a choice") for c in choices]
         if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
             index = answer
         elif isinstance(answer, str) and answer in choices:
             index = choices.index(answer)
         else:
             raise DataError(
-                f"{where}: 'answer' {answer!r} is neither an index below {len(choices)} nor one of the choices"
+                f"{where}: 'answer' {quoted(answer)} is neither an index below {len(choices)} nor one of the choices"
             )
         items.append(ChoiceItem(prompt, choices, index, number))
     return ChoiceSet(items, "choices")

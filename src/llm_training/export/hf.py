@@ -19,6 +19,7 @@ import torch
 from llm_training.config import MODEL_TYPES, Config, ModelConfig, validate
 from llm_training.data.tokenizer import BOS, EOT, PAD, Tokenizer
 from llm_training.errors import ConfigError, UserError
+from llm_training.limits import json_loads
 from llm_training.model.transformer import Transformer, mlp_width
 
 
@@ -170,7 +171,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
 def read_json_object(path: Path) -> dict:
     """A JSON file's object ({} for another JSON value); unreadable or invalid JSON is one line naming it."""
     try:
-        data = json.loads(path.read_text())
+        data = json_loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     return data if isinstance(data, dict) else {}

@@ -181,6 +181,10 @@ class Transformer(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (the tokenizer's size) before building the model"
             )
+        if torch.empty(0).device.type != "meta":  # built for real: refuse what cannot fit, before allocating
+            from llm_training.model.footprint import check_fits
+
+            check_fits(cfg)
         self.cfg = cfg
         self.style = MODEL_TYPES[cfg.model_type.lower()]
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

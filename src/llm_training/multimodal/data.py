@@ -18,6 +18,7 @@ import numpy as np
 from llm_training.data.prepare import FORMAT_VERSION, PREPARED_NAMES, read_manifest
 from llm_training.errors import DataError
 from llm_training.fileio import building_dir, check_output_dir
+from llm_training.limits import MAX_LINE_BYTES, bad_text, json_loads
 from llm_training.multimodal.images import ImageProblem, load_image, resized
 
 KIND = "image_text"
@@ -40,11 +41,11 @@ def is_image_text(path: str | Path, image_field: str = "image") -> bool:
     path = Path(path)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return False
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
+    with open(path, "rb") as handle:
+        while line := handle.readline(MAX_LINE_BYTES):  # an over-long first line is no caption record
             if line.strip():
                 try:
-                    first = json.loads(line)
+                    first = json_loads(line.decode("utf-8-sig"))
                 except ValueError:
                     return False
                 return isinstance(first, dict) and image_field in first
@@ -75,13 +76,21 @@ def prepare_image_text(
         problems[kind] += 1
         examples.setdefault(kind, where)
 
-    with open(source, encoding="utf-8", errors="strict") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    with open(source, "rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), 1):
             where = f"{source}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line without holding it
+                    raw = handle.readline(1 << 20)
+                bad("line_too_long", f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+                continue
+            if not raw.strip():
+                continue
             try:
-                record = json.loads(line)
+                record = json_loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError as exc:
+                bad("not_utf8", f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
             except ValueError as exc:
                 bad("invalid_json", f"{where}: not valid JSON ({exc.msg})")
                 continue
@@ -90,6 +99,9 @@ def prepare_image_text(
             if not isinstance(text, str) or not text.strip() or not isinstance(image, str):
                 bad("missing_field", f"{where}: needs a '{options.text_field}' string and an "
                                      f"'{options.image_field}' path or URL")  # fmt: skip
+                continue
+            if why := bad_text(text) or bad_text(image):
+                bad("invalid_unicode", f"{where}: {why}")
                 continue
             try:
                 pixels.append(resized(load_image(image, base=source.parent), options.image_size))

@@ -26,6 +26,7 @@ from llm_training.data.tokenizer import Tokenizer, check_same_tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.model import build_model
+from llm_training.model.footprint import check_fits
 from llm_training.model.generate import Sampling, generate_tokens
 from llm_training.overrides import LIVE_KEYS, RUNTIME
 from llm_training.train.autobatch import global_batch, resolve_batch
@@ -204,6 +205,9 @@ class Trainer:
         else:
             self.train_set = TokenDataset(self.data_dir / "train.json", window)
             self.val_set = TokenDataset(self.data_dir / "validation.json", window)
+        if model is None:  # weights, gradients and optimizer state must fit where training runs
+            shards = env.world_size if cfg.resources.strategy == "fsdp" else 1
+            check_fits(cfg.model, runtime.device, training=True, shards=shards)
         self.model = (model if model is not None else build_model(cfg, self.images)).to(runtime.device)
         if env.enabled:  # the same initial weights everywhere, then a different dropout stream per process
             torch.manual_seed(t.seed + 1_000_003 * env.rank)
