@@ -489,7 +489,7 @@ def test_protect_all_and_a_key_file_keep_the_key_out_of_every_process_list(model
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {secret}"}
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", headers=auth).status_code == 200:
                     break
