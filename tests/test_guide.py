@@ -139,8 +139,14 @@ training_input.training_config.update({f"model.{k}": v for k, v in model.config.
         "Workflow 3: Resume from Checkpoint",
         ("checkpoints/model_step_5000.pt", "run/checkpoints/model_step_3.pt"),
     )
-    after = '_report(first=_first, step=checkpoint["step"], status=result.status, steps=result.steps, val_loss=result.val_loss)'
-    _, report = script(workdir, workflow2 + between + workflow3, after=after,
+    # Workflow 5 exports the resumed run's final checkpoint with the same event bus
+    workflow5 = code(
+        "Workflow 5: Model Export", ("'checkpoints/model_final.pt'", "'run/checkpoints/model_final.pt'")
+    )
+    after = """_report(first=_first, step=checkpoint["step"], status=result.status, steps=result.steps,
+        val_loss=result.val_loss, onnx=str(onnx_output.export_path), torchscript=str(torchscript_output.export_path))
+"""
+    _, report = script(workdir, workflow2 + between + workflow3 + "\n" + workflow5, after=after,
                        before="from llm_training import DataLoaderInput, ModelInitializerInput, TrainingOrchestratorInput")  # fmt: skip
     first = report["first"]
     assert first["status"] == "completed" and first["steps"] == 6 and first["same_model"]

@@ -19,7 +19,8 @@ Serve a model over HTTP on loopback by default (--host 0.0.0.0 to listen on ever
                          seed, stream with server-sent events)
   GET  /v1/models, /health, /metrics (Prometheus)
 
-API keys: --api-key-file PATH (one key a line) or LLM_SERVE_API_KEYS=key1,key2 (or --api-key KEY, which
+API keys: --api-key-file PATH (one key a line; or LLM_SERVE_API_KEY_FILE=PATH) or LLM_SERVE_API_KEYS=key1,key2
+(or --api-key KEY, which
 any user can read in the process list); clients send Authorization: Bearer KEY. --protect-all asks for the
 key on /health and /metrics too. Slow clients are closed: --header-timeout, --body-timeout (408),
 --keep-alive-timeout. Concurrent requests are generated in batches (--max-batch-size, --batch-wait-ms; --no-batching for one
@@ -37,7 +38,9 @@ def build_parser():
     add_device_flag(p)
     p.add_argument("--api-key", action="append", default=[],
                    help="Accepted API key (repeatable; visible in the process list: prefer --api-key-file).")  # fmt: skip
-    p.add_argument("--api-key-file", help="File of accepted API keys, one a line ('#' starts a comment).")
+    p.add_argument("--api-key-file",
+                   help="File of accepted API keys, one a line ('#' starts a comment); default: the file named "
+                   "by LLM_SERVE_API_KEY_FILE.")  # fmt: skip
     p.add_argument("--protect-all", action="store_true", help="/health and /metrics need an API key too.")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="Seconds a client has to send a request's line and headers (then closed).")  # fmt: skip
@@ -93,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.model:
                 raise UserError("--model is required (a checkpoint or an exported model)")
             given = args.api_key + os.environ.get("LLM_SERVE_API_KEYS", "").split(",")
-            if args.api_key_file:
-                given += read_key_file(args.api_key_file)
+            key_file = args.api_key_file or os.environ.get("LLM_SERVE_API_KEY_FILE")
+            if key_file:
+                given += read_key_file(key_file)
             keys = [k.strip() for k in given if k.strip()]  # "a, b" is a and b; empty entries are none
             if args.protect_all and not keys:
                 raise UserError("--protect-all needs an API key (--api-key-file or LLM_SERVE_API_KEYS)")
