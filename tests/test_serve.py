@@ -217,9 +217,10 @@ def served_here(options, engine=None):
     import uvicorn
 
     from llm_training.serve.app import create_app
+    from llm_training.serve.protocol import uvicorn_config
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(options, engine), port=port, log_level="critical"))
+    server = uvicorn.Server(uvicorn_config(create_app(options, engine), options, port=port))
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -357,3 +358,164 @@ def test_checkpoints_and_hugging_face_folders_are_served_too(model, tmp_path, ki
         assert r.json()["predictions"][0]["completion"] == greedy(checkpoint, ["ROMEO:\n"], 10)[0]
     finally:
         srv.stop()
+
+
+def test_stop_texts_are_bounded_and_a_long_request_does_not_hold_a_short_one(model):
+    """More than 4 stop texts, or one over 256 characters, is a 422 (the 80,000-text list of the issue among
+    them). A long request with four long stop texts, and a short request sent while it generates: the short
+    one is answered while the long one is still generating (before, it waited for the long one's end)."""
+    from llm_training.serve.app import ServeOptions
+
+    _, onnx = model
+    options = ServeOptions(model_path=str(onnx), truncate=True, max_tokens_limit=100000)
+    with served_here(options) as url:
+        for stop in (["a"] * 5, "x" * 257, [f"stop {i}" for i in range(80_000)]):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "A", "stop": stop}, timeout=60)
+            assert r.status_code == 422 and "at most 4 stop texts" in r.json()["error"]["message"], r.text
+        stops = [chr(0x3B1 + i) * 256 for i in range(4)]  # Greek letters: never in the model's English
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, url + "/predict", timeout=300,
+                               json={"prompt": "A", "max_new_tokens": 3000, "stop": stops})  # fmt: skip
+            while httpx.get(url + "/health").json()["pending"] == 0:
+                time.sleep(0.01)
+            short = httpx.post(url + "/predict", json={"prompt": "B", "max_new_tokens": 4}, timeout=300)
+            assert short.status_code == 200 and not long.done()  # answered while the long one generates
+            assert long.result().status_code == 200
+            assert long.result().json()["predictions"][0]["new_tokens"] == 3000
+
+
+def test_rows_end_as_they_finish_in_a_batch(model):
+    """In one batch, a row that needs 2 tokens is answered while its neighbour still generates."""
+    from llm_training.serve.app import ServeOptions, make_engine
+    from llm_training.serve.engine import Request
+
+    _, onnx = model
+    engine = make_engine(ServeOptions(model_path=str(onnx), truncate=True, batch_wait=0.5))
+    engine.load()
+    try:
+        long, short = engine.submit_many([Request("A", 3000, temperature=0), Request("B", 2, temperature=0)])
+        assert short.future.result(timeout=120).completion_tokens == 2
+        assert not long.future.done()
+        assert long.future.result(timeout=300).completion_tokens == 3000
+    finally:
+        engine.close()
+
+
+def test_unencodable_text_in_any_field_is_a_400(server):
+    """A lone surrogate in any string of any endpoint's body (escaped, raw UTF-8 bytes, a UTF-16 body, a key)
+    is a 400 with a JSON error, never a 500; a proper surrogate pair is text like any other."""
+    lone = "\\ud800"
+    bodies = {
+        "/predict": [f'{{"prompt": "{lone}"}}', f'{{"prompt": ["ok", "a{lone}b"]}}', f'{{"prompt": "x", "stop": "{lone}"}}',
+                     f'{{"prompt": "x", "stop": ["y", "{lone}"]}}', f'{{"prompt": "x", "{lone}": 1}}'],
+        "/v1/completions": [f'{{"prompt": "{lone}"}}', f'{{"prompt": ["{lone}"]}}', f'{{"prompt": "x", "model": "{lone}"}}',
+                            f'{{"prompt": "x", "stop": ["{lone}"]}}', f'{{"prompt": "x", "user": "{lone}"}}',
+                            f'{{"prompt": "x", "{lone}": 1}}', '{"prompt": "\\udc00x"}'],
+    }  # fmt: skip
+    cases = [(path, body.encode()) for path, texts in bodies.items() for body in texts]
+    cases += [("/predict", b'{"prompt": "\xed\xa0\x80"}'),  # the surrogate's own bytes, which json accepts
+              ("/v1/completions", '{"prompt": "\\ud800"}'.encode("utf-16-le")),
+              ("/v1/models", f'{{"x": "{lone}"}}'.encode()), ("/health", f'{{"x": "{lone}"}}'.encode())]  # fmt: skip
+    for path, content in cases:
+        request = httpx.post if path.startswith(("/predict", "/v1/completions")) else httpx.get
+        if request is httpx.get:
+            r = httpx.request("GET", server.url + path, content=content, headers=AUTH, timeout=60)
+        else:
+            r = request(server.url + path, content=content, headers={**AUTH, "content-type": "application/json"},
+                        timeout=60)  # fmt: skip
+        assert r.status_code == 400, (path, content, r.status_code, r.text)
+        assert "not valid Unicode" in r.json()["error"]["message"], (path, content)
+    pair = httpx.post(server.url + "/predict", content=b'{"prompt": "\\ud83d\\ude00", "max_new_tokens": 2}',
+                      headers={**AUTH, "content-type": "application/json"}, timeout=60)  # fmt: skip
+    assert pair.status_code == 200 and pair.json()["predictions"][0]["prompt"] == "\U0001f600"
+    assert 'llm_requests_total{path="/predict",status="500"}' not in httpx.get(server.url + "/metrics").text
+
+
+def test_slow_clients_are_closed(model):
+    """Slowloris: a client sending its headers a byte at a time is disconnected after --header-timeout
+    (1 s here); a body that stalls gets a 408 and the connection is closed after --body-timeout."""
+    import socket
+
+    from llm_training.serve.app import ServeOptions
+
+    _, onnx = model
+    options = ServeOptions(model_path=str(onnx), header_timeout=1, body_timeout=1)
+    with served_here(options) as url:
+        port = int(url.rsplit(":", 1)[1])
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"X-Slow: " + b"x" * 200 + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sent, closed = 0, False
+            for byte in request[:100]:  # a byte each 0.2 s: 20 s for the whole if nobody stops it
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # reset: closed
+                    closed = True
+                    break
+                sent += 1
+                sock.settimeout(0.2)
+                try:
+                    if sock.recv(1024) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+            assert closed and sent < 100, sent  # closed about 1 s (5 bytes) in, far from the 100
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"prompt": "')  # fmt: skip
+            sock.settimeout(60)  # generous: a busy machine; the server answers after 1 s
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+        # the server still serves
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_protect_all_and_a_key_file_keep_the_key_out_of_every_process_list(model, tmp_path):
+    """--protect-all: /health and /metrics need the key too. --api-key-file: the key is in no command line
+    of the server's processes (the command, uvicorn's supervisor, its two workers)."""
+    psutil = pytest.importorskip("psutil")
+    _, onnx = model
+    secret = "file-key-" + os.urandom(8).hex()
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# the server's keys\n{secret}\n\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LLM_SERVE_API_KEYS"}
+    proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--port", str(port),
+                             "--api-key-file", str(keys), "--protect-all", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {secret}"}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", headers=auth).status_code == 200:
+                    break
+            time.sleep(0.2)
+        for path in ("/health", "/metrics"):
+            assert httpx.get(url + path).status_code == 401
+            assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert httpx.get(url + path, headers=auth).status_code == 200
+        answer = httpx.post(
+            url + "/predict", json={"prompt": "A", "max_new_tokens": 2}, headers=auth, timeout=60
+        )
+        assert answer.status_code == 200
+        processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(processes) >= 3  # the command (the supervisor) and two workers
+        for process in processes:
+            with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+                assert secret.encode() not in handle.read()
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_model_servers_child_gets_the_key_by_its_environment(server):
+    psutil = pytest.importorskip("psutil")
+    for process in [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(True)]:
+        with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+            assert KEY.encode() not in handle.read()
+    assert httpx.get(server.url + "/health").status_code == 200  # not protect_all: open, as by default

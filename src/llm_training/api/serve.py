@@ -40,22 +40,58 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, block: bool = True, wait: float = 300.0) -> ModelServer:
-        """Serve until stopped (block=True, as in the guide), or in a child process that start(block=False) returns once /health answers."""
-        if block:
+        """Serve until stopped (block=True, as in the guide), or in a child process that start(block=False)
+        returns once /health answers."""
+        if block and self.workers == 1:
             serve(self.options, self.host, self.port, self.workers)
             return self
+        if block:  # worker processes: their supervisor runs in a child (see _serve_in_child)
+            self._serve_in_child()
+            return self
+        # a file, not a pipe: a pipe nobody reads while the server runs would fill and block its logging
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (closed by stop())
+        self.process = self._child(stderr=self.stderr, text=True)
+        self._wait_healthy(wait)
+        return self
+
+    def _child(self, **popen) -> subprocess.Popen:
+        """``llm-serve`` in a child process, started cleanly (``python -m``); the options, API keys
+        included, go through its environment, never its command line (which any user can list)."""
         env = {**os.environ, OPTIONS_ENV: self.options.to_env()}
         command = [sys.executable, "-m", "llm_training.cli.serve", "--from-env", "--host", self.host,
                    "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
-        # a file, not a pipe: a pipe nobody reads while the server runs would fill and block its logging
-        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (closed by stop())
-        self.process = subprocess.Popen(command, env=env, stderr=self.stderr, text=True)
-        self._wait_healthy(wait)
-        return self
+        return subprocess.Popen(command, env=env, **popen)
+
+    def _serve_in_child(self) -> None:
+        """Serve with worker processes until SIGINT/SIGTERM. uvicorn starts workers with multiprocessing's
+        spawn, which imports the main module again: run in the user's process, a script without an
+        ``if __name__ == "__main__":`` guard (the guide's) would start a server in every worker. Its
+        supervisor runs in a child of its own session instead (Ctrl-C reaches it once, through here)."""
+        import signal
+
+        process = self._child(start_new_session=True)
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda number, _frame: process.send_signal(number))
+        except ValueError:  # not the main thread: signals stay where they are
+            pass
+        try:
+            code = process.wait()
+        finally:
+            if process.poll() is None:  # this process is leaving (an exception): so does the server
+                process.terminate()
+                process.wait()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if code != 0:
+            raise ServerFailed(f"the server exited with status {code} (its error is in the log above)")
 
     def _wait_healthy(self, wait: float) -> None:
         import httpx
 
+        # with protect_all, /health needs a key too
+        headers = {"Authorization": f"Bearer {self.options.api_keys[0]}"} if self.options.api_keys else {}
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -63,7 +99,7 @@ class ModelServer:
                 lines = self.stderr.read().strip().splitlines()
                 raise UserError(f"the server stopped while starting: {lines[-1] if lines else 'no message'}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", headers=headers, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -88,7 +124,7 @@ class ModelServer:
 
 def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Run the server in this process until SIGINT/SIGTERM (uvicorn; several worker processes if asked)."""
-    import uvicorn
+    from llm_training.serve.protocol import uvicorn_config
 
     grace = int(options.timeout) + 5  # requests in flight may finish after a SIGTERM
     if workers > 1:
@@ -97,7 +133,7 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, work
         return
     engine = make_engine(options)
     engine.load()  # here, so that a bad model path is an error before the port opens
-    config = uvicorn.Config(create_app(options, engine), host=host, port=port, log_level="warning",
+    config = uvicorn_config(create_app(options, engine), options, host=host, port=port,
                             timeout_graceful_shutdown=grace)  # fmt: skip
     _graceful_server_class()(config).run()
 
@@ -120,8 +156,9 @@ def _run_workers(options: ServeOptions, host: str, port: int, workers: int, grac
     the server with an error instead of a clean exit."""
     import inspect
 
-    import uvicorn
     from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from llm_training.serve.protocol import uvicorn_config
 
     # an older uvicorn's supervisor takes a target and restarts a worker that cannot start, forever
     if "target" in inspect.signature(Multiprocess).parameters:
@@ -138,8 +175,8 @@ def _run_workers(options: ServeOptions, host: str, port: int, workers: int, grac
             self.failed = self.failed or (not before and self.should_exit.is_set())
 
     os.environ[OPTIONS_ENV] = options.to_env()
-    config = uvicorn.Config("llm_training.serve.app:app_from_env", factory=True, host=host, port=port,
-                            workers=workers, log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
+    config = uvicorn_config("llm_training.serve.app:app_from_env", options, factory=True, host=host, port=port,
+                            workers=workers, timeout_graceful_shutdown=grace)  # fmt: skip
     sock = config.bind_socket()
     supervisor = Supervisor(config, sockets=[sock])
     try:

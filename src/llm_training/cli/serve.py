@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
 
@@ -18,8 +19,11 @@ Serve a model over HTTP on loopback by default (--host 0.0.0.0 to listen on ever
                          seed, stream with server-sent events)
   GET  /v1/models, /health, /metrics (Prometheus)
 
-API keys: --api-key KEY (repeatable) or LLM_SERVE_API_KEYS=key1,key2; clients send Authorization: Bearer
-KEY. Concurrent requests are generated in batches (--max-batch-size, --batch-wait-ms; --no-batching for one
+API keys: --api-key-file PATH (one key a line; or LLM_SERVE_API_KEY_FILE=PATH) or LLM_SERVE_API_KEYS=key1,key2
+(or --api-key KEY, which
+any user can read in the process list); clients send Authorization: Bearer KEY. --protect-all asks for the
+key on /health and /metrics too. Slow clients are closed: --header-timeout, --body-timeout (408),
+--keep-alive-timeout. Concurrent requests are generated in batches (--max-batch-size, --batch-wait-ms; --no-batching for one
 at a time). SIGTERM or Ctrl-C finish the requests in flight before the server exits."""
 
 
@@ -33,7 +37,18 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="Worker processes (each loads the model).")
     add_device_flag(p)
     add_format_flag(p)
-    p.add_argument("--api-key", action="append", default=[], help="Accepted API key (repeatable).")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="Accepted API key (repeatable; visible in the process list: prefer --api-key-file).")  # fmt: skip
+    p.add_argument("--api-key-file",
+                   help="File of accepted API keys, one a line ('#' starts a comment); default: the file named "
+                   "by LLM_SERVE_API_KEY_FILE.")  # fmt: skip
+    p.add_argument("--protect-all", action="store_true", help="/health and /metrics need an API key too.")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="Seconds a client has to send a request's line and headers (then closed).")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="Seconds a client has to send a request's body (408, then closed).")  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="Seconds an idle connection stays open between requests.")  # fmt: skip
     p.add_argument("--max-batch-size", type=int, default=32, help="Requests generated together at most.")
     p.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="How long a batch waits for more requests."
@@ -53,6 +68,19 @@ def build_parser():
     return p
 
 
+def read_key_file(path: str) -> list[str]:
+    from llm_training.errors import UserError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--api-key-file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise UserError(f"--api-key-file {path}: no key in it (one key a line)")
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import logging
@@ -69,13 +97,22 @@ def main(argv: list[str] | None = None) -> int:
             if not args.model:
                 raise UserError("--model is required (a checkpoint or an exported model)")
             given = args.api_key + os.environ.get("LLM_SERVE_API_KEYS", "").split(",")
+            key_file = args.api_key_file or os.environ.get("LLM_SERVE_API_KEY_FILE")
+            if key_file:
+                given += read_key_file(key_file)
             keys = [k.strip() for k in given if k.strip()]  # "a, b" is a and b; empty entries are none
+            if args.protect_all and not keys:
+                raise UserError("--protect-all needs an API key (--api-key-file or LLM_SERVE_API_KEYS)")
             options = ServeOptions(model_path=args.model, device=args.device, api_keys=keys,
                                    max_batch_size=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                    batching=not args.no_batching, max_pending=args.max_pending,
                                    max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
                                    timeout=args.timeout, truncate=args.truncate, compile=args.compile,
-                                   model_format=args.model_format)  # fmt: skip
+                                   model_format=args.model_format,
+                                   protect_all=args.protect_all, header_timeout=args.header_timeout,
+                                   body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout)  # fmt: skip
+            if min(args.header_timeout, args.body_timeout, args.keep_alive_timeout) <= 0:
+                raise UserError("--header-timeout, --body-timeout and --keep-alive-timeout must be positive")
         if args.workers < 1 or options.max_batch_size < 1:
             raise UserError("--workers and --max-batch-size must be at least 1")
         print(

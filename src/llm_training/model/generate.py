@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,21 +95,33 @@ def completion_text(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> str:
 
 def stop_text_check(tokenizer, stops: Sequence[str]) -> Callable[[list[int]], int] | None:
     """A ``stop_check`` for stop texts: when one appears in the decoded end of the new tokens, how many
-    trailing tokens to drop so that none remains (0: go on). None without stop texts."""
+    trailing tokens to drop so that none remains (0: go on). None without stop texts.
+
+    Called after every new token, it decodes only a tail window (about as many tokens as the longest stop
+    has characters, enough for that many characters before the last token's text): the cost of a step does
+    not grow with the text generated so far."""
     if not stops:
         return None
+    longest = max(map(len, stops))
 
     def check(new: list[int]) -> int:
-        if not any(stop in tokenizer.decode(new[-32:]) for stop in stops):
+        width = longest + 2
+        while True:  # a token is at least a byte, usually a character or more: rarely more than one pass
+            text = tokenizer.decode(new[-width:])
+            # one character more than needed: the window's first one may be a partial character
+            if width >= len(new) or len(text) > longest + len(tokenizer.decode(new[-1:])):
+                break
+            width *= 2
+        if not any(stop in text for stop in stops):
             return 0
+        window = new[-width:]
         return next(
-            k for k in range(1, len(new) + 1) if not any(s in tokenizer.decode(new[:-k]) for s in stops)
+            k for k in range(1, len(window) + 1) if not any(s in tokenizer.decode(window[:-k]) for s in stops)
         )
 
     return check
 
 
-@torch.no_grad()
 def generate_tokens(
     model,
     prompts: Sequence[Sequence[int]],
@@ -138,6 +150,38 @@ def generate_tokens(
     ``compile``: on CUDA, the decoding step is also compiled by ``torch.compile`` before it is recorded,
     fusing its small kernels (about 10 s the first time for a 124M model and for a new batch shape;
     1.4 to 1.7x the tokens/s after that); ignored where there are no CUDA graphs.
+    """
+    steps = generate_steps(model, prompts, sampling, eos_id=eos_id, stop_ids=stop_ids, stop_check=stop_check,
+                           autocast=autocast, use_cache=use_cache, truncate=truncate, cuda_graphs=cuda_graphs,
+                           limits=limits, on_update=on_update, cancelled=cancelled, compile=compile)  # fmt: skip
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+@torch.no_grad()
+def generate_steps(
+    model,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling | None = None,
+    *,
+    eos_id: int | None = None,
+    stop_ids: Sequence[Sequence[int]] = (),
+    stop_check: Callable[[list[int]], int] | None = None,
+    autocast=None,
+    use_cache: bool = True,
+    truncate: bool = True,
+    cuda_graphs: bool = True,
+    limits: Sequence[int] | None = None,
+    on_update: Callable[[int, list[int], bool], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+    compile: bool = False,
+) -> Generator[None, None, list[list[int]]]:
+    """``generate_tokens`` one read-back at a time: a generator that yields after every few decoding steps
+    (``LOOKAHEAD``) and returns the new tokens. The server interleaves several generations this way, so
+    that a long one does not hold a short one that came later. Arguments: those of ``generate_tokens``.
     """
     s = sampling or Sampling()
     s.check()
@@ -218,6 +262,7 @@ def generate_tokens(
             left = min(limit[i] - len(out[i]) for i in range(len(history)) if not done[i])
             if len(pending) >= min(ahead, left) or cache is not None and cache.full:
                 read_back()
+                yield
     finally:
         model.train(was_training)
     return out

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class ServeOptions:
     truncate: bool = False  # prompts longer than the context: 400 (False) or cut from the left (True)
     compile: bool = False  # on CUDA: decoding steps compiled by torch.compile (a slower first request)
     model_format: str = "auto"  # by the model's name; "torchscript" to run a TorchScript archive you trust
+    protect_all: bool = False  # /health and /metrics need the API key too
+    header_timeout: float = 10.0  # seconds for a request's line and headers (slow clients are closed)
+    body_timeout: float = 30.0  # seconds for a request's body (408, connection closed)
+    keep_alive_timeout: float = 5.0  # seconds an idle connection stays open between requests
 
     def to_env(self) -> str:
         """The options as the JSON a child process or uvicorn worker reads from ``OPTIONS_ENV``."""
@@ -68,8 +73,38 @@ class ApiError(Exception):
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
-    """The JSON of every error, answered or streamed (OpenAI's shape)."""
+    """The JSON of every error, answered or streamed (OpenAI's shape). A message quoting a request's text
+    keeps it encodable (a lone surrogate is written as its escape)."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "code": code}}
+
+
+# a lone surrogate can only come as a JSON \u escape or as its raw (invalid) UTF-8 bytes, which Python's
+# json accepts (or in a UTF-16 or UTF-32 body); only bodies that may hold one are parsed here
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def unencodable_text(body: bytes) -> bool:
+    """Whether a JSON body holds a string (a key or a value, at any depth) that is not valid Unicode: text
+    that no tokenizer can read and no JSON answer can quote."""
+    if json.detect_encoding(body) in ("utf-8", "utf-8-sig") and not _MAYBE_SURROGATE.search(body):
+        return False
+    try:
+        todo = [json.loads(body)]
+    except (ValueError, RecursionError):  # not JSON: the app answers 422
+        return False
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            todo += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def make_engine(options: ServeOptions) -> Engine:
@@ -116,7 +151,7 @@ class Guard:
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             keys = self.keys
-            if keys and path not in ("/health", "/metrics"):
+            if keys and (self.options.protect_all or path not in ("/health", "/metrics")):
                 given = headers.get("authorization", "")
                 token = given[7:] if given.lower().startswith("bearer ") else ""
                 # bytes: compare_digest refuses non-ASCII str, and a header is whatever a client sends
@@ -129,8 +164,13 @@ class Guard:
             if length.isdigit() and int(length) > limit:
                 return await answer(*too_big)
             chunks, size, more = [], 0, True
+            deadline = time.monotonic() + self.options.body_timeout  # the whole body: a trickle is slow too
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:  # "Connection: close": uvicorn closes it after the answer
+                    return await answer(408, f"request body not received within {self.options.body_timeout:g} s",
+                                        "invalid_request_error", "request_timeout", {"Connection": "close"})  # fmt: skip
                 if message["type"] == "http.disconnect":
                     return  # the client left while sending: nobody to answer
                 chunks.append(message.get("body", b""))
@@ -139,6 +179,9 @@ class Guard:
                     return await answer(*too_big)
                 more = message.get("more_body", False)
             body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            if unencodable_text(body["body"]):
+                return await answer(400, "the request holds text that is not valid Unicode (a lone surrogate "
+                                         "such as \\ud800)", "invalid_request_error", "invalid_text")  # fmt: skip
 
             async def replay():
                 nonlocal body

@@ -2,9 +2,11 @@
 takes in batches.
 
 Concurrent requests are gathered for up to ``batch_wait`` seconds (or until ``max_batch_size`` are waiting)
-and generated together: one batched ``generate_tokens`` per group of requests with the same sampling
-settings, each row with its own ``max_new_tokens`` and stop texts. With ``batching=False`` the worker takes
-one request at a time (the baseline of the load benchmark). ``submit`` is thread-safe and returns a
+and generated together: one batched generation per group of requests with the same sampling settings,
+each row with its own ``max_new_tokens``. Generations run interleaved, a few steps each in turn, and a
+row is answered when it ends: requests that arrive meanwhile start at once instead of waiting for the
+longest row of the batch before them. With ``batching=False`` the worker takes one request at a time (the
+baseline of the load benchmark). ``submit`` is thread-safe and returns a
 ``Job`` whose ``future`` resolves to the completion; ``on_text`` streams text as it is generated;
 ``cancel`` drops a job that waits and ends the row of one that is being generated (a request that timed out
 or whose client left).
@@ -66,6 +68,7 @@ class Job:
     on_text: Callable[[str], None] | None = None  # receives each new piece of text (streaming)
     sent: int = 0  # characters streamed so far
     aborted: bool = False  # set by Engine.cancel: the row stops at its next token
+    text: _Streamed | None = None  # a streamed row's text so far (set by the engine)
 
 
 class Engine:
@@ -77,6 +80,7 @@ class Engine:
         self.max_batch_size = max_batch_size if batching else 1
         self.batch_wait = batch_wait if batching else 0.0
         self.max_pending, self.truncate, self.compile = max_pending, truncate, compile
+        self.max_active = 8  # generations interleaved at most; later requests wait for one to end
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.pending = 0  # submitted, not finished
         self.lock = threading.Lock()
@@ -118,6 +122,9 @@ class Engine:
             self.pending += len(requests)
         jobs = [Job(r, on_text=f) for r, f in zip(requests, on_texts or [None] * len(requests), strict=True)]
         for job in jobs:
+            if job.on_text is not None:
+                job.text = _Streamed(self.loaded.tokenizer)
+        for job in jobs:
             job.future.add_done_callback(self._finished)
             self.queue.put(job)
         return jobs
@@ -140,12 +147,17 @@ class Engine:
 
     # --------------------------------------------------------------------------------------------- worker
 
-    def _take_batch(self) -> list[Job] | None:
-        first = self.queue.get()
+    def _take_batch(self, wait: bool) -> list[Job] | None:
+        """The jobs waiting (at most ``max_batch_size``); with ``wait``, the first is waited for and more for
+        ``batch_wait`` seconds. None: the stop signal."""
+        try:
+            first = self.queue.get() if wait else self.queue.get_nowait()
+        except queue.Empty:
+            return []
         if first is None:
             return None
         batch = [first]
-        deadline = time.monotonic() + self.batch_wait
+        deadline = time.monotonic() + (self.batch_wait if wait else 0.0)
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
@@ -159,63 +171,126 @@ class Engine:
         return batch
 
     def _work(self) -> None:
+        """Generations run interleaved, a few decoding steps each in turn (``generate_steps``): requests that
+        arrive while others generate start at once in a batch of their own, and each row's answer is sent
+        as soon as that row ends. A long request thus costs a later short one a share of the steps, never
+        the wait for its end. Without batching, one generation at a time (the load benchmark's baseline)."""
+        active: list[_Generation] = []
+        stopping = False
         while True:
-            batch = self._take_batch()
+            room = not stopping and len(active) < (self.max_active if self.max_batch_size > 1 else 1)
+            batch = self._take_batch(wait=not active) if room else []
             if batch is None:
-                return
+                stopping = True  # finish what runs, take nothing more (close: nothing more is submitted)
+                batch = []
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
             groups: dict[tuple, list[Job]] = {}
             for job in live:
                 groups.setdefault(job.request.group(), []).append(job)
-            if self.on_batch is not None:
+            if live and self.on_batch is not None:
                 self.on_batch(len(live))
             for jobs in groups.values():
                 try:
-                    self._generate(jobs)
+                    active.append(_Generation(self, jobs))
                 except Exception as exc:  # a failure answers these requests, never kills the worker
-                    log.exception("generation failed")
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                    _fail(jobs, exc)
+            if not active and stopping:
+                return
+            for generation in list(active):
+                if not generation.advance():
+                    active.remove(generation)
 
-    def _generate(self, jobs: list[Job]) -> None:
-        from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
 
-        tok = self.loaded.tokenizer
+class _Generation:
+    """One batch of jobs with the same sampling settings, generated a few steps per ``advance``."""
+
+    def __init__(self, engine: Engine, jobs: list[Job]) -> None:
+        from llm_training.model.generate import Sampling, generate_steps, stop_text_check
+
+        self.jobs, self.tok = jobs, engine.loaded.tokenizer
         first = jobs[0].request
-        stops = first.stop  # shared by the group
+        self.stops = first.stop  # shared by the group
         sampling = Sampling(max(j.request.max_new_tokens for j in jobs), first.temperature, first.top_k, first.top_p,
                             first.repetition_penalty, first.seed)  # fmt: skip
-        prompts = [j.request.ids if j.request.ids is not None else tok.encode(j.request.prompt) for j in jobs]
+        self.prompts = [j.request.ids if j.request.ids is not None else self.tok.encode(j.request.prompt)
+                        for j in jobs]  # fmt: skip
+        for i, job in enumerate(jobs):
+            if job.request.max_new_tokens <= 0:  # no token to wait for
+                self._finish(i, [])
+        self.steps = generate_steps(engine.loaded.module, self.prompts, sampling, eos_id=self.tok.eot_id,
+                                    truncate=engine.truncate, limits=[j.request.max_new_tokens for j in jobs],
+                                    stop_check=stop_text_check(self.tok, self.stops), on_update=self._update,
+                                    cancelled=lambda i: jobs[i].aborted, compile=engine.compile)  # fmt: skip
 
-        def on_update(i: int, tokens: list[int], finished: bool) -> None:
-            job = jobs[i]
-            if job.on_text is None:
-                return
-            safe = completion_text(tok, tokens, stops) if finished else _streamable(tok.decode(tokens), stops)
-            if len(safe) > job.sent:
-                job.on_text(safe[job.sent :])
-                job.sent = len(safe)
+    def advance(self) -> bool:
+        """A few more decoding steps; False once every row has ended (or the generation failed)."""
+        try:
+            next(self.steps)
+            return True
+        except StopIteration as end:
+            for i, tokens in enumerate(end.value):  # rows that ended without an update (none expected)
+                self._finish(i, tokens)
+        except Exception as exc:  # a failure answers these requests, never kills the worker
+            _fail(self.jobs, exc)
+        return False
 
-        streaming = any(j.on_text is not None for j in jobs)
-        new = generate_tokens(self.loaded.module, prompts, sampling, eos_id=tok.eot_id, truncate=self.truncate,
-                              limits=[j.request.max_new_tokens for j in jobs],
-                              stop_check=stop_text_check(tok, stops), on_update=on_update if streaming else None,
-                              cancelled=lambda i: jobs[i].aborted, compile=self.compile)  # fmt: skip
-        for i, job in enumerate(jobs):  # streamed rows got their last text as they finished
-            reason = "length" if len(new[i]) >= job.request.max_new_tokens else "stop"
-            job.future.set_result(
-                Completion(completion_text(tok, new[i], stops), len(prompts[i]), len(new[i]), reason)
-            )
+    def _update(self, i: int, tokens: list[int], finished: bool) -> None:
+        job = self.jobs[i]
+        if finished:
+            self._finish(i, tokens)
+        elif job.on_text is not None:
+            job.text.update(tokens)
+            safe = job.text.take(self.stops)
+            if safe:
+                job.on_text(safe)
+
+    def _finish(self, i: int, tokens: list[int]) -> None:
+        from llm_training.model.generate import completion_text
+
+        job = self.jobs[i]
+        if job.future.done():
+            return
+        text = completion_text(self.tok, tokens, self.stops)  # the whole text once, at the end
+        if job.on_text is not None and len(text) > job.text.sent:  # streamed: the rest, then the answer
+            job.on_text(text[job.text.sent :])
+        reason = "length" if len(tokens) >= job.request.max_new_tokens else "stop"
+        job.future.set_result(Completion(text, len(self.prompts[i]), len(tokens), reason))
 
 
-def _streamable(text: str, stops: tuple[str, ...]) -> str:
-    """What may be sent now: not a trailing partial character, nor the start of a stop text."""
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return text[: len(text) - hold] if hold else text
+def _fail(jobs: list[Job], exc: Exception) -> None:
+    if not isinstance(exc, ValueError):  # ValueError: the generator's own checks of a prompt (a 400)
+        log.exception("generation failed")
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+
+class _Streamed:
+    """A streamed row's text, decoded as it grows: only the tokens after the last whole character are
+    decoded again (a character may span tokens), so each step costs the new text, not all of it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.decoded = 0  # tokens whose text is in ``unsent`` or was sent
+        self.unsent = ""  # decoded, not yet streamed (a possible start of a stop text is held back)
+        self.sent = 0  # characters streamed
+
+    def update(self, tokens: list[int]) -> None:
+        piece = self.tok.decode(tokens[self.decoded :])
+        # a trailing U+FFFD is a character cut between tokens: decoded again with the next token (a run of
+        # them past a few tokens is the model's own text)
+        if piece and (not piece.endswith("\ufffd") or len(tokens) - self.decoded >= 8):
+            self.unsent += piece
+            self.decoded = len(tokens)
+
+    def take(self, stops: tuple[str, ...]) -> str:
+        """What may be sent now: not the start of a stop text."""
+        hold = 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, len(self.unsent)), 0, -1):
+                if self.unsent.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        out, self.unsent = self.unsent[: len(self.unsent) - hold], self.unsent[len(self.unsent) - hold :]
+        self.sent += len(out)
+        return out

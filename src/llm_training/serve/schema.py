@@ -5,7 +5,9 @@ generation (a seed past 64 bits, an infinite penalty)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit of stop texts; a length that keeps each check cheap
 
 
 class Sampled(BaseModel):
@@ -16,6 +18,14 @@ class Sampled(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)  # torch.Generator takes a signed 64-bit seed
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop texts of at most {MAX_STOP_CHARS} characters each")
+        return stop
 
 
 class PredictBody(Sampled):
