@@ -331,7 +331,7 @@ def test_fp16_torchscript_and_hugging_face_folders_store_fp16(trained, tmp_path)
                                                          validation_data=str(text)))  # fmt: skip
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float16"
     assert folder.size_bytes < 0.6 * folder.source_bytes
 
 

@@ -174,6 +174,9 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
         model_max_length=model.cfg.max_seq_length, clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"],
     ).save_pretrained(folder)  # fmt: skip
+    # our tokenizer.json as it is: transformers 5 adds a post-processor of its own (the same ids, another
+    # fingerprint, and an import compares fingerprints with the prepared data's)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
     # transformers 5 names its class TokenizersBackend, which 4.x has not; both resolve this name to it
     tok_config = read_json_object(folder / "tokenizer_config.json")
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
