@@ -8,6 +8,7 @@ run: setup  ## the main job on the built-in sample data
 	venv/bin/python -m llm_training.main
 
 test: setup lint  ## lint, then the whole test suite
+	-@bash scripts/client_envs.sh  # transformers 4.x beside ./venv's 5.x for the export's client tests
 	venv/bin/python -m pytest -q
 
 lint:

@@ -5,6 +5,8 @@ Shakespeare, checked by its own runtime inside the exporter, and checked again h
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -64,6 +66,11 @@ def test_every_format_from_one_command_runs_in_its_own_runtime(trained, tmp_path
     for fmt in ("torchscript", "safetensors", "hf"):  # no int8 there: written in fp32, same logits
         assert results[fmt]["quantize"] == "none" and results[fmt]["check"]["max_logit_diff"] < 1e-4
     assert "perplexity" in proc.stdout and "onnx int8" in proc.stdout
+    # every file of every format readable as cp would make it (safetensors writes 0600 temporary files)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [out, *out.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
 
     trained_model, ids, logits = reference(checkpoint)
     # ONNX: onnxruntime on a batch and length other than the exported sample's; int8 stays close
@@ -119,9 +126,12 @@ def test_gguf_metadata_is_what_llama_cpp_reads(trained, tmp_path):
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
 
 
-def test_gpt2_style_gguf_and_onnx_fp16(tmp_path):
-    """GPT-2 style: GGUF read by transformers (its gpt2 reader sizes positions from the context, so this
-    model has GPT-2's 1024) and ONNX in fp16."""
+def test_gpt2_style_gguf_and_onnx_fp16(tmp_path, caplog):
+    """GPT-2 style: GGUF read by transformers' GGUF loader and ONNX in fp16. The file's gpt2.context_length
+    is the position table's size, as llama.cpp reads it; transformers' loader maps that key to n_ctx, which
+    GPT2Config does not read, and builds GPT-2's 1024 positions unless n_positions is given (README); its
+    feed_forward_length likewise does not reach n_inner. The export logs both arguments."""
+    import gguf
     from transformers import AutoModelForCausalLM
 
     from llm_training.config import ModelConfig
@@ -133,14 +143,19 @@ def test_gpt2_style_gguf_and_onnx_fp16(tmp_path):
     tokenizer = Tokenizer.train([r["text"][:40_000] for r in corpus_records("shakespeare", 2)], 400)
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4,
-                      vocab_size=tokenizer.vocab_size, max_seq_length=1024, bias=True)  # fmt: skip
+                      vocab_size=tokenizer.vocab_size, max_seq_length=64, intermediate_size=512, bias=True)  # fmt: skip
     model = Transformer(cfg).eval()
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
         logits = model(ids)
-        save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+        with caplog.at_level("INFO", "llm_training.export"):
+            save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+        assert "gguf_file=..., n_positions=64, n_inner=512)" in caplog.text
+        reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+        assert reader.fields["gpt2.context_length"].contents() == 64
+        assert reader.fields["gpt2.feed_forward_length"].contents() == 512
         theirs = AutoModelForCausalLM.from_pretrained(
-            tmp_path, gguf_file="m.gguf", dtype=torch.float32
+            tmp_path, gguf_file="m.gguf", dtype=torch.float32, n_positions=64, n_inner=512
         ).eval()
         assert type(theirs).__name__ == "GPT2LMHeadModel"
         assert (theirs(ids).logits - logits).abs().max() < 1e-4
@@ -316,7 +331,7 @@ def test_fp16_torchscript_and_hugging_face_folders_store_fp16(trained, tmp_path)
                                                          validation_data=str(text)))  # fmt: skip
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float16"
     assert folder.size_bytes < 0.6 * folder.source_bytes
 
 

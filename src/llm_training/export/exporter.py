@@ -330,12 +330,32 @@ def _as(model: Transformer, quantize: str) -> Transformer:
 def _move_into_place(staging: Path, target: Path) -> list[Path]:
     moved = []
     for item in sorted(staging.iterdir()):
+        _normal_modes(item)
         final = target.parent / item.name
         if final.is_dir():
             shutil.rmtree(final)
         os.replace(item, final)
         moved.append(final)
     return moved
+
+
+def _normal_modes(path: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, as ``cp`` makes them: writers that go through a temporary
+    file (safetensors, ``tempfile.mkstemp``) leave 0600, which another user (a container's) cannot read."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    try:  # Linux shows it; setting and restoring it would race with other threads creating files
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _size(path: Path) -> int:

@@ -10,10 +10,17 @@ under ``tokenizer.ggml.*`` (model ``gpt2``, pre-tokenizer ``gpt-2``).
 Types: ``f32`` (default), ``f16``, or ``q8_0`` (llama.cpp's 8-bit blocks of 32, what ``--quantize int8``
 maps to); 1-D tensors (norms, biases) are always f32 and a matrix whose rows are not a multiple of 32 falls
 back to f16 under q8_0, as llama.cpp's converter does.
+
+``gpt2.context_length`` is the position table's size, which llama.cpp reads it as. ``transformers``' GGUF
+loader (4.x and 5.x) maps it to ``n_ctx``, which ``GPT2Config`` does not read, so it builds 1024 positions
+whatever the file says: a GPT-2-style file of another context loads there with ``n_positions=<context>``
+passed to ``from_pretrained`` (no key reaches it; a padded 1024-row table would let llama.cpp run past the
+trained context). The export says so in its log.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +34,8 @@ from llm_training.model.transformer import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 META_CONFIG = "llm_training.config"  # our ModelConfig as JSON, so that reading back needs no guessing
+
+log = logging.getLogger("llm_training.export")
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -148,10 +157,21 @@ def save_gguf(
             writer.add_tensor(tensor_name, gguf.quants.quantize(data, q), raw_dtype=q)
         else:
             writer.add_tensor(tensor_name, data.astype(np.float16))
+    if gpt2:
+        _transformers_hint(cfg, model.blocks[0].mlp.down.in_features)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _transformers_hint(cfg: ModelConfig, inner: int) -> None:
+    """The arguments transformers' GGUF loader needs for this GPT-2-style file (see the module docstring)."""
+    args = [f"n_positions={cfg.max_seq_length}"] if cfg.max_seq_length != 1024 else []
+    args += [f"n_inner={inner}"] if inner != 4 * cfg.hidden_size else []
+    if args:
+        log.info("GPT-2-style GGUF: transformers' GGUF loader reads it with from_pretrained(..., gguf_file=..., %s)",
+                 ", ".join(args))  # fmt: skip
 
 
 def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:

@@ -27,30 +27,36 @@ def _style(cfg: ModelConfig) -> str:
     return MODEL_TYPES[cfg.model_type.lower()]
 
 
-def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict:
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32"):
+    """``transformers``' own config object for ``cfg`` (``GPT2Config`` or ``LlamaConfig``): its
+    ``save_pretrained`` writes the keys the installed ``transformers`` reads (``dtype``, ``rope_parameters``)."""
+    from transformers import GPT2Config, LlamaConfig
+
     heads, width = cfg.num_attention_heads, cfg.hidden_size
     common = {"vocab_size": cfg.vocab_size, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id,
-              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype}  # fmt: skip
+              "pad_token_id": tokenizer.pad_id, "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype}  # fmt: skip
     if _style(cfg) == "gpt2":
         if cfg.num_kv_heads not in (None, heads) or cfg.qk_norm:
             raise UserError("GPT-2 style with grouped-query attention or QK-norm has no transformers class; "
                             "export it in safetensors or ONNX instead")  # fmt: skip
-        inner = mlp_width(cfg, "gpt2")
-        return {**common, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": width,
-                "n_layer": cfg.num_layers, "n_head": heads, "n_positions": cfg.max_seq_length, "n_inner": inner,
-                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-                "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True}  # fmt: skip
+        return GPT2Config(**common, architectures=["GPT2LMHeadModel"], n_embd=width, n_layer=cfg.num_layers,
+                          n_head=heads, n_positions=cfg.max_seq_length, n_inner=mlp_width(cfg, "gpt2"),
+                          activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True)  # fmt: skip
     if cfg.qk_norm:
         raise UserError(
             "Llama style with QK-norm has no LlamaForCausalLM equivalent; export safetensors or ONNX"
         )
-    inner = mlp_width(cfg, "llama")
-    return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": width,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": heads,
-            "num_key_value_heads": cfg.num_kv_heads or heads, "intermediate_size": inner,
-            "max_position_embeddings": cfg.max_seq_length, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-            "head_dim": width // heads}  # fmt: skip
+    config = LlamaConfig(**common, architectures=["LlamaForCausalLM"], hidden_size=width,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
+                         num_key_value_heads=cfg.num_kv_heads or heads, intermediate_size=mlp_width(cfg, "llama"),
+                         max_position_embeddings=cfg.max_seq_length, rms_norm_eps=cfg.norm_eps,
+                         rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                         head_dim=width // heads)  # fmt: skip
+    # transformers 5 keeps the base in rope_parameters only; 4.x reads the top-level key and, without it,
+    # would rotate with 10000 whatever the model was trained with
+    config.rope_theta = cfg.rope_theta
+    return config
 
 
 class _Entry(NamedTuple):
@@ -145,26 +151,37 @@ def load_state(model: Transformer, hf: dict[str, torch.Tensor], where: str) -> N
 
 
 def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
-    """Write the folder: config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    """Write the folder with ``transformers``' own classes: config.json, generation_config.json,
+    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json)."""
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer as Backend
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype  # fp16 when exported with --quantize fp16
-    config = hf_config(model.cfg, tokenizer, str(dtype).removeprefix("torch."))
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id}, indent=2) + "\n"
-    )
+    hf_config(model.cfg, tokenizer, str(dtype).removeprefix("torch.")).save_pretrained(folder)
+    ids = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eot_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    GenerationConfig(**ids).save_pretrained(folder)
     save_file(hf_state(model, dtype), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # model_input_names: without it transformers 4 adds token_type_ids, which GPT2LMHeadModel adds to the
+    # embeddings (other logits) and LlamaForCausalLM.generate refuses
+    PreTrainedTokenizerFast(
+        tokenizer_object=Backend.from_str(tokenizer.backend.to_str()), bos_token=BOS, eos_token=EOT, pad_token=PAD,
+        model_max_length=model.cfg.max_seq_length, clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(folder)  # fmt: skip
+    # our tokenizer.json as it is: transformers 5 adds a post-processor of its own (the same ids, another
+    # fingerprint, and an import compares fingerprints with the prepared data's)
     tokenizer.backend.save(str(folder / "tokenizer.json"))
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOT,
-                  "pad_token": PAD, "model_max_length": model.cfg.max_seq_length,
-                  "clean_up_tokenization_spaces": False}  # fmt: skip
-    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOT, "pad_token": PAD}, indent=2) + "\n"
-    )
+    # transformers 5 names its class TokenizersBackend, which 4.x has not; both resolve this name to it
+    tok_config = read_json_object(folder / "tokenizer_config.json")
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
