@@ -96,6 +96,23 @@ def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
     )
 
 
+def test_guide_workflow_3_with_the_shipped_training_yaml(tmp_path, shakespeare_jsonl):
+    """Workflow 3 as written: the shipped config/training.yaml, its run resumed from a step checkpoint (the
+    guide's model_step_5000.pt, here step 2 of a tiny run)."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "config", tmp_path / "config")
+    tiny = [*TINY, "--input-file", str(shakespeare_jsonl), "--set", "training.checkpoint_interval=2"]
+    args = [*MAIN, "--config", "config/training.yaml", "--set", "training.max_steps=4", *tiny]
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "4 steps" in first.stdout and (tmp_path / "checkpoints" / "model_step_2.pt").is_file()
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["checkpoint"]["keep_last"] == 4 and saved["training"]["warmup_steps"] == 200
+    resumed = run_cli([*args, "--resume-from", "checkpoints/model_step_2.pt"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "4 steps" in resumed.stdout
+    assert "resuming from checkpoints/model_step_2.pt at step 2" in (tmp_path / "logs" / "system.log").read_text()
+
+
 def test_llm_train_with_every_flag(tmp_path, finished_run):
     prepared = finished_run[0] / "prepared_data"
     config = tmp_path / "c.yaml"
