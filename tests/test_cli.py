@@ -53,7 +53,7 @@ def test_main_job_on_builtin_sample_writes_everything(finished_run):
 
 def test_main_from_python_with_environment(tmp_path):
     env = {
-        "LLM_TRAINING__TRAINING__MAX_TIME": "2s",
+        "LLM_TRAINING__TRAINING__MAX_STEPS": "3",  # steps, not a budget a loaded machine may not fit
         "LLM_TRAINING__MODEL__HIDDEN_SIZE": "32",
         "LLM_TRAINING__MODEL__NUM_LAYERS": "1",
         "LLM_TRAINING__DATA__VOCAB_SIZE": "400",
@@ -64,6 +64,8 @@ def test_main_from_python_with_environment(tmp_path):
     proc = run_cli(["-c", code], tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     assert "completed" in proc.stdout and (tmp_path / "checkpoints" / "model_final.pt").is_file()
+    # the same summary and sample as the command prints
+    assert "validation loss" in proc.stdout and "sample:" in proc.stdout and "final checkpoint" in proc.stdout
 
 
 def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
