@@ -112,7 +112,10 @@ def test_guide_workflow_3_with_the_shipped_training_yaml(tmp_path, shakespeare_j
     resumed = run_cli([*args, "--resume-from", "checkpoints/model_step_2.pt"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "4 steps" in resumed.stdout
-    assert "resuming from checkpoints/model_step_2.pt at step 2" in (tmp_path / "logs" / "system.log").read_text()
+    assert (
+        "resuming from checkpoints/model_step_2.pt at step 2"
+        in (tmp_path / "logs" / "system.log").read_text()
+    )
 
 
 def test_llm_train_with_every_flag(tmp_path, finished_run):
