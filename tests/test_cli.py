@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -248,3 +249,41 @@ def test_llm_train_bad_data_dir(tmp_path):
     )
     (tmp_path / "empty_dir").mkdir()
     assert_user_error(run_cli([*TRAIN, "--data-dir", str(tmp_path / "empty_dir")], tmp_path), "no train.json")
+
+
+def command_parsers() -> list[tuple[str, object]]:
+    """Every console script of pyproject.toml and the main job, with its argument parser."""
+    import importlib
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    scripts = re.findall(r'^(llm-[a-z-]+) = "([a-z_.]+):main"$', text, re.M)
+    assert len(scripts) == 14, scripts
+    modules = [*scripts, ("python -m llm_training.main", "llm_training.cli.main_job")]
+    return [(name, importlib.import_module(module).build_parser()) for name, module in modules]
+
+
+def test_every_commands_help_shows_only_real_defaults_and_relevant_flags():
+    helps = {name: p.format_help() for name, p in command_parsers()}
+    for name, text in helps.items():
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: True)" not in flat, name
+        assert "(default: False)" not in flat and "(default: [])" not in flat, name
+    assert "(default: 16)" in " ".join(helps["llm-evaluate"].split())  # real defaults are still shown
+    flat = " ".join(helps["llm-export"].split())
+    assert flat.count("--with-past") >= 1 and "(the default)" in flat
+    for flag in ("--debug", "--profile-steps", "model.num_layers"):  # training switches
+        assert flag not in helps["llm-prepare-data"]
+        assert flag in helps["llm-train"] and flag in helps["python -m llm_training.main"]
+
+
+def test_what_the_main_job_writes_in_a_clone_is_ignored_by_git():
+    """Run from the repository (make run), the main job writes these into its root: git must ignore them."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = ["metrics.jsonl", "config.yaml", "checkpoints/model_final.pt", "logs/system.log", "runs/x",
+             "prepared_data/train.json"]  # fmt: skip
+    proc = subprocess.run(["git", "check-ignore", *names], cwd=root, capture_output=True, text=True)
+    assert proc.stdout.split() == names
+    assert subprocess.run(["git", "check-ignore", "-q", "config/training.yaml"], cwd=root).returncode == 1

@@ -10,8 +10,22 @@ from pathlib import Path
 from llm_training.errors import ConfigError, UserError
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` only where it tells something: an option that takes a value and has one.
+    A switch (store_true, --no-x) says in its sentence what it changes, and None would read as a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or action.nargs == 0
+            or default in (None, argparse.SUPPRESS, "")
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,15 +49,19 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     add_device_flag(p)
 
 
-def add_set_flag(p: argparse.ArgumentParser) -> None:
+def add_set_flag(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """``--set KEY=VALUE``; with ``training`` also the switches that only a training run uses."""
+    example = "model.num_layers=6" if training else "data.vocab_size=8192"
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Set any config key on the command line, e.g. --set model.num_layers=6 (repeatable).",
+        help=f"Set any config key on the command line, e.g. --set {example} (repeatable).",
     )
+    if not training:
+        return
     p.add_argument("--debug", dest="overrides", action="append_const", const="logging.debug=true",
                    help="Debug mode: DEBUG log lines and autograd anomaly detection (slow).")  # fmt: skip
     p.add_argument("--profile-steps", dest="overrides", action="append", metavar="N",

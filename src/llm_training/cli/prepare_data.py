@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--merge", nargs="+", metavar="DIR", help="Merge these sharded outputs into --output.")
     p.add_argument("--config", help="YAML config file whose data section supplies defaults.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    add_set_flag(p)
+    add_set_flag(p, training=False)
     return p
 
 
