@@ -58,6 +58,8 @@ def test_check_system_reports_this_machine(tmp_path):
 
 
 def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
+    """Steps, not a time budget, end the run, and the follower starts once the run has started: nothing here
+    depends on how fast a loaded machine trains."""
     import subprocess
     import sys
     import time
@@ -69,16 +71,15 @@ def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
     assert empty.returncode == 0 and "no training runs" in empty.stdout
     prepared = prepared_plays(tmp_path, 3)
     training = subprocess.Popen([sys.executable, *TRAIN, "--data-dir", str(prepared), "--output-dir", "live",
-                                 "--max-time", "6s", *TINY_MODEL, "--set", "training.log_interval=5",
+                                 "--max-steps", "10", *TINY_MODEL, "--set", "training.log_interval=5",
                                  "--set", "training.sample_tokens=0", "--device", "cpu"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     log = tmp_path / "live" / "logs" / "system.log"
-    for _ in range(300):
-        if log.is_file() and "run_start" in log.read_text():
-            break
+    while not (log.is_file() and " run_start " in log.read_text()):  # the event, however long it takes
+        assert training.poll() is None, "training ended before its run_start was logged"
         time.sleep(0.1)
     follow = run_cli([*logs, "--training-id", "latest", "--follow", "--interval", "0.2"], tmp_path)
-    assert training.wait(120) == 0
+    assert training.wait(300) == 0
     assert follow.returncode == 0
     lines = follow.stdout.strip().splitlines()
     assert " run_start " in follow.stdout and " step_end " in follow.stdout and " run_end " in lines[-1]
@@ -89,6 +90,23 @@ def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
     assert metrics and all(line.startswith("{") for line in metrics)
     missing = run_cli([*logs, "--training-id", "19990101-000000"], tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no run '19990101-000000'")
+
+
+def test_a_failed_run_is_listed_as_failed_and_follow_ends_on_it(tmp_path):
+    from conftest import call_cli
+    from llm_training.cli import logs, main_job
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a first document that is fine"}\n{"text": broken\n')
+    failed = call_cli(main_job.cli_main, ["--input-file", str(bad), "--output-dir", str(tmp_path / "run")])
+    assert failed.returncode == 2 and "bad.jsonl:2" in failed.stderr
+    listing = call_cli(logs.main, ["--root", str(tmp_path)])
+    row = listing.stdout.splitlines()[1].split()
+    assert row[1] == "failed", listing.stdout
+    follow = call_cli(logs.main, ["--root", str(tmp_path), "--training-id", "latest", "--follow"])
+    assert (
+        follow.returncode == 0 and "run_end status=failed error=DataError" in follow.stdout.splitlines()[-1]
+    )
 
 
 def test_debug_mode_and_profiler_trace(tmp_path):

@@ -154,8 +154,12 @@ def run_training_on(
             if env.enabled:
                 broadcast_object(str(data_dir), env)
             return train(cfg, data_dir, bus, resume, model=model, env=env)
-        except UserError as exc:
-            log.error("%s", exc)
+        except BaseException as exc:
+            # the log records how the run ended, so llm-logs lists it and --follow stops on it
+            if isinstance(exc, UserError):
+                log.error("%s", exc)
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            bus.publish(events.RUN_END, status="stopped" if stopped else "failed", error=type(exc).__name__)
             raise
         finally:
             for sink in sinks:
