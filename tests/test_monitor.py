@@ -126,3 +126,44 @@ def test_debug_mode_and_profiler_trace(tmp_path):
     assert any("aten::" in str(e.get("name", "")) for e in events)
     bad = run_cli([*TRAIN, "--data-dir", str(prepared), "--profile-steps", "-2"], tmp_path)
     assert bad.returncode == 2 and "logging.profile_steps cannot be negative" in bad.stderr
+
+
+def _console_run(stream, max_time, total_steps, steps, progress_per_step):
+    from llm_training import events
+    from llm_training.events import EventBus
+    from llm_training.monitor.console import ConsoleSink
+
+    bus = EventBus()
+    sink = ConsoleSink(bus, stream=stream)
+    bus.publish(events.RUN_START, num_parameters=1e6, device="cpu", precision="fp32", compile=False,
+                train_tokens=10_000, tokens_per_step=512, max_time=max_time, total_steps=total_steps,
+                start_step=0)  # fmt: skip
+    for step in range(1, steps + 1):
+        bus.publish(events.STEP_END, step=step, lr=1e-3, progress=step * progress_per_step, loss=2.0,
+                    tokens_per_second=1000.0)  # fmt: skip
+    bus.publish(events.RUN_END, status="completed")
+    sink.close()
+    return sink
+
+
+def test_progress_counts_steps_and_shows_the_budget_as_time_left():
+    import io
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    sink = _console_run(screen, max_time=100.0, total_steps=None, steps=7, progress_per_step=0.1)
+    final = screen.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("train: 7step") and "left=" in final, final  # steps, not seconds of budget
+    assert not re.search(r"\d(s/s|/100 )", screen.getvalue())  # no seconds of the budget counted
+    # the time left follows the progress rate: 10% of the budget in 10 s -> 80 s left at 20%
+    sink.first_progress = None
+    assert sink.time_left(0.1, now=5.0) is None and sink.time_left(0.2, now=15.0) == pytest.approx(80.0)
+
+    log = io.StringIO()  # not a terminal: plain lines counting steps of the step limit
+    _console_run(log, max_time=None, total_steps=50, steps=3, progress_per_step=0.02)
+    line = log.getvalue().strip().splitlines()[-1]
+    assert line.startswith("train:") and "1/50" in line and "step" in line, line
