@@ -287,3 +287,40 @@ def test_what_the_main_job_writes_in_a_clone_is_ignored_by_git():
     proc = subprocess.run(["git", "check-ignore", *names], cwd=root, capture_output=True, text=True)
     assert proc.stdout.split() == names
     assert subprocess.run(["git", "check-ignore", "-q", "config/training.yaml"], cwd=root).returncode == 1
+
+
+BLOCKER = """\
+import importlib.abc, os, sys
+BLOCKED = set(os.environ["BLOCK_MODULES"].split(","))
+class Block(importlib.abc.MetaPathFinder):  # as if these packages were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize("blocked, args, extra", [
+    ("fastapi,uvicorn", ["llm_training.cli.serve", "--model-path", "CKPT", "--port", "0"], "serve"),
+    ("fastapi,uvicorn", ["llm_training.cli.dashboard", "--port", "0"], "monitor"),
+    ("onnx,onnxruntime,onnxscript", ["llm_training.cli.export", "--checkpoint", "CKPT", "--format", "onnx"], "export"),
+    ("transformers", ["llm_training.cli.export", "--checkpoint", "CKPT", "--format", "huggingface"], "export"),
+    ("gguf", ["llm_training.cli.export", "--checkpoint", "CKPT", "--format", "gguf"], "export"),
+    ("safetensors", ["llm_training.cli.export", "--checkpoint", "CKPT", "--format", "safetensors"], "export"),
+])  # fmt: skip
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, finished_run, blocked, args, extra):
+    """A plain `pip install .` lacks the extras: each command that needs one says which, in one line."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
+    checkpoint = str(finished_run[0] / "checkpoints" / "model_final.pt")
+    argv = ["-m", *[checkpoint if a == "CKPT" else a for a in args]]
+    if "export" in args[0]:
+        argv += ["--output-dir", str(tmp_path / "exports")]
+    import os
+
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    proc = run_cli(argv, tmp_path, {"BLOCK_MODULES": blocked, "PYTHONPATH": path})
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()  # a progress line ("exporting ...") may come first
+    assert "Traceback" not in proc.stderr and sum("error" in line for line in lines) == 1, proc.stderr
+    assert lines[-1].startswith("error: the module ") and f"pip install 'llm-training[{extra}]'" in lines[-1]

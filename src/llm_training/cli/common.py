@@ -139,13 +139,39 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return values
 
 
-def run(fn: Callable[[], int | None]) -> int:
-    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2."""
+# optional modules -> the extra of pyproject.toml that installs them
+EXTRAS = {
+    **dict.fromkeys(["transformers", "safetensors", "onnx", "onnxscript", "onnxruntime", "gguf"], "export"),
+    **dict.fromkeys(["fastapi", "uvicorn", "starlette", "prometheus_client", "httpx"], "serve"),
+    **dict.fromkeys(["tensorboard", "pynvml", "psutil", "plotly"], "monitor"),
+    **dict.fromkeys(["datasets", "pyarrow", "aiohttp"], "data"),
+    "accelerate": "distributed",
+}
+
+
+def missing_extra(exc: ImportError, extra: str | None = None) -> str | None:
+    """The line that says which extra installs a missing optional module; None for any other import error.
+    ``extra`` names the command's own extra where a module belongs to several (fastapi: serve, monitor)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"the module {top!r} is not installed: pip install 'llm-training[{extra or EXTRAS[top]}]'"
+
+
+def run(fn: Callable[[], int | None], extra: str | None = None) -> int:
+    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2, a missing optional
+    module one line naming the extra that installs it (exit status 1)."""
     try:
         return fn() or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ImportError as exc:
+        line = missing_extra(exc, extra)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         import os
 
