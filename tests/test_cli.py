@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
         "--device",
         "cpu",
         *TINY,
+        "--set",
+        "data.max_seq_length=256",
     ]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -92,6 +95,9 @@ def test_main_job_with_every_flag_and_resume(tmp_path, shakespeare_jsonl):
     names = {"model_step_3.pt", "model_step_6.pt", "model_final.pt", "model_best.pt"}
     assert {p.name for p in (run / "checkpoints").iterdir()} == names | {f"{n}.json" for n in names}
     assert "6 steps" in proc.stdout
+    assert (
+        "note: data.max_seq_length 256 is recorded in the manifests" in proc.stdout
+    )  # the main job's report
     resumed = run_cli([*args, "--resume-from", str(run / "checkpoints" / "model_step_3.pt")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert (
@@ -324,3 +330,46 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, finished_run, blocked, 
     lines = proc.stderr.strip().splitlines()  # a progress line ("exporting ...") may come first
     assert "Traceback" not in proc.stderr and sum("error" in line for line in lines) == 1, proc.stderr
     assert lines[-1].startswith("error: the module ") and f"pip install 'llm-training[{extra}]'" in lines[-1]
+
+
+def test_prepare_data_says_what_it_did_instead_of_the_vocabulary_and_length_asked(tmp_path):
+    from conftest import call_cli, corpus_records
+    from llm_training.cli import prepare_data
+
+    raw = tmp_path / "small.jsonl"
+    records = corpus_records("shakespeare", 2, lambda r: r["id"].endswith("_gut"))
+    raw.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:3000]}) + "\n" for r in records))
+    args = [
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "p"),
+        "--vocab-size",
+        "50000",
+        "--max-length",
+        "2048",
+    ]
+    proc = call_cli(prepare_data.main, [*args, "--quiet", "--workers", "1"])
+    assert proc.returncode == 0, proc.stderr
+    vocab = json.loads((tmp_path / "p" / "train.json").read_text())["vocab_size"]
+    assert vocab < 50000
+    assert f"note: vocabulary: {vocab:,} tokens, not the 50,000 asked" in proc.stdout
+    assert (
+        "note: --max-length 2,048 is recorded in the manifests; training windows are the model's context, "
+        in proc.stdout
+    )
+    plain = call_cli(prepare_data.main, ["--input", str(raw), "--output", str(tmp_path / "q"), "--quiet",
+                                         "--vocab-size", "300", "--workers", "1"])  # fmt: skip
+    assert plain.returncode == 0 and "note:" not in plain.stdout  # nothing asked that was not done
+
+
+def test_job_notes_name_the_vocabulary_and_context_used(tmp_path):
+    from llm_training.config import load_config
+    from llm_training.data.notes import job_notes
+
+    (tmp_path / "prepare_report.json").write_text(json.dumps({"vocab_size": 1201, "vocab_size_asked": 50000}))
+    cfg = load_config(cli={"data.max_seq_length": 1024}, environ={}, default_file=None)
+    notes = job_notes(cfg, tmp_path)
+    assert notes[0].startswith("vocabulary: 1,201 tokens, not the 50,000 asked")
+    assert notes[1].startswith("data.max_seq_length 1,024 is recorded") and "128 tokens" in notes[1]
+    assert job_notes(load_config(environ={}, default_file=None), tmp_path / "absent") == []

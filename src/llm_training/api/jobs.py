@@ -11,6 +11,7 @@ from pathlib import Path
 from llm_training import __version__, events
 from llm_training.api.data import options_from_config, source_from_config
 from llm_training.config import Config, save_config
+from llm_training.data.notes import job_notes
 from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prepare
 from llm_training.data.sources import sample_data_path
 from llm_training.errors import DataError, UserError
@@ -153,7 +154,9 @@ def run_training_on(
                 data_dir = prepare_data(cfg, bus, progress=console and cfg.logging.progress_bar)
             if env.enabled:
                 broadcast_object(str(data_dir), env)
-            return train(cfg, data_dir, bus, resume, model=model, env=env)
+            result = train(cfg, data_dir, bus, resume, model=model, env=env)
+            result.notes = job_notes(cfg, data_dir)
+            return result
         except BaseException as exc:
             # the log records how the run ended, so llm-logs lists it and --follow stops on it
             if isinstance(exc, UserError):

@@ -107,6 +107,7 @@ def report(result) -> str:
             f"({result.precision}), {result.num_parameters / 1e6:.2f}M parameters",
             f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
             f"{result.val_bpb:.3f} bits per byte",
+            *(f"note: {note}" for note in getattr(result, "notes", ())),
             f"final checkpoint: {Path(result.final_checkpoint)}",
             "sample:",
             "  " + result.sample.strip().replace("\n", "\n  "),

@@ -79,6 +79,7 @@ class TrainResult:
     interrupted_by: str | None = None  # the signal that stopped an interrupted run
     resumed_from: Path | None = None
     recoveries: int = 0  # rollbacks, batch reductions and retries during the run
+    notes: list[str] = field(default_factory=list)  # what the job did other than asked, and why
     model: Any = field(default=None, repr=False)  # the trained torch module
 
 
@@ -682,7 +683,7 @@ class Trainer:
             recoveries=len(self.recovery.history) if self.recovery is not None else 0,
         )
         result.model = self.model
-        skip = ("metrics", "resumed_from", "model")
+        skip = ("metrics", "resumed_from", "model", "notes")
         self.bus.publish(events.RUN_END, **{k: v for k, v in result.__dict__.items() if k not in skip})
         return result
 
