@@ -51,6 +51,12 @@ def test_main_job_on_builtin_sample_writes_everything(finished_run):
         "validation loss" in out and "bits per byte" in out and "sample:" in out and "final checkpoint" in out
     )
     assert "train" in proc.stderr and "tok_s" in proc.stderr  # the progress bar
+    # where the time went, parts that add up to the whole (start-up measured from the job's start)
+    line = next(x for x in out.splitlines() if x.startswith("time: "))
+    total, parts = line[len("time: ") :].split("s in all: ")
+    spent = {name: float(value.rstrip("s")) for name, value in (p.rsplit(" ", 1) for p in parts.split(", "))}
+    assert list(spent) == ["start-up", "training", "evaluation", "saving", "sample"]
+    assert sum(spent.values()) == pytest.approx(float(total), abs=0.3) and min(spent.values()) >= 0
 
 
 def test_main_from_python_with_environment(tmp_path):

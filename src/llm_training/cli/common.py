@@ -108,11 +108,22 @@ def report(result) -> str:
             f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
             f"{result.val_bpb:.3f} bits per byte",
             *(f"note: {note}" for note in getattr(result, "notes", ())),
+            *_time_line(getattr(result, "timings", None)),
             f"final checkpoint: {Path(result.final_checkpoint)}",
             "sample:",
             "  " + result.sample.strip().replace("\n", "\n  "),
         ]
     )
+
+
+def _time_line(timings: dict | None) -> list[str]:
+    """Where the job's time went: the time budget (training.max_time) counts training and the validations
+    and saves between steps; start-up (data, model, processes), the final validation and saving are extra."""
+    if not timings:
+        return []
+    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items() if name != "total")
+    total = f"{timings['total']:.1f}s in all: " if "total" in timings else ""
+    return [f"time: {total}{parts}"]
 
 
 def print_result(result, prog: str, argv: list[str]) -> None:
