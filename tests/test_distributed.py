@@ -125,13 +125,22 @@ def test_two_nodes_on_loopback_train_to_the_end(tmp_path, data, single):
 
 
 def test_guide_launchers_torchrun_and_accelerate_run_the_main_job(tmp_path, shakespeare_jsonl):
+    # the shipped config as it is (nccl) on this machine without GPUs: gloo, with one warning line
     common = ["-m", "llm_training.main", "--config", str(REPO / "config" / "distributed.yaml"), "--input-file",
-              str(shakespeare_jsonl), *TINY, "--set", "resources.distributed_backend=gloo", "--max-time", "3s",
+              str(shakespeare_jsonl), *TINY, "--set", "training.max_steps=3",
               "--set", "training.gradient_accumulation_steps=1"]  # fmt: skip
     first = ok(run_cli([*TORCHRUN, "--nproc_per_node=2", *common, "--output-dir", "a"], tmp_path))
     assert (
         "2 processes (ddp, cpu)" in first.stderr + first.stdout and (tmp_path / "a" / "checkpoints").is_dir()
     )
+    if not torch.cuda.is_available():
+        warned = [line for line in first.stderr.splitlines() if "distributed_backend is nccl" in line]
+        assert len(warned) == 1 and warned[0].endswith("(no CUDA GPU): using gloo"), first.stderr
+    # accelerate without --multi_gpu starts one process: the warning gives the flag that starts several
+    single = run_cli([*ACCELERATE, "--num_processes=2", *common, "--set", "resources.gpu_count=null",
+                      "--output-dir", "c"], tmp_path)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    assert "accelerate launch started one process: it starts several only with --multi_gpu" in single.stderr
     second = ok(
         run_cli([*ACCELERATE, "--multi_gpu", "--num_processes=2", *common, "--output-dir", "b"], tmp_path)
     )

@@ -58,6 +58,8 @@ def test_check_system_reports_this_machine(tmp_path):
 
 
 def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
+    """Steps, not a time budget, end the run, and the follower starts once the run has started: nothing here
+    depends on how fast a loaded machine trains."""
     import subprocess
     import sys
     import time
@@ -69,16 +71,15 @@ def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
     assert empty.returncode == 0 and "no training runs" in empty.stdout
     prepared = prepared_plays(tmp_path, 3)
     training = subprocess.Popen([sys.executable, *TRAIN, "--data-dir", str(prepared), "--output-dir", "live",
-                                 "--max-time", "6s", *TINY_MODEL, "--set", "training.log_interval=5",
+                                 "--max-steps", "10", *TINY_MODEL, "--set", "training.log_interval=5",
                                  "--set", "training.sample_tokens=0", "--device", "cpu"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     log = tmp_path / "live" / "logs" / "system.log"
-    for _ in range(300):
-        if log.is_file() and "run_start" in log.read_text():
-            break
+    while not (log.is_file() and " run_start " in log.read_text()):  # the event, however long it takes
+        assert training.poll() is None, "training ended before its run_start was logged"
         time.sleep(0.1)
     follow = run_cli([*logs, "--training-id", "latest", "--follow", "--interval", "0.2"], tmp_path)
-    assert training.wait(120) == 0
+    assert training.wait(300) == 0
     assert follow.returncode == 0
     lines = follow.stdout.strip().splitlines()
     assert " run_start " in follow.stdout and " step_end " in follow.stdout and " run_end " in lines[-1]
@@ -89,6 +90,23 @@ def test_llm_logs_lists_runs_and_follows_one_live(tmp_path):
     assert metrics and all(line.startswith("{") for line in metrics)
     missing = run_cli([*logs, "--training-id", "19990101-000000"], tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no run '19990101-000000'")
+
+
+def test_a_failed_run_is_listed_as_failed_and_follow_ends_on_it(tmp_path):
+    from conftest import call_cli
+    from llm_training.cli import logs, main_job
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a first document that is fine"}\n{"text": broken\n')
+    failed = call_cli(main_job.cli_main, ["--input-file", str(bad), "--output-dir", str(tmp_path / "run")])
+    assert failed.returncode == 2 and "bad.jsonl:2" in failed.stderr
+    listing = call_cli(logs.main, ["--root", str(tmp_path)])
+    row = listing.stdout.splitlines()[1].split()
+    assert row[1] == "failed", listing.stdout
+    follow = call_cli(logs.main, ["--root", str(tmp_path), "--training-id", "latest", "--follow"])
+    assert (
+        follow.returncode == 0 and "run_end status=failed error=DataError" in follow.stdout.splitlines()[-1]
+    )
 
 
 def test_debug_mode_and_profiler_trace(tmp_path):
@@ -108,3 +126,44 @@ def test_debug_mode_and_profiler_trace(tmp_path):
     assert any("aten::" in str(e.get("name", "")) for e in events)
     bad = run_cli([*TRAIN, "--data-dir", str(prepared), "--profile-steps", "-2"], tmp_path)
     assert bad.returncode == 2 and "logging.profile_steps cannot be negative" in bad.stderr
+
+
+def _console_run(stream, max_time, total_steps, steps, progress_per_step):
+    from llm_training import events
+    from llm_training.events import EventBus
+    from llm_training.monitor.console import ConsoleSink
+
+    bus = EventBus()
+    sink = ConsoleSink(bus, stream=stream)
+    bus.publish(events.RUN_START, num_parameters=1e6, device="cpu", precision="fp32", compile=False,
+                train_tokens=10_000, tokens_per_step=512, max_time=max_time, total_steps=total_steps,
+                start_step=0)  # fmt: skip
+    for step in range(1, steps + 1):
+        bus.publish(events.STEP_END, step=step, lr=1e-3, progress=step * progress_per_step, loss=2.0,
+                    tokens_per_second=1000.0)  # fmt: skip
+    bus.publish(events.RUN_END, status="completed")
+    sink.close()
+    return sink
+
+
+def test_progress_counts_steps_and_shows_the_budget_as_time_left():
+    import io
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    sink = _console_run(screen, max_time=100.0, total_steps=None, steps=7, progress_per_step=0.1)
+    final = screen.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("train: 7step") and "left=" in final, final  # steps, not seconds of budget
+    assert not re.search(r"\d(s/s|/100 )", screen.getvalue())  # no seconds of the budget counted
+    # the time left follows the progress rate: 10% of the budget in 10 s -> 80 s left at 20%
+    sink.first_progress = None
+    assert sink.time_left(0.1, now=5.0) is None and sink.time_left(0.2, now=15.0) == pytest.approx(80.0)
+
+    log = io.StringIO()  # not a terminal: plain lines counting steps of the step limit
+    _console_run(log, max_time=None, total_steps=50, steps=3, progress_per_step=0.02)
+    line = log.getvalue().strip().splitlines()[-1]
+    assert line.startswith("train:") and "1/50" in line and "step" in line, line

@@ -11,6 +11,7 @@ from pathlib import Path
 from llm_training import __version__, events
 from llm_training.api.data import options_from_config, source_from_config
 from llm_training.config import Config, save_config
+from llm_training.data.notes import job_notes
 from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prepare
 from llm_training.data.sources import sample_data_path
 from llm_training.errors import DataError, UserError
@@ -19,7 +20,7 @@ from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
 from llm_training.monitor.tensorboard import TensorBoardSink
 from llm_training.monitor.tensorboard import available as tensorboard_available
-from llm_training.train.distributed import broadcast_object
+from llm_training.train.distributed import broadcast_object, one_process_hint
 from llm_training.train.loop import TrainResult, train
 
 log = logging.getLogger("llm_training.jobs")
@@ -27,6 +28,8 @@ log = logging.getLogger("llm_training.jobs")
 # Applied just above the hard-coded defaults when no data is given: the built-in sample trains for a fixed
 # budget so the first run ends in a couple of minutes on a laptop CPU, and for at most 10 epochs so a GPU
 # does not overfit the small sample (any file, variable or flag can change either).
+JOB_START_VARIABLE = "LLM_TRAINING_JOB_START"  # Unix time a launcher started the job, for its workers
+
 QUICKSTART = {"training.max_time": "100s", "training.num_epochs": 10, "training.eval_interval": 100}
 
 
@@ -193,15 +196,17 @@ def run_training_on(
     prints, logs and writes files."""
     from llm_training.api.resources import ComputeResourceManager
 
+    # the job's start: a launcher (llm-train --num-gpus) passes its own, so start-up includes the processes'
+    job_start = float(os.environ.get(JOB_START_VARIABLE) or time.time())
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
     plan, check_again = check_checkpoints_fit(cfg, data_dir, resume)
     bus = bus or EventBus()
     with ComputeResourceManager(bus, cfg.resources) as env:
-        if not env.enabled and cfg.resources.distributed:
-            log.warning("resources.distributed is set but this is one process: start several with torchrun, "
-                        "accelerate launch or llm-train --num-gpus N")  # fmt: skip
+        hint = None if env.enabled else one_process_hint(cfg.resources.distributed)
+        if hint:
+            log.warning("%s", hint)
         if not env.is_main:  # the other ranks train silently and write nothing
             data_dir = broadcast_object(None, env)  # waits for rank 0 to have the data ready
             return train(cfg, data_dir, bus, resume, model=model, env=env)
@@ -231,9 +236,19 @@ def run_training_on(
                     check_checkpoints_fit(cfg, data_dir, resume)
             if env.enabled:
                 broadcast_object(str(data_dir), env)
-            return train(cfg, data_dir, bus, resume, model=model, env=env)
-        except UserError as exc:
-            log.error("%s", exc)
+            result = train(cfg, data_dir, bus, resume, model=model, env=env)
+            result.notes = job_notes(cfg, data_dir)
+            if result.timings:
+                loop = result.timings.pop("loop")
+                total = time.time() - job_start
+                result.timings = {"start-up": max(0.0, total - loop), **result.timings, "total": total}
+            return result
+        except BaseException as exc:
+            # the log records how the run ended, so llm-logs lists it and --follow stops on it
+            if isinstance(exc, UserError):
+                log.error("%s", exc)
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            bus.publish(events.RUN_END, status="stopped" if stopped else "failed", error=type(exc).__name__)
             raise
         finally:
             for sink in sinks:

@@ -10,8 +10,22 @@ from pathlib import Path
 from llm_training.errors import ConfigError, UserError, one_line, quoted
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` only where it tells something: an option that takes a value and has one.
+    A switch (store_true, --no-x) says in its sentence what it changes, and None would read as a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or action.nargs == 0
+            or default in (None, argparse.SUPPRESS, "")
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -43,15 +57,19 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
     add_device_flag(p)
 
 
-def add_set_flag(p: argparse.ArgumentParser) -> None:
+def add_set_flag(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """``--set KEY=VALUE``; with ``training`` also the switches that only a training run uses."""
+    example = "model.num_layers=6" if training else "data.vocab_size=8192"
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Set any config key on the command line, e.g. --set model.num_layers=6 (repeatable).",
+        help=f"Set any config key on the command line, e.g. --set {example} (repeatable).",
     )
+    if not training:
+        return
     p.add_argument("--debug", dest="overrides", action="append_const", const="logging.debug=true",
                    help="Debug mode: DEBUG log lines and autograd anomaly detection (slow).")  # fmt: skip
     p.add_argument("--profile-steps", dest="overrides", action="append", metavar="N",
@@ -97,6 +115,8 @@ def report(result) -> str:
             f"({result.precision}), {result.num_parameters / 1e6:.2f}M parameters",
             f"validation loss {first}{result.val_loss:.3f}, perplexity {result.val_perplexity:.1f}, "
             f"{result.val_bpb:.3f} bits per byte",
+            *(f"note: {note}" for note in getattr(result, "notes", ())),
+            *_time_line(getattr(result, "timings", None)),
             _final_line(result),
             "sample:",
             "  " + result.sample.strip().replace("\n", "\n  "),
@@ -113,6 +133,21 @@ def _final_line(result) -> str:
 
 
 UNSAVED_EXIT = 1  # training ran, but its final (or preemption) checkpoint could not be written
+
+
+def exit_status(result) -> int:
+    """``UNSAVED_EXIT`` when the checkpoint a run's summary names was not saved, else 0."""
+    return UNSAVED_EXIT if Path(result.final_checkpoint).name in getattr(result, "unsaved", {}) else 0
+
+
+def _time_line(timings: dict | None) -> list[str]:
+    """Where the job's time went: the time budget (training.max_time) counts training and the validations
+    and saves between steps; start-up (data, model, processes), the final validation and saving are extra."""
+    if not timings:
+        return []
+    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items() if name != "total")
+    total = f"{timings['total']:.1f}s in all: " if "total" in timings else ""
+    return [f"time: {total}{parts}"]
 
 
 def print_result(result, prog: str, argv: list[str]) -> int:
@@ -147,9 +182,29 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return values
 
 
-def run(fn: Callable[[], int | None]) -> int:
-    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2, and so does a
-    full disk or a permission error that no caller closer to the file explained."""
+# optional modules -> the extra of pyproject.toml that installs them
+EXTRAS = {
+    **dict.fromkeys(["transformers", "safetensors", "onnx", "onnxscript", "onnxruntime", "gguf"], "export"),
+    **dict.fromkeys(["fastapi", "uvicorn", "starlette", "prometheus_client", "httpx"], "serve"),
+    **dict.fromkeys(["tensorboard", "pynvml", "psutil", "plotly"], "monitor"),
+    **dict.fromkeys(["datasets", "pyarrow", "aiohttp"], "data"),
+    "accelerate": "distributed",
+}
+
+
+def missing_extra(exc: ImportError, extra: str | None = None) -> str | None:
+    """The line that says which extra installs a missing optional module; None for any other import error.
+    ``extra`` names the command's own extra where a module belongs to several (fastapi: serve, monitor)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"the module {top!r} is not installed: pip install 'llm-training[{extra or EXTRAS[top]}]'"
+
+
+def run(fn: Callable[[], int | None], extra: str | None = None) -> int:
+    """Run a command body; a UserError becomes ``error: ...`` on stderr and exit status 2, a missing optional
+    module one line naming the extra that installs it (exit status 1), and a full disk or a permission error
+    that no caller closer to the file explained one line too."""
     from llm_training.fileio import HANDLED, storage_error
 
     try:
@@ -163,6 +218,12 @@ def run(fn: Callable[[], int | None]) -> int:
         error = storage_error(exc)
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except ImportError as exc:
+        line = missing_extra(exc, extra)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         import os
 

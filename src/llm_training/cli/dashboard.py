@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         dashboard.wait()
         return 0
 
-    return run(body)
+    return run(body, extra="monitor")
 
 
 if __name__ == "__main__":

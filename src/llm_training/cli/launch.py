@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import uuid
 
 from llm_training.errors import ConfigError, UserError
@@ -109,6 +110,9 @@ def launch(args, argv: list[str], module: str) -> int:
         monitor_interval=0.5,
         **rdzv,
     )
+    # the workers' summary counts start-up from here; set for the children only, then restored
+    before = os.environ.get("LLM_TRAINING_JOB_START")
+    os.environ["LLM_TRAINING_JOB_START"] = before or str(time.time())
     try:
         elastic_launch(config, sys.executable)("-m", module, *rest)
     except ChildFailedError as exc:
@@ -129,4 +133,7 @@ def launch(args, argv: list[str], module: str) -> int:
                 f"{args.rdzv_timeout:g}s ({name}); start node 0 first and check the address and port"
             ) from None
         raise
+    finally:
+        if before is None:
+            os.environ.pop("LLM_TRAINING_JOB_START", None)
     return 0

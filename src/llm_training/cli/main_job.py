@@ -7,6 +7,7 @@ import sys
 from llm_training.cli.common import (
     add_resume_flags,
     add_set_flag,
+    exit_status,
     parse_sets,
     parser,
     print_result,
@@ -42,12 +43,14 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None, **overrides):
-    """Run the main job from Python. ``overrides`` are runtime overrides with dotted keys, e.g.
-    ``main(**{'training.max_time': '30s'})``. Returns the TrainResult; raises UserError on bad input."""
+    """Run the main job from Python, printing what the command prints (the summary and a sample).
+    ``overrides`` are runtime overrides with dotted keys, e.g. ``main(**{'training.max_time': '30s'})``.
+    Returns the TrainResult; raises UserError on bad input."""
     from llm_training.api.jobs import QUICKSTART, run_training
     from llm_training.config import load_config
 
-    args = build_parser().parse_args([] if argv is None else argv)
+    arguments = [] if argv is None else list(argv)
+    args = build_parser().parse_args(arguments)
     cli = {
         "data.input_file": args.input_file,
         "output_dir": args.output_dir,
@@ -59,12 +62,13 @@ def main(argv: list[str] | None = None, **overrides):
     if not cfg.data.input_file and not cfg.data.data_dir:
         # quick-start budget sits just above the hard-coded defaults: any file, variable or flag wins over it
         cfg = load_config(args.config, cli=cli, overrides=overrides, preset=QUICKSTART)
-    return run_training(cfg, resume_from=args.resume)
+    result = run_training(cfg, resume_from=args.resume)
+    print_result(result, "python -m llm_training.main", arguments)
+    return result
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        arguments = sys.argv[1:] if argv is None else argv
-        return print_result(main(arguments), "python -m llm_training.main", arguments)
+        return exit_status(main(sys.argv[1:] if argv is None else argv))
 
     return run(body)

@@ -70,7 +70,7 @@ def build_parser():
     p.add_argument("--merge", nargs="+", metavar="DIR", help="Merge these sharded outputs into --output.")
     p.add_argument("--config", help="YAML config file whose data section supplies defaults.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    add_set_flag(p)
+    add_set_flag(p, training=False)
     return p
 
 
@@ -91,7 +91,7 @@ _FLAG_KEYS = {
 }
 
 
-def _summary(report: dict, output: str) -> str:
+def _summary(report: dict, output: str, notes: tuple = ()) -> str:
     lines = [
         f"read {report['documents_read']:,} documents ({report['bytes_read'] / 1e6:,.1f} MB) "
         f"in {report['seconds']:.1f}s ({report['mb_per_second']:.1f} MB/s)"
@@ -108,6 +108,7 @@ def _summary(report: dict, output: str) -> str:
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in report.get("stages_seconds", {}).items())
     if stages:
         lines.append(f"stages: {stages}")
+    lines += [f"note: {note}" for note in notes if note]
     lines.append(f"wrote {output} (details in {output}/prepare_report.json)")
     return "\n".join(lines)
 
@@ -157,7 +158,15 @@ def main(argv: list[str] | None = None) -> int:
             result = prepare(source, args.output, options, on_progress=progress, overwrite=args.overwrite)
         finally:
             progress.close()
-        print(_summary(result.report, args.output))
+        from llm_training.data.notes import DEFAULT_MAX_LENGTH, context_note, vocabulary_note
+
+        asked_length = cfg.data.max_seq_length
+        context = context_note(
+            asked_length if args.max_length is not None or asked_length != DEFAULT_MAX_LENGTH else None,
+            cfg.training.seq_length or cfg.model.max_seq_length,
+            "--max-length",
+        )
+        print(_summary(result.report, args.output, (vocabulary_note(result.report), context)))
         return 0
 
     return run(body)

@@ -449,6 +449,7 @@ def prepare(
             "split": split_note,
             "tokenizer": tokenizer_note,
             "vocab_size": tokenizer.vocab_size,
+            "vocab_size_asked": None if options.tokenizer_path else options.vocab_size,
         }
         for split in () if options.tokenizer_only else SPLITS:
             mark = time.perf_counter()

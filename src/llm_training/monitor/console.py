@@ -24,6 +24,7 @@ class ConsoleSink(Sink):
         self.plain = False
         self.total, self.unit = 0, "step"
         self.started = self.last_line = 0.0
+        self.first_progress: tuple[float, float] | None = None
         for topic, handler in (
             (events.RUN_START, self._start),
             (events.STEP_END, self._step),
@@ -65,15 +66,17 @@ class ConsoleSink(Sink):
         from tqdm.auto import tqdm
 
         self.budget = p["max_time"]
-        # with a time budget the progress counts seconds of the budget; otherwise optimizer steps
-        self.total = round(self.budget) if self.budget else p["total_steps"]
-        self.unit = "s" if self.budget else "step"
+        # the bar counts optimizer steps; under a time budget the total is unknown (the budget ends the run,
+        # not a step count), so the time left comes from how fast the run's progress moves through the budget
+        self.total = None if self.budget else p["total_steps"]
+        self.unit = "step"
         self.started = time.monotonic()
+        self.first_progress = None  # (time, progress) of the first step seen: a resumed run starts part-way
         self.last_line = float("-inf")  # the first logged step prints at once
         if is_tty(self.stream):
             self.bar = tqdm(
                 total=self.total,
-                initial=0 if self.budget else p["start_step"],
+                initial=p["start_step"],
                 unit=self.unit,
                 file=self.stream,
                 dynamic_ncols=True,
@@ -83,25 +86,39 @@ class ConsoleSink(Sink):
         else:  # a log file or pipe gets a plain line every LOG_LINE_INTERVAL seconds, not a redrawn bar
             self.plain = True
 
+    def time_left(self, progress: float, now: float) -> float | None:
+        """Seconds until the run ends, from the rate its progress (share of the budget or of the steps,
+        whichever is further) has moved since the first step this sink saw."""
+        if self.first_progress is None:
+            self.first_progress = (now, progress)
+            return None
+        since, start = self.first_progress
+        rate = (progress - start) / max(now - since, 1e-9)
+        return max(0.0, (1.0 - progress) / rate) if rate > 0 else None
+
     def _step(self, event: Event) -> None:
         p = event.payload
         if not self.enabled or p.get("loss") is None and self.bar is None:
             return
-        n = min(self.total, round(p["progress"] * self.budget)) if self.budget else p["step"]
-        postfix = {"loss": f"{p['loss']:.3f}", "lr": f"{p['lr']:.2e}", "tok_s": f"{p['tokens_per_second']:,.0f}"} if p.get("loss") is not None else None  # fmt: skip
+        now = time.monotonic()
+        left = self.time_left(p["progress"], now) if self.budget else None
+        postfix = {"loss": f"{p['loss']:.3f}", "lr": f"{p['lr']:.2e}", "tok_s": f"{p['tokens_per_second']:,.0f}"} if p.get("loss") is not None else {}  # fmt: skip
         if postfix and p.get("mfu") is not None:
             postfix["mfu"] = f"{p['mfu']:.0%}"
+        if left is not None:
+            from tqdm import tqdm
+
+            postfix["left"] = tqdm.format_interval(left)  # the time budget's ETA
         if self.bar is not None:
-            self.bar.n = n
+            self.bar.n = p["step"]
             self.bar.set_postfix(postfix) if postfix else self.bar.refresh()
             return
-        now = time.monotonic()
-        if self.plain and now - self.last_line >= LOG_LINE_INTERVAL:
+        if self.plain and postfix and now - self.last_line >= LOG_LINE_INTERVAL:
             from tqdm import tqdm
 
             self.last_line = now
             meter = tqdm.format_meter(
-                n, self.total, now - self.started, ncols=0, prefix="train", unit=self.unit,
+                p["step"], self.total, now - self.started, ncols=0, prefix="train", unit=self.unit,
                 postfix=", ".join(f"{k}={v}" for k, v in postfix.items()),
             )  # fmt: skip
             print(meter, file=self.stream, flush=True)
@@ -131,8 +148,6 @@ class ConsoleSink(Sink):
 
     def _end(self, event: Event) -> None:
         if self.bar is not None:
-            if self.budget:
-                self.bar.n = self.bar.total
             self.bar.close()
             self.bar = None
 

@@ -86,8 +86,7 @@ def resolve_runtime(cfg: Config) -> Runtime:
                     f"resources.gpu_count is 0 but resources.device is {r.device!r}; set one of them"
                 )
             device = torch.device("cpu") if r.device == "auto" else device
-    if r.distributed and r.distributed_backend.lower() == "nccl" and not visible:
-        raise ConfigError("resources.distributed_backend 'nccl' needs CUDA GPUs; use 'gloo' on the CPU")
+    # nccl asked for without GPUs (a GPU config on a CPU machine): the process group uses gloo and says so
     if device.type == "cuda" and launched and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     if device.type == "cuda":

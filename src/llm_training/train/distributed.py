@@ -60,8 +60,10 @@ def current_env() -> DistEnv:
 
 
 def pick_backend(setting: str, device_type: str) -> str:
+    """The backend for ``setting`` on ``device_type``; nccl asked for where training runs on CPUs (a GPU
+    config on a machine without GPUs) is gloo, which init_process_group says in one line."""
     setting = setting.lower()
-    if setting == "auto":
+    if setting == "auto" or setting == "nccl" and device_type != "cuda":
         return "nccl" if device_type == "cuda" else "gloo"
     if setting == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
         raise ConfigError(
@@ -83,6 +85,14 @@ def init_process_group(env: DistEnv, backend_setting: str, device_type: str, tim
             "torchrun, accelerate launch or llm-train --num-gpus N, or unset WORLD_SIZE"
         )
     backend = pick_backend(backend_setting, device_type)
+    if backend != backend_setting.lower() and backend_setting.lower() != "auto" and env.rank == 0:
+        log.warning(
+            "warning: resources.distributed_backend is %s but training runs on %s here (no CUDA GPU): "
+            "using %s",
+            backend_setting,
+            device_type,
+            backend,
+        )
     if device_type == "cuda":
         visible = torch.cuda.device_count()
         if env.local_rank >= visible:
@@ -94,6 +104,25 @@ def init_process_group(env: DistEnv, backend_setting: str, device_type: str, tim
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(env.rank, env.world_size, env.local_rank, backend)
+
+
+def one_process_hint(distributed: bool, environ=None) -> str | None:
+    """Why this run has one process where several were wanted, and the command that starts them: an
+    ``accelerate launch`` without --multi_gpu runs one process (it sets ACCELERATE_* and, for
+    --num_processes above 1, MASTER_ADDR, but no WORLD_SIZE)."""
+    environ = os.environ if environ is None else environ
+    if "ACCELERATE_MIXED_PRECISION" in environ and ("MASTER_ADDR" in environ or distributed):
+        return (
+            "accelerate launch started one process: it starts several only with --multi_gpu "
+            "(accelerate launch --multi_gpu --num_processes N -m llm_training.main ...); without GPUs use "
+            "llm-train --num-gpus N --distributed-backend gloo, or torchrun --nproc_per_node N"
+        )
+    if distributed:
+        return (
+            "resources.distributed is set but this is one process: start several with torchrun "
+            "--nproc_per_node N, accelerate launch --multi_gpu --num_processes N, or llm-train --num-gpus N"
+        )
+    return None
 
 
 def teardown() -> None:

@@ -81,6 +81,8 @@ class TrainResult:
     resumed_from: Path | None = None
     recoveries: int = 0  # rollbacks, batch reductions and retries during the run
     unsaved: dict = field(default_factory=dict)  # name -> why it was not saved (on_save_error=continue)
+    notes: list[str] = field(default_factory=list)  # what the job did other than asked, and why
+    timings: dict = field(default_factory=dict)  # where the time went: training, evaluation, saving, ...
     model: Any = field(default=None, repr=False)  # the trained torch module
 
 
@@ -252,6 +254,7 @@ class Trainer:
         self.best_val: float | None = None
         self.split = 1  # micro-batches are cut into this many after an out-of-memory
         self.metrics: dict = {}
+        self.spent = {"evaluation": 0.0, "saving": 0.0}  # seconds of this run, for the summary
         self.resumed_from: Path | None = None
         self.start_snapshot: dict | None = None  # the rollback point before the first checkpoint
         self.skip: tuple[int, dict] | None = None  # at step N, jump the loader past batches that failed
@@ -342,14 +345,18 @@ class Trainer:
         meta = {"kind": kind, "step": self.step, "epoch": self.loader.epoch, "tokens_seen": self.tokens_seen}
         if val_loss is not None:
             meta["val_loss"] = val_loss
+        began = time.perf_counter()
         self.checkpointer.save(name, self.state(), meta, wait=wait)
+        self.spent["saving"] += time.perf_counter() - began
 
     def _validate(self, **extra) -> dict:
         """Validation loss, perplexity and bits per byte now, kept as ``self.metrics`` and published."""
         t = self.cfg.training
+        began = time.perf_counter()
         self.metrics = evaluate_loss(
             self.model, self.val_set, self.runtime, self.eval_batch, t.eval_batches * self.split, self.env
         )
+        self.spent["evaluation"] += time.perf_counter() - began
         self.bus.publish(events.EVAL_END, step=self.step, **extra, **self.metrics)
         return self.metrics
 
@@ -629,6 +636,7 @@ class Trainer:
         if stopped_by:
             return self._interrupted(stopped_by, loss_value)
         seconds = self.elapsed()  # training time: the final validation below is not part of the budget
+        in_budget = dict(self.spent)
         self._keep_if_best(self._validate(final=True))
         self._save("model_final.pt", "final", val_loss=self.metrics["val_loss"], wait=True)
         final = self.ckpt_dir / "model_final.pt"
@@ -646,7 +654,17 @@ class Trainer:
                 t.sample_top_k, t.seed,
             )  # fmt: skip
         bus.publish(events.SAMPLE, step=self.step, prompt=t.sample_prompt, text=sample)
-        return self._result("completed", seconds, final, loss_value, sample)
+        result = self._result("completed", seconds, final, loss_value, sample)
+        # this process's part only: a resumed run's earlier time is in elapsed_before
+        since, ran = time.perf_counter() - self.started, seconds - self.elapsed_before
+        before_end, after = sum(in_budget.values()), sum(self.spent.values()) - sum(in_budget.values())
+        result.timings = {
+            "training": max(0.0, ran - before_end),
+            **self.spent,
+            "sample": max(0.0, since - ran - after),
+            "loop": since,
+        }
+        return result
 
     def _interrupted(self, signal_name: str, loss_value: float) -> TrainResult:
         seconds = self.elapsed()
@@ -688,7 +706,7 @@ class Trainer:
             unsaved=dict(self.checkpointer.unsaved),
         )
         result.model = self.model
-        skip = ("metrics", "resumed_from", "model")
+        skip = ("metrics", "resumed_from", "model", "notes", "timings")
         self.bus.publish(events.RUN_END, **{k: v for k, v in result.__dict__.items() if k not in skip})
         return result
 
