@@ -55,11 +55,27 @@ def chart(snapshot: dict, key: str) -> dict:
 
 
 def test_every_run_is_charted_with_its_own_numbers(runs):
+    from llm_training.train.artifacts import load_trained
+
     snapshot = MetricsDashboard(port=0, root=runs).snapshot()
     assert [(r["status"], r["step"]) for r in snapshot["runs"]] == [("completed", 20), ("completed", 30)]
     loss = chart(snapshot, "loss")["data"]
     train = [t for t in loss if not t["name"].endswith("validation")]
     assert len(train) == 2 and len(loss) == 4  # a training and a validation trace a run
+    # each run is named by its folder and its model (type, layers x width, parameters), not by its id
+    model = load_trained(runs / "small" / "checkpoints" / "model_final.pt").model
+    size = sum(p.numel() for p in model.parameters())
+    assert 100_000 < size < 1_000_000  # TINY_MODEL
+    labels = [f"{name} · {model.cfg.model_type} 2x64 · {size / 1000:.3g}K" for name in ("small", "longer")]
+    assert [t["name"] for t in train] == labels == [r["label"] for r in snapshot["runs"]]
+    assert [r["model"] for r in snapshot["runs"]] == [
+        f"{model.cfg.model_type} 2x64, {size / 1000:.3g}K params"
+    ] * 2
+    validation = [t for t in loss if t["name"].endswith("validation")]
+    assert [t["name"] for t in validation] == [f"{label} validation" for label in labels]
+    # one legend entry a run: its validation line shows and hides with its training line
+    assert [t["legendgroup"] for t in validation] == [t["legendgroup"] for t in train] == labels
+    assert all(t["showlegend"] is False for t in validation) and all("showlegend" not in t for t in train)
     for trace, row in zip(train, snapshot["runs"], strict=True):
         logged = step_losses(Path(row["folder"]) / "metrics.jsonl")
         assert dict(zip(trace["x"], trace["y"], strict=True)) == {float(s): v for s, v in logged.items()}
@@ -87,7 +103,8 @@ def test_custom_metrics_from_add_metric_and_from_a_run(runs, tmp_path):
         ]
         bleu = chart(dashboard.snapshot(), "custom-bleu")["data"]
         assert [(t["x"], t["y"]) for t in bleu] == [([30.0], [0.25])]
-        assert bleu[0]["name"] == dashboard.snapshot()["runs"][1]["run"]
+        assert bleu[0]["name"] == dashboard.snapshot()["runs"][1]["label"]
+        assert bleu[0]["name"].startswith("longer · ")
     finally:
         (folder / "metrics.jsonl").write_text(before)
 
@@ -113,6 +130,30 @@ def _shot(page, path: Path) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(SHOTS) / path.name)
+
+
+BOX = "(el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }"
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _check_layout(page) -> None:
+    """Every chart's title is clear of plotly's toolbar (shown while the pointer is over the chart), its
+    "step" axis title clear of its legend, and the legend inside the chart."""
+    for i in range(page.locator("#charts .chart").count()):
+        box = page.locator("#charts .chart").nth(i)
+        title = box.locator("h3")
+        assert title.count() == 1 and title.inner_text(), f"chart {i} has no title above it"
+        plot = box.locator(".js-plotly-plot")
+        plot.hover()  # the toolbar shows (it is laid out, invisible, before)
+        toolbar = plot.locator(".modebar").evaluate(BOX)
+        assert not _overlap(title.evaluate(BOX), toolbar), title.inner_text()
+        if plot.locator(".legend").count():
+            legend, step = plot.locator(".legend").evaluate(BOX), plot.locator(".g-xtitle").evaluate(BOX)
+            assert not _overlap(step, legend) and step[3] <= legend[1], title.inner_text()
+            assert legend[3] <= plot.evaluate(BOX)[3] + 1, title.inner_text()  # not cut off at the bottom
 
 
 def test_live_page_in_chromium_updates_while_a_run_trains(runs, data, tmp_path):
@@ -141,7 +182,8 @@ def test_live_page_in_chromium_updates_while_a_run_trains(runs, data, tmp_path):
             assert page.inner_text("#state").startswith("live")
             rows = page.locator("#runs tr")
             assert rows.count() == 2
-            assert {rows.nth(i).locator("td").nth(1).inner_text() for i in (0, 1)} == {"completed", "running"}
+            assert {rows.nth(i).locator("td").nth(2).inner_text() for i in (0, 1)} == {"completed", "running"}
+            _check_layout(page)
             # a custom metric sent over HTTP gets its own chart on the open page
             answer = httpx.post(dashboard.url + "/api/metrics", json={"name": "custom_score", "value": 0.95})
             assert answer.status_code == 200
@@ -185,6 +227,10 @@ def test_report_is_one_file_that_draws_offline(runs, tmp_path):
         assert page.locator("#runs tr").count() == 2 and page.inner_text("#state") == "report"
         assert page.locator("#chart-loss .scatterlayer .trace").count() == 4  # drawn, not only given
         assert [url for url in asked if not url.startswith("file://")] == []
+        _check_layout(page)
+        assert page.locator("#chart-loss .legend .traces").count() == 2  # a legend entry a run
+        legend = page.locator("#chart-loss .legend").text_content()
+        assert "small · " in legend and "longer · " in legend and "2x64" in legend
         time.sleep(0.5)
         _shot(page, tmp_path / "report.png")
         browser.close()

@@ -33,6 +33,29 @@ def test_training_writes_tensorboard_events(tmp_path):
     assert "sample/text_summary" in acc.Tags()["tensors"]
 
 
+def test_tensorboard_sample_text_shows_as_written(tmp_path):
+    """TensorBoard renders text as markdown: the sample is stored in code blocks (line breaks, ``*`` and
+    backticks kept), with no bold markers around an empty prompt; read back with TensorBoard's reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llm_training import events
+    from llm_training.monitor.tensorboard import TensorBoardSink
+
+    bus = events.EventBus()
+    sink = TensorBoardSink(bus, tmp_path / "tb")
+    text = "KING.\nWhat *ho*, my lord?\n\n  ```\nindented # line"
+    bus.publish(events.SAMPLE, step=5, prompt="", text=text)
+    bus.publish(events.SAMPLE, step=9, prompt="ROMEO.\n", text="ROMEO.\nGood night\nsweet")
+    sink.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    stored = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("sample/text_summary")}
+    assert stored[5] == "````\n" + text + "\n````"  # the fence outlasts the backticks in the text
+    assert "**" not in stored[5]
+    assert stored[9] == "prompt:\n\n```\nROMEO.\n\n```\n\ncontinuation:\n\n```\nGood night\nsweet\n```"
+
+
 def test_gpu_monitor_without_a_gpu_says_so_and_exits_0(tmp_path):
     import torch
 

@@ -81,6 +81,7 @@ class MetricsDashboard:
         self._tails: dict[Path, run_index.RecordTail] = {}
         self._parsed: dict[Path, tuple[tuple, list[run_index.Run]]] = {}  # log -> (its size and time, runs)
         self._modified: dict[Path, float] = {}  # log -> when it last changed
+        self._models: dict[Path, tuple[tuple, dict]] = {}  # config.yaml -> (its size and time, its model)
         self._lock = threading.Lock()
         self._server = None
         self._thread: threading.Thread | None = None
@@ -122,7 +123,9 @@ class MetricsDashboard:
             runs = self._find_runs()
             rows, charts = [], {key: [] for key in CHARTS}
             custom: dict[str, list[tuple[str, _Series, str]]] = {}
-            for index, run in enumerate(runs):
+            models = [_model_parts(self._model_of(run.folder), run.num_parameters) for run in runs]
+            labels = _labels(runs, models)
+            for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
                 color = COLORS[index % len(COLORS)]
                 path = run.folder / "metrics.jsonl"
                 tail = self._tails.setdefault(path, run_index.RecordTail(path))
@@ -130,13 +133,14 @@ class MetricsDashboard:
                 series, extra, summary = _series_of(records)
                 for key in CHARTS:
                     if series[key].x:
-                        charts[key].append(_trace(f"{run.run_id}", series[key], color))
-                if series["val_loss"].x:
-                    charts["loss"].append(_trace(f"{run.run_id} validation", series["val_loss"], color, True))
+                        charts[key].append(_trace(label, series[key], color))
+                if series["val_loss"].x:  # one legend entry a run: it shows and hides both lines
+                    charts["loss"].append(_trace(f"{label} validation", series["val_loss"], color, label))
                 for name, points in extra.items():
-                    custom.setdefault(name, []).append((run.run_id, points, color))
+                    custom.setdefault(name, []).append((label, points, color))
                 status = _status(run, runs, self._modified.get(run.log, 0.0))
-                rows.append({"run": run.run_id, "folder": str(run.folder), "status": status, **summary})
+                rows.append({"run": run.run_id, "label": label, "model": ", ".join(models[index]), "folder": str(run.folder),
+                             "status": status, **summary})  # fmt: skip
             for name, points in self._own.items():
                 custom.setdefault(name, []).append((OWN, _Series(list(points.x), list(points.y)), "#444"))
         figures = [_figure(key, *CHARTS[key][:2], charts[key]) for key in CHARTS]
@@ -150,6 +154,26 @@ class MetricsDashboard:
             "runs": rows,
             "charts": figures,
         }
+
+    def _model_of(self, folder: Path) -> dict:
+        """The ``model`` section of the run folder's ``config.yaml`` (read again only when it changed);
+        empty when there is none or it cannot be read."""
+        path = folder / "config.yaml"
+        try:
+            stat = path.stat()
+        except OSError:
+            return {}
+        key = (stat.st_mtime_ns, stat.st_size)
+        known = self._models.get(path)
+        if known is None or known[0] != key:
+            import yaml
+
+            try:
+                model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model")
+            except (OSError, ValueError, AttributeError, yaml.YAMLError):
+                model = None
+            known = self._models[path] = (key, model if isinstance(model, dict) else {})
+        return known[1]
 
     # ------------------------------------------------------------------------------------------ pages
     def page(self, live: bool, data: dict | None = None) -> str:
@@ -324,33 +348,76 @@ def _put(series: _Series, last: dict, key: str, step: float, value: float) -> No
     series.add(step, value)
 
 
-def _trace(name: str, series: _Series, color: str, dashed: bool = False) -> dict:
-    return {
+def _model_parts(model: dict, num_parameters: int | None) -> list[str]:
+    """``["llama 2x64", "135K params"]``: the model's type, layers x width and size, of what is known."""
+    shape = ""
+    if isinstance(model.get("num_layers"), int) and isinstance(model.get("hidden_size"), int):
+        shape = f"{model['num_layers']}x{model['hidden_size']}"
+    name = " ".join(str(part) for part in (model.get("model_type"), shape) if part)
+    return [part for part in (name, f"{_count(num_parameters)} params" if num_parameters else "") if part]
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _labels(runs: list[run_index.Run], models: list[list[str]]) -> list[str]:
+    """What the legends call each run: its folder's name and its model (``experiment_1 · llama 2x64 ·
+    135K``), with the run id where that is not enough to tell runs apart (a resumed run's folder)."""
+    labels = [
+        " · ".join([run.folder.resolve().name, *(part.removesuffix(" params") for part in model)])
+        for run, model in zip(runs, models, strict=True)
+    ]
+    return [
+        f"{label} · {run.run_id}" if labels.count(label) > 1 else label
+        for run, label in zip(runs, labels, strict=True)
+    ]
+
+
+def _trace(name: str, series: _Series, color: str, group: str | None = None) -> dict:
+    """A line; ``group``: a dashed line that shares the legend entry of the run's solid one."""
+    trace = {
         "type": "scatter",
         "mode": "lines+markers" if len(series.x) < 40 else "lines",
         "name": name,
         "x": series.x,
         "y": series.y,
-        "line": {"color": color, "width": 2, **({"dash": "dash"} if dashed else {})},
+        "line": {"color": color, "width": 2, **({"dash": "dash"} if group else {})},
         "marker": {"size": 5, "color": color},
+        "legendgroup": group or name,
     }
+    return {**trace, "showlegend": False} if group else trace
 
 
 def _figure(key: str, title: str, y_title: str, traces: list[dict]) -> dict:
+    """The chart; its title is drawn by the page above it, where plotly's toolbar cannot cover it, and the
+    legend sits at the bottom of the figure, below the "step" axis title (a figure a legend row taller)."""
+    entries = sum(1 for t in traces if t.get("showlegend", True))
     layout = {
-        "title": {"text": title, "font": {"size": 15}},
-        "xaxis": {"title": {"text": "step"}, "automargin": True},
+        "xaxis": {"title": {"text": "step", "standoff": 6}, "automargin": True},
         "yaxis": {"title": {"text": y_title}, "automargin": True},
-        "margin": {"l": 60, "r": 20, "t": 45, "b": 50},
-        "height": 340,
-        "legend": {"orientation": "h", "y": -0.3, "yanchor": "top"},
+        "margin": {"l": 60, "r": 20, "t": 30, "b": 40},
+        "height": 320 + 22 * max(0, entries - 1),
+        "showlegend": entries > 0,
+        "legend": {
+            "orientation": "h",
+            "tracegroupgap": 0,
+            "x": 0,
+            "xanchor": "left",
+            "y": 0,
+            "yref": "container",
+            "yanchor": "bottom",
+        },
         "uirevision": key,  # zoom and hidden traces survive the updates
         "template": {"layout": {"paper_bgcolor": "#fff", "plot_bgcolor": "#fafbfc"}},
     }
     if not traces:
         layout["annotations"] = [{"text": "no data yet", "showarrow": False, "font": {"size": 14},
                                   "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]  # fmt: skip
-    return {"id": key, "data": traces, "layout": layout}
+    return {"id": key, "title": title, "data": traces, "layout": layout}
 
 
 def _slug(name: str) -> str:
@@ -380,7 +447,7 @@ function draw(data) {
   body.replaceChildren();
   for (const run of data.runs) {
     const row = body.insertRow();
-    cell(row, run.run, "l"); cell(row, run.status, "l"); cell(row, run.step);
+    cell(row, run.run, "l"); cell(row, run.model, "l"); cell(row, run.status, "l"); cell(row, run.step);
     cell(row, fixed(run.loss, 4)); cell(row, fixed(run.best_val_loss, 4));
     cell(row, run.tokens_per_second === null ? null : Math.round(run.tokens_per_second).toLocaleString());
     cell(row, run.folder, "l");
@@ -390,8 +457,10 @@ function draw(data) {
   for (const chart of data.charts) {
     let div = document.getElementById("chart-" + chart.id);
     if (!div) {
-      div = document.createElement("div"); div.id = "chart-" + chart.id; div.className = "chart";
-      charts.appendChild(div);
+      const box = document.createElement("div"); box.className = "chart";
+      const title = document.createElement("h3"); title.textContent = chart.title;
+      div = document.createElement("div"); div.id = "chart-" + chart.id;
+      box.append(title, div); charts.appendChild(box);
     }
     Plotly.react(div, chart.data, chart.layout, {responsive: true, displaylogo: false});
   }
@@ -416,6 +485,7 @@ STYLE = """
 body { max-width: 1500px; }
 #charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }
 .chart { border: 1px solid #d9e1ea; border-radius: 6px; padding: 0.3rem; min-height: 330px; }
+.chart h3 { font-size: 15px; font-weight: 600; text-align: center; margin: 0.4rem 0 0; }
 """
 
 
@@ -430,9 +500,9 @@ def _html(data: dict, plotly: str, refresh: float) -> str:
         if refresh
         else "<span id='state'>report</span>"
     )
-    header = ["run", "status", "step", "train loss", "best val loss", "tokens/s", "folder"]
+    header = ["run", "model", "status", "step", "train loss", "best val loss", "tokens/s", "folder"]
     head = "".join(
-        f"<th{' class=l' if h in ('run', 'status', 'folder') else ''}>{esc(h)}</th>" for h in header
+        f"<th{' class=l' if h in ('run', 'model', 'status', 'folder') else ''}>{esc(h)}</th>" for h in header
     )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -29,6 +29,7 @@ class Run:
     last_step: int | None = None
     last_loss: float | None = None
     status: str = "running or stopped"  # from its run_end line, when there is one
+    num_parameters: int | None = None  # from its run_start line
 
 
 def log_files(root: Path, depth: int = 4) -> list[Path]:
@@ -70,6 +71,8 @@ def runs_in_log(log: Path) -> list[Run]:
         if not match:
             continue
         run = runs.setdefault(match.group(1), Run(match.group(1), log.parent.parent, log))
+        if " run_start " in line and (count := re.search(r" num_parameters=(\d+)", line)):
+            run.num_parameters = int(count.group(1))
         if " step_end " in line or " run_end " in line:
             values = dict(_FIELD.findall(line.split(": ", 1)[-1]))
             if "step" in values or "steps" in values:
@@ -95,6 +98,7 @@ def merge_runs(per_log: Iterable[list[Run]]) -> list[Run]:
             known.last_step = run.last_step if run.last_step is not None else known.last_step
             known.last_loss = run.last_loss if run.last_loss is not None else known.last_loss
             known.status = run.status if run.status != Run.status else known.status
+            known.num_parameters = run.num_parameters or known.num_parameters
     return sorted(runs.values(), key=lambda r: r.run_id)
 
 

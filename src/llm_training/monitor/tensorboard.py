@@ -5,6 +5,7 @@ byte at each evaluation; the generated sample as text; recoveries as text. ``ten
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from llm_training import events
@@ -27,6 +28,21 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def fenced(text: str) -> str:
+    """``text`` as a markdown code block, which TensorBoard's text tab shows as it is (line breaks, spaces,
+    ``*`` and ``#`` kept); the fence is longer than any run of backticks inside."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}\n{text}\n{fence}"
+
+
+def sample_markdown(prompt: str, text: str) -> str:
+    """The generated sample (which starts with its prompt) for TensorBoard, which renders text as markdown:
+    the prompt and the continuation each in a code block; without a prompt, the text alone."""
+    if not prompt or not text.startswith(prompt):  # no prompt, or an image's caption
+        return fenced(text)
+    return f"prompt:\n\n{fenced(prompt)}\n\ncontinuation:\n\n{fenced(text[len(prompt) :])}"
 
 
 class TensorBoardSink(Sink):
@@ -65,7 +81,9 @@ class TensorBoardSink(Sink):
 
     def _sample(self, event: Event) -> None:
         p = event.payload
-        self.writer.add_text("sample", f"**{p.get('prompt', '')}**{p.get('text', '')}", p.get("step", 0))
+        self.writer.add_text(
+            "sample", sample_markdown(p.get("prompt") or "", p.get("text") or ""), p.get("step", 0)
+        )
 
     def _recovery(self, event: Event) -> None:
         p = event.payload
