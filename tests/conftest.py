@@ -57,7 +57,7 @@ def shakespeare_jsonl(tmp_path: Path) -> Path:
 
 
 def run_cli(
-    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("LOG_LEVEL", None)
