@@ -162,13 +162,13 @@ def check_checkpoints_fit(cfg: Config, data_dir: str | Path | None, resume) -> t
             "--data-dir with its prepared data)"
         )
     else:
-        whose = f"the checkpoints already in {folder} ({Path(source).name})"
+        whose = f"the checkpoints already in {folder}"
         fix = f"continue that run with --resume auto, or train into another --output-dir (or remove {folder})"
     if vocab is None and resume is None:
         return plan, True
     if vocab is None:
         raise UserError(
-            f"{_input_spec(cfg)} would be prepared with a newly trained tokenizer, not the one of {whose}; {fix}"
+            f"{_input_spec(cfg)} would be prepared with a newly trained tokenizer, not with {whose} tokenizer; {fix}"
         )
     check_same_tokenizer(Tokenizer.from_json(theirs), vocab, whose, fix)
     return plan, False

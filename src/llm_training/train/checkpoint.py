@@ -425,7 +425,7 @@ def find_resume(
             state = load_checkpoint(entry.path)
         except CheckpointError as exc:
             skipped.append(entry.path.name)
-            say(f"resume auto: skipping {exc}")
+            say(f"resume auto: skipping {str(exc).split('; ')[0]}")  # its advice is what happens next
             continue
         if skipped:
             say(f"resume auto: continuing from {entry.path} (step {state.get('step', '?')}), not the damaged "
