@@ -203,4 +203,6 @@ def test_durations(text, seconds):
 
 
 def test_the_guides_config_files_are_shipped():
-    assert {"default", "small_model", "medium_model", "large_model", "distributed", "training"} <= set(SHIPPED)
+    assert {"default", "small_model", "medium_model", "large_model", "distributed", "training"} <= set(
+        SHIPPED
+    )
