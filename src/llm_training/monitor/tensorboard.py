@@ -53,7 +53,7 @@ class TensorBoardSink(Sink):
         self.listen(bus, events.EVAL_END, self._eval)
         self.listen(bus, events.SAMPLE, self._sample)
         self.listen(bus, events.RECOVERY, self._recovery)
-        self.listen(bus, events.RUN_END, lambda _e: self.writer.flush())
+        self.listen(bus, events.RUN_END, self._end)
         self.listen(bus, events.METRIC, self._custom)
 
     @property
@@ -63,6 +63,10 @@ class TensorBoardSink(Sink):
 
             self._writer = SummaryWriter(str(self.log_dir))
         return self._writer
+
+    def _end(self, _event: Event) -> None:
+        if self._writer is not None:  # a run that failed before its first metric leaves no file
+            self._writer.flush()
 
     def _step(self, event: Event) -> None:
         p = event.payload
