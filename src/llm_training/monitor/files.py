@@ -29,6 +29,12 @@ class _LogFile(logging.handlers.RotatingFileHandler):
             print(f"warning: cannot write {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}; "
                   "the log file stays incomplete", file=sys.stderr)  # fmt: skip
 
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the rest could not be flushed: reported above; the run's own error comes next
+            self.failed = True
+
 
 def setup_logging(log_dir: str | Path, level: str = "INFO", run_id: str = "-") -> logging.Handler:
     """Attach a rotating ``system.log`` handler to the package logger; returns it so callers can detach it."""
