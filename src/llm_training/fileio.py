@@ -47,6 +47,37 @@ def storage_error(exc: OSError, path: str | Path | None = None) -> StorageError:
     return StorageError(f"{where}: {what}")
 
 
+def disk_error(exc: BaseException, path: str | Path | None = None) -> StorageError | None:
+    """``storage_error`` for a full disk or a permission error, also one a library reports as its own
+    exception (safetensors: "No space left on device (os error 28)"); None for anything else."""
+    if isinstance(exc, OSError):
+        return storage_error(exc, path) if exc.errno in HANDLED else None
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES):
+        if f"os error {code})" in text:
+            return storage_error(OSError(code, os.strerror(code)), path)
+    return None
+
+
+def missing_dirs(path: str | Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first (to remove again after a failure)."""
+    missing = []
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty: a failed write leaves no empty folder."""
+    for folder in dirs:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
 def reporting(path: str | Path | None = None) -> Iterator[None]:
     """Turn a full disk or a permission error inside the block into a ``StorageError`` about ``path``."""
@@ -95,6 +126,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A fresh empty temporary file beside ``path`` for a writer that needs a file name (``np.save``,
     ``torch.save``...); when the block ends it is fsynced and renamed to ``path``, on an error removed."""
     path = Path(path)
+    made = missing_dirs(path)
     with reporting(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = new_temp(path)
@@ -106,6 +138,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            remove_empty(made)
             raise
 
 
@@ -243,6 +276,7 @@ def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
 def building_dir(target: str | Path, written_by: str) -> Iterator[Path]:
     """A staging folder that replaces ``target`` when the block ends; removed (and a full disk or a
     permission error reported in one line) on any error. Check ``target`` first (``check_output_dir``)."""
+    made = missing_dirs(Path(target).resolve())
     staging = staging_dir(target)
     try:
         with reporting(target):
@@ -250,4 +284,5 @@ def building_dir(target: str | Path, written_by: str) -> Iterator[Path]:
             replace_dir(staging, target, written_by)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_empty(made)
         raise

@@ -252,7 +252,10 @@ def run_training_on(
             raise
         finally:
             for sink in sinks:
-                sink.close()
+                try:
+                    sink.close()
+                except OSError as exc:  # a full disk: the error that stopped the run is the one to show
+                    log.warning("%s could not finish writing: %s", type(sink).__name__, exc)
             for stop in unsubscribe:
                 stop()
             logging.getLogger("llm_training").removeHandler(handler)

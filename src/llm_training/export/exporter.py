@@ -24,7 +24,7 @@ from llm_training.config import ModelConfig, model_config_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.export.quiet import quiet
-from llm_training.fileio import HANDLED, staging_dir, storage_error
+from llm_training.fileio import disk_error, missing_dirs, remove_empty, staging_dir
 from llm_training.model.transformer import Transformer
 
 log = logging.getLogger("llm_training.export")
@@ -213,6 +213,7 @@ def export_checkpoint(
         raise UserError(
             f"{checkpoint} is a text-and-image model: it exports as --format safetensors (fp32) only"
         )
+    made = missing_dirs(target)
     staging = staging_dir(target)  # a fresh folder: nothing there before is followed or removed
     try:
         staged = staging / target.name
@@ -230,10 +231,13 @@ def export_checkpoint(
             log.info("checking %s with %s", target.name, _runtime_name(fmt))
             check = _check(fmt, quantize, options, source, staged)
         files = _move_into_place(staging, target)
-    except OSError as exc:  # a full disk or permissions: one line; the staging folder goes below
-        if exc.errno not in HANDLED:
+    except Exception as exc:  # a full disk or permissions: one line; no staging or new empty folder left
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty(made)
+        error = disk_error(exc, target)
+        if error is None:
             raise
-        raise storage_error(exc, target) from None
+        raise error from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(_size(f) for f in files)

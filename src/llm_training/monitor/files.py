@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import math
 import os
+import sys
 from pathlib import Path
 
 from llm_training import events
@@ -15,13 +16,31 @@ from llm_training.events import Event, EventBus, Sink
 LOGGER = "llm_training"
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """``system.log``; when it cannot be written (a full disk), one warning on stderr instead of a traceback
+    per record, and the run goes on (it stops where its outputs cannot be saved)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self.failed:
+            self.failed = True
+            exc = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}; "
+                  "the log file stays incomplete", file=sys.stderr)  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the rest could not be flushed: reported above; the run's own error comes next
+            self.failed = True
+
+
 def setup_logging(log_dir: str | Path, level: str = "INFO", run_id: str = "-") -> logging.Handler:
     """Attach a rotating ``system.log`` handler to the package logger; returns it so callers can detach it."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        log_dir / "system.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8"
-    )
+    handler = _LogFile(log_dir / "system.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
     rank = os.environ.get("RANK", "0")
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s run={run_id} rank={rank} %(name)s: %(message)s")
