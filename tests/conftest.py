@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` runs N workers on the machine's cores: one thread each (and in the commands they start),
+    # or N x cores threads would contend for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 CORPORA = Path(os.environ.get("LLM_TRAINING_CORPORA", REPO.parent / "shared" / "corpora"))
 
 # a model and loop small enough for a CPU test to train in seconds
