@@ -9,7 +9,7 @@ run: setup  ## the main job on the built-in sample data
 
 test: setup lint  ## lint, then the whole test suite
 	-@bash scripts/client_envs.sh  # transformers 4.x beside ./venv's 5.x for the export's client tests
-	venv/bin/python -m pytest -q
+	venv/bin/python -m pytest -q -n 2  # two workers: the suite is mostly single-threaded (conftest.py)
 
 lint:
 	venv/bin/ruff check .
