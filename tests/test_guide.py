@@ -342,7 +342,7 @@ trainer = Trainer(data_dir={str(prepared)!r}, output_dir="run", max_steps=2, sam
         'from llm_training import Trainer\ntrainer = Trainer(data_dir="no_such_data", output_dir="run")\n'
     )
     proc, r = script(workdir, code("Error Handling"), before=broken, after=after, ok=False)
-    assert proc.returncode == 1 and r == {} and "UserError" in proc.stderr and "no_such_data" in proc.stderr
+    assert proc.returncode == 1 and r == {} and "data directory not found: no_such_data" in proc.stderr
 
 
 def test_model_server_snippet_saved_as_serve_py(workdir, prepared):
