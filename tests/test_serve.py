@@ -519,3 +519,31 @@ def test_model_servers_child_gets_the_key_by_its_environment(server):
         with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
             assert KEY.encode() not in handle.read()
     assert httpx.get(server.url + "/health").status_code == 200  # not protect_all: open, as by default
+
+
+def test_stop_checks_decode_a_tail_window_and_find_long_stops(model):
+    """The stop check after each token decodes only a window at the end of the new tokens (its size set by
+    the longest stop, not by the text so far), and still finds a 200-character stop (the old 32-token window
+    missed it) at the token that completes it."""
+    from conftest import corpus_records
+    from llm_training.export.runtime import load_for_generation
+    from llm_training.model.generate import stop_text_check
+
+    tok = load_for_generation(str(model[1]), "cpu").tokenizer
+    text = corpus_records("shakespeare", 1, lambda r: r["id"].endswith("_gut"))[0]["text"][:20_000]
+    ids = tok.encode(text)
+    stop = tok.decode(ids)[15_000:15_200]
+
+    class Counted:  # the real tokenizer, counting the tokens each decode reads
+        sizes: list[int] = []
+
+        def decode(self, part):
+            self.sizes.append(len(part))
+            return tok.decode(part)
+
+    counted = Counted()
+    check = stop_text_check(counted, [stop])
+    end = next(n for n in range(1, len(ids) + 1) if check(ids[:n]))
+    assert stop in tok.decode(ids[:end]) and stop not in tok.decode(ids[: end - 1])  # found when it completes
+    assert stop not in tok.decode(ids[: end - check(ids[:end])])
+    assert end > 3000 and max(counted.sizes) <= 4 * 200 + 4  # a window, never the text so far

@@ -66,7 +66,6 @@ class Job:
     request: Request
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # receives each new piece of text (streaming)
-    sent: int = 0  # characters streamed so far
     aborted: bool = False  # set by Engine.cancel: the row stops at its next token
     text: _Streamed | None = None  # a streamed row's text so far (set by the engine)
 
