@@ -471,6 +471,46 @@ def test_hostile_prompt_file_is_one_line_before_any_output(case, tmp_path, model
     assert not out.exists()  # every line is checked before the model loads or anything is written
 
 
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--temperature", "nan"], "temperature must be finite"),
+        (["--temperature", "inf"], "temperature must be finite"),
+        (["--repetition-penalty", "inf"], "repetition_penalty must be positive and finite"),
+        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+        (["--seed", "9" * 30], "--seed must be within"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens 0 to"),
+    ],
+)
+def test_hostile_infer_flags_are_one_line(flags, needle, tmp_path, model):
+    from llm_training.cli.infer import main
+
+    path = write(tmp_path / "p.jsonl", jsonl({"prompt": "a"}))
+    args = ["--model", str(model[0]), "--input", str(path), "--output", str(tmp_path / "o.jsonl"), *flags]
+    short_error(call_cli(main, args), needle)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--vocab-size", "2000000000"], "data.vocab_size must be from 260 to"),
+        (["--max-document-bytes", "0"], "data.max_document_bytes must be at least 1"),
+        (["--workers", "100000"], "data.workers must be from 0 to 1,024"),
+        (["--max-length", "-1"], "data.max_seq_length must be at least 1"),
+        (["--validation-fraction", "nan"], "'data.validation_fraction' must be a finite number"),
+        (["--min-quality", "inf"], "'data.min_quality' must be a finite number"),
+        (["--seed", "-1"], "data.seed must be from 0"),
+        (["--text-field", "te\udcffxt"], "'data.text_field' cannot be used as text"),
+    ],
+)
+def test_hostile_prepare_flags_are_one_line(flags, needle, tmp_path):
+    from llm_training.cli.prepare_data import main
+
+    path = write(tmp_path / "a.jsonl", jsonl(*GOOD))
+    short_error(call_cli(main, ["--input", str(path), "--output", str(tmp_path / "out"), *flags]), needle)
+
+
 def test_infer_caps_the_max_new_tokens_flag_and_reads_a_bom_crlf_file(tmp_path, model):
     from llm_training.cli.infer import main
 
