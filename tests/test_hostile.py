@@ -542,3 +542,35 @@ def test_real_commands_print_one_line_for_a_laughs_config_and_a_surrogate_prompt
     proc = run_cli(["-m", "llm_training.cli.infer", "--model", str(model[0]), "--input", str(prompts),
                     "--output", str(tmp_path / "o.jsonl")], tmp_path)  # fmt: skip
     short_error(proc, "p.jsonl: line 2: holds a lone surrogate \\ud800")
+
+
+# ------------------------------------------------------------------ prepared manifests (llm-train --data-dir)
+
+MANIFESTS = {
+    "deep_nesting": (lambda m: "[" * 100_000 + "]" * 100_000, "not a valid manifest"),
+    "dtype_object": (lambda m: {**m, "dtype": "object"}, "'dtype' must be uint16 or uint32, got 'object'"),
+    "negative_count": (lambda m: {**m, "num_tokens": -5}, "'num_tokens' must be a whole number"),
+    "count_as_text": (lambda m: {**m, "vocab_size": "300"}, "'vocab_size' must be a whole number"),
+    "nan_count": (lambda m: {**m, "num_bytes": float("nan")}, "'num_bytes' must be a whole number"),
+    "shard_outside": (
+        lambda m: {**m, "shards": [{"path": "../../x.bin", "num_tokens": 1}]},
+        "'path' must be a file",
+    ),
+    "shards_not_a_list": (lambda m: {**m, "shards": {"a": 1}}, "'shards' must be a list"),
+    "shard_count_huge": (lambda m: {**m, "shards": [{**m["shards"][0], "num_tokens": 10**30}]}, "shard 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFESTS))
+def test_hostile_manifest_is_one_line(case, tmp_path, model):
+    import shutil
+
+    from llm_training.cli.train import main
+
+    data = shutil.copytree(model[1], tmp_path / "data")
+    change, needle = MANIFESTS[case]
+    manifest = json.loads((data / "train.json").read_text())
+    changed = change(manifest)
+    (data / "train.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    proc = call_cli(main, ["--data-dir", str(data), "--output-dir", str(tmp_path / "run")])
+    short_error(proc, "train.json", needle)
