@@ -471,6 +471,46 @@ def test_hostile_prompt_file_is_one_line_before_any_output(case, tmp_path, model
     assert not out.exists()  # every line is checked before the model loads or anything is written
 
 
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--temperature", "nan"], "temperature must be finite"),
+        (["--temperature", "inf"], "temperature must be finite"),
+        (["--repetition-penalty", "inf"], "repetition_penalty must be positive and finite"),
+        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+        (["--seed", "9" * 30], "--seed must be within"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens 0 to"),
+    ],
+)
+def test_hostile_infer_flags_are_one_line(flags, needle, tmp_path, model):
+    from llm_training.cli.infer import main
+
+    path = write(tmp_path / "p.jsonl", jsonl({"prompt": "a"}))
+    args = ["--model", str(model[0]), "--input", str(path), "--output", str(tmp_path / "o.jsonl"), *flags]
+    short_error(call_cli(main, args), needle)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--vocab-size", "2000000000"], "data.vocab_size must be from 260 to"),
+        (["--max-document-bytes", "0"], "data.max_document_bytes must be at least 1"),
+        (["--workers", "100000"], "data.workers must be from 0 to 1,024"),
+        (["--max-length", "-1"], "data.max_seq_length must be at least 1"),
+        (["--validation-fraction", "nan"], "'data.validation_fraction' must be a finite number"),
+        (["--min-quality", "inf"], "'data.min_quality' must be a finite number"),
+        (["--seed", "-1"], "data.seed must be from 0"),
+        (["--text-field", "te\udcffxt"], "'data.text_field' cannot be used as text"),
+    ],
+)
+def test_hostile_prepare_flags_are_one_line(flags, needle, tmp_path):
+    from llm_training.cli.prepare_data import main
+
+    path = write(tmp_path / "a.jsonl", jsonl(*GOOD))
+    short_error(call_cli(main, ["--input", str(path), "--output", str(tmp_path / "out"), *flags]), needle)
+
+
 def test_infer_caps_the_max_new_tokens_flag_and_reads_a_bom_crlf_file(tmp_path, model):
     from llm_training.cli.infer import main
 
@@ -502,3 +542,35 @@ def test_real_commands_print_one_line_for_a_laughs_config_and_a_surrogate_prompt
     proc = run_cli(["-m", "llm_training.cli.infer", "--model", str(model[0]), "--input", str(prompts),
                     "--output", str(tmp_path / "o.jsonl")], tmp_path)  # fmt: skip
     short_error(proc, "p.jsonl: line 2: holds a lone surrogate \\ud800")
+
+
+# ------------------------------------------------------------------ prepared manifests (llm-train --data-dir)
+
+MANIFESTS = {
+    "deep_nesting": (lambda m: "[" * 100_000 + "]" * 100_000, "not a valid manifest"),
+    "dtype_object": (lambda m: {**m, "dtype": "object"}, "'dtype' must be uint16 or uint32, got 'object'"),
+    "negative_count": (lambda m: {**m, "num_tokens": -5}, "'num_tokens' must be a whole number"),
+    "count_as_text": (lambda m: {**m, "vocab_size": "300"}, "'vocab_size' must be a whole number"),
+    "nan_count": (lambda m: {**m, "num_bytes": float("nan")}, "'num_bytes' must be a whole number"),
+    "shard_outside": (
+        lambda m: {**m, "shards": [{"path": "../../x.bin", "num_tokens": 1}]},
+        "'path' must be a file",
+    ),
+    "shards_not_a_list": (lambda m: {**m, "shards": {"a": 1}}, "'shards' must be a list"),
+    "shard_count_huge": (lambda m: {**m, "shards": [{**m["shards"][0], "num_tokens": 10**30}]}, "shard 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFESTS))
+def test_hostile_manifest_is_one_line(case, tmp_path, model):
+    import shutil
+
+    from llm_training.cli.train import main
+
+    data = shutil.copytree(model[1], tmp_path / "data")
+    change, needle = MANIFESTS[case]
+    manifest = json.loads((data / "train.json").read_text())
+    changed = change(manifest)
+    (data / "train.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    proc = call_cli(main, ["--data-dir", str(data), "--output-dir", str(tmp_path / "run")])
+    short_error(proc, "train.json", needle)

@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(target, "--output", [source, args.model])
         if args.batch_size < 1 or not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
             raise UserError(f"--batch-size must be at least 1 and --max-new-tokens 0 to {MAX_NEW_TOKENS:,}")
+        if not -(2**62) <= args.seed < 2**62:  # torch takes 64-bit seeds; each batch adds its position
+            raise UserError(f"--seed must be within ±2**62, got {args.seed}")
         try:  # bad sampling flags fail before the model is loaded
             Sampling(
                 args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
@@ -40,8 +41,12 @@ class Sampling:
             raise ValueError("max_new_tokens, temperature and top_k cannot be negative")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be positive and finite, got {self.repetition_penalty}")
+        if not self.temperature < math.inf:  # also NaN
+            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # torch's seeds are 64-bit
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 
 
 def fit_prompt(prompt: list[int], max_new: int, context: int, truncate: bool = True) -> list[int]:
