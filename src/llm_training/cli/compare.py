@@ -12,7 +12,13 @@ from llm_training.errors import UserError
 DESCRIPTION = """\
 Evaluate every model on the same test data (formats and metrics as in llm-evaluate) and write a
 self-contained HTML report (a table and a bar chart per metric; no network needed to view it) to --output,
-with the same numbers as JSON beside it (<output>.json)."""
+with the same numbers as JSON beside it (<output>.json).
+
+Models are ranked by bits per byte on plain text (comparable across tokenizers; loss and perplexity are
+not, and are not compared when the tokenizers differ) and by accuracy on labelled data. A difference is
+checked against noise by a paired bootstrap over blocks of the test text (about 1 KB each) or over the
+labelled items: models whose difference from the best has a 95% interval that holds 0 are reported as
+indistinguishable, and no single best is named."""
 
 
 def build_parser():
@@ -30,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.eval.data import read_test_data
         from llm_training.eval.metrics import parse_metrics
+        from llm_training.eval.noise import compare_metric, ranking_metric
         from llm_training.eval.runner import default_metrics, evaluate_checkpoint
-        from llm_training.report.compare import render
+        from llm_training.report.compare import ranking_line, render, verdict_line
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         missing = [m for m in args.models if not Path(m).exists()]  # a Hugging Face export is a folder
@@ -39,17 +46,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"checkpoint not found: {', '.join(missing)}")
         data = read_test_data(args.test_data)  # once, for every model
         metrics = parse_metrics(args.metrics) if args.metrics else default_metrics(data)
-        results = []
+        results, units = [], []
         for model in args.models:
-            results.append(evaluate_checkpoint(model, data, metrics, args.batch_size, args.device))
+            results.append(
+                evaluate_checkpoint(model, data, metrics, args.batch_size, args.device, units=True)
+            )
+            units.append(results[-1].pop("units", {}))  # per block or item: for the noise estimate only
             print(f"{model}: " + ", ".join(f"{m} {results[-1][m]:.4f}" for m in metrics))
+        verdicts = [compare_metric(m, results, units) for m in metrics] if len(results) > 1 else []
+        ranked_by = ranking_metric(results, metrics) if verdicts else None
+        ranking = [ranking_line(v) for v in verdicts if v["metric"] == ranked_by]
+        for line in [*ranking, *(verdict_line(v) for v in verdicts)]:
+            print(line)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(results, metrics, args.test_data), encoding="utf-8")
+        out.write_text(render(results, metrics, args.test_data, verdicts, ranked_by), encoding="utf-8")
         numbers = out.with_name(out.name + ".json")
-        numbers.write_text(
-            json.dumps({"test_data": args.test_data, "metrics": metrics, "models": results}, indent=2) + "\n"
-        )
+        summary = {"test_data": args.test_data, "metrics": metrics, "models": results, "ranked_by": ranked_by,
+                   "comparison": verdicts}  # fmt: skip
+        numbers.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {out} and {numbers}")
         return 0
 
