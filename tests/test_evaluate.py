@@ -411,6 +411,42 @@ def test_llm_compare_ranks_by_bits_per_byte_and_says_what_is_within_noise(traine
     assert "no single best" in proc.stdout and "ranked by bits_per_byte" in proc.stdout
 
 
+def test_noise_estimate_on_known_per_block_scores():
+    """compare_metric on hand-made per-block scores: a consistent 0.01% difference is within noise (the
+    paired interval alone would call it real), a 50% one is not; loss is not compared across tokenizers;
+    too few blocks: no model is named best."""
+    import numpy as np
+
+    from llm_training.eval.noise import compare_metric
+    from llm_training.report.compare import verdict_line
+
+    rng = np.random.default_rng(1)
+    nll = rng.uniform(300, 900, size=40)  # blocks that differ a lot, as real text does
+    base = {"tokens": [250] * 40, "hits": [50] * 40, "bytes": [1000] * 40, "tokenizer": "a"}
+
+    def model(name: str, scale: float, tokenizer: str = "a") -> tuple[dict, dict]:
+        units = {**base, "nll": (nll * scale).tolist(), "tokenizer": tokenizer}
+        total = float(np.sum(nll * scale))
+        return {
+            "model": name,
+            "data_kind": "text",
+            "loss": total / 10_000,
+            "bits_per_byte": total / 40_000 / np.log(2),
+        }, units
+
+    results, units = zip(model("a", 1.0), model("b", 1.0001), model("c", 1.5, tokenizer="other"), strict=True)
+    bpb = compare_metric("bits_per_byte", list(results), list(units))
+    near, far = bpb["differences"]
+    assert bpb["best"] == ["a", "b"] and near["within_noise"] and near["paired_low"] > 0
+    assert not far["within_noise"] and far["model"] == "c" and far["difference"] > far["margin"]
+    assert "a, b are indistinguishable" in verdict_line(bpb) and "no single best" in verdict_line(bpb)
+    assert not compare_metric("loss", list(results), list(units))["comparable"]
+    assert compare_metric("loss", list(results[:2]), list(units[:2]))["best"] == ["a", "b"]
+    short = [{k: v[:5] if isinstance(v, list) else v for k, v in u.items()} for u in units[:2]]
+    few = compare_metric("bits_per_byte", list(results[:2]), short)
+    assert "units" not in few and "no model is named best" in verdict_line(few)
+
+
 def test_trainer_evaluate_returns_the_same_dictionary(trained, tmp_path):
     from llm_training import Trainer
 
