@@ -15,10 +15,10 @@ self-contained HTML report (a table and a bar chart per metric; no network neede
 with the same numbers as JSON beside it (<output>.json).
 
 Models are ranked by bits per byte on plain text (comparable across tokenizers; loss and perplexity are
-not, and are not compared when the tokenizers differ) and by accuracy on labelled data. A difference is
-checked against noise by a paired bootstrap over blocks of the test text (about 1 KB each) or over the
-labelled items: models whose difference from the best has a 95% interval that holds 0 are reported as
-indistinguishable, and no single best is named."""
+not, and are not compared when the tokenizers differ) and by accuracy on labelled data. Each score's noise
+is estimated by a bootstrap over blocks of the test text (about 1 KB each) or over the labelled items:
+models whose difference from the best is within 1.96 standard errors of the difference are reported as
+indistinguishable, and no single best is named among them."""
 
 
 def build_parser():
