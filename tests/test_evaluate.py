@@ -113,13 +113,21 @@ def test_multiple_choice_and_classification(trained, tmp_path):
     for key in ("loss", "perplexity", "bits_per_byte", "accuracy", "f1"):
         assert api[key] == pytest.approx(cli[key], rel=1e-6), key
     assert cli["accuracy"] == r["accuracy"] and cli["f1"] == r["f1"]
-    # llm-compare on the same labelled file: every metric per model, in the JSON and as a chart
+    # llm-compare on the same labelled file: every metric per model, in the JSON and as a chart; a copy of
+    # the model is indistinguishable from it (the noise resampled over the 12 items)
     out = tmp_path / "cmp" / "labelled.html"
-    proc = run_cli(["-m", "llm_training.cli.compare", "--models", str(checkpoint), "--test-data", str(labelled),
-                    "--output", str(out)], tmp_path)  # fmt: skip
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    proc = run_cli(["-m", "llm_training.cli.compare", "--models", str(checkpoint), str(copy), "--test-data",
+                    str(labelled), "--output", str(out)], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.with_name("labelled.html.json").read_text())["models"]
+    compared = json.loads(out.with_name("labelled.html.json").read_text())
+    row = compared["models"][0]
     assert row["f1"] == pytest.approx(cli["f1"]) and row["accuracy"] == pytest.approx(cli["accuracy"])
+    assert compared["ranked_by"] == "accuracy" and "units" not in row
+    accuracy = next(v for v in compared["comparison"] if v["metric"] == "accuracy")
+    assert accuracy["units"] == 12 and "over 12 items" in accuracy["noise"]
+    assert sorted(accuracy["best"]) == sorted([str(checkpoint), str(copy)])
     assert out.read_text(encoding="utf-8").count("<svg") == 5
 
 
@@ -336,6 +344,109 @@ def test_llm_compare_writes_an_offline_report_checked_in_a_browser(trained, tmp_
     missing = run_cli(["-m", "llm_training.cli.compare", "--models", str(tmp_path / "x.pt"), "--test-data", str(text),
                        "--output", str(out)], tmp_path)  # fmt: skip
     assert_user_error(missing, "checkpoint not found")
+
+
+def test_llm_compare_ranks_by_bits_per_byte_and_says_what_is_within_noise(trained, tmp_path):
+    """Four models on one play: the checkpoint, a copy with its weights nudged (perplexity a hair apart), its
+    safetensors export (no step) and the same weights under another tokenizer: loss and perplexity are not
+    compared across tokenizers, bits per byte ranks, and the first three are indistinguishable."""
+    import torch
+
+    from llm_training.config import model_config_json
+    from llm_training.data.tokenizer import Tokenizer
+    from llm_training.eval.metrics import evaluate_model
+    from llm_training.export.weights import save_weights
+    from llm_training.train.artifacts import load_trained
+    from llm_training.train.checkpoint import load_checkpoint, save_checkpoint
+
+    _, checkpoint, text, plays = trained
+    # every scored token and every byte lands in one block: the blocks add up to the reported numbers
+    loaded = load_trained(checkpoint)
+    size = len(text.read_bytes())
+    r = evaluate_model(loaded.model, loaded.tokenizer, read_test_data(text), ["loss", "accuracy"], units=True)
+    units = r["units"]
+    assert len(units["nll"]) == size // 1024 and sum(units["bytes"]) == size
+    assert sum(units["tokens"]) == r["tokens"] and sum(units["nll"]) / r["tokens"] == pytest.approx(r["loss"])
+    assert sum(units["hits"]) / r["tokens"] == pytest.approx(r["accuracy"])
+
+    state = load_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    state["model"] = {k: v + 2e-4 * torch.randn_like(v) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}  # fmt: skip
+    nudged = save_checkpoint(tmp_path / "nudged.pt", state)
+    other = Tokenizer.train(
+        [p["text"][:30_000] for p in plays[:2]], vocab_size=loaded.model.cfg.vocab_size - 40
+    )
+    assert (
+        other.fingerprint != loaded.tokenizer.fingerprint and other.vocab_size <= loaded.model.cfg.vocab_size
+    )
+    state = load_checkpoint(checkpoint)
+    state["tokenizer_json"] = other.backend.to_str()
+    retokenized = save_checkpoint(tmp_path / "retokenized.pt", state)
+    export = tmp_path / "export" / "model.safetensors"
+    export.parent.mkdir()
+    save_weights(loaded.model, loaded.tokenizer, export, model_config_json(loaded.model.cfg))
+    out = tmp_path / "cmp.html"
+    models = [str(checkpoint), str(nudged), str(export), str(retokenized)]
+    proc = run_cli(["-m", "llm_training.cli.compare", "--models", *models, "--test-data", str(text), "--output",
+                    str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    numbers = json.loads(out.with_name("cmp.html.json").read_text())
+    verdicts = {v["metric"]: v for v in numbers["comparison"]}
+    first, second = numbers["models"][:2]
+    assert 0 < abs(first["perplexity"] - second["perplexity"]) < 0.05 * first["perplexity"]
+    for metric in ("loss", "perplexity", "accuracy"):  # per token: not across tokenizers
+        assert not verdicts[metric]["comparable"] and "tokenize" in verdicts[metric]["reason"], metric
+    bpb = verdicts["bits_per_byte"]
+    assert numbers["ranked_by"] == "bits_per_byte" and bpb["comparable"] and bpb["units"] == size // 1024
+    assert sorted(bpb["best"]) == sorted(models[:3]) and bpb["order"][-1] == str(retokenized)
+    worse = {d["model"]: d for d in bpb["differences"]}
+    far = worse[str(retokenized)]
+    assert not far["within_noise"] and far["difference"] > far["margin"] > 0 and far["paired_low"] > 0
+    assert all(
+        abs(worse[m]["difference"]) <= worse[m]["margin"] for m in models if m in worse and m != models[3]
+    )
+    assert [m["step"] for m in numbers["models"]] == [60, 60, None, 60]
+    page = out.read_text(encoding="utf-8")
+    assert "indistinguishable" in page and "no single best" in page and "loss: not comparable" in page
+    assert "<td>None</td>" not in page and "<td>—</td>" in page  # the export's step
+    assert "no single best" in proc.stdout and "ranked by bits_per_byte" in proc.stdout
+
+
+def test_noise_estimate_on_known_per_block_scores():
+    """compare_metric on hand-made per-block scores: a consistent 0.01% difference is within noise (the
+    paired interval alone would call it real), a 50% one is not; loss is not compared across tokenizers;
+    too few blocks: no model is named best."""
+    import numpy as np
+
+    from llm_training.eval.noise import compare_metric
+    from llm_training.report.compare import verdict_line
+
+    rng = np.random.default_rng(1)
+    nll = rng.uniform(300, 900, size=40)  # blocks that differ a lot, as real text does
+    base = {"tokens": [250] * 40, "hits": [50] * 40, "bytes": [1000] * 40, "tokenizer": "a"}
+
+    def model(name: str, scale: float, tokenizer: str = "a") -> tuple[dict, dict]:
+        units = {**base, "nll": (nll * scale).tolist(), "tokenizer": tokenizer}
+        total = float(np.sum(nll * scale))
+        return {
+            "model": name,
+            "data_kind": "text",
+            "loss": total / 10_000,
+            "bits_per_byte": total / 40_000 / np.log(2),
+        }, units
+
+    results, units = zip(model("a", 1.0), model("b", 1.0001), model("c", 1.5, tokenizer="other"), strict=True)
+    bpb = compare_metric("bits_per_byte", list(results), list(units))
+    near, far = bpb["differences"]
+    assert bpb["best"] == ["a", "b"] and near["within_noise"] and near["paired_low"] > 0
+    assert not far["within_noise"] and far["model"] == "c" and far["difference"] > far["margin"]
+    assert "a, b are indistinguishable" in verdict_line(bpb) and "no single best" in verdict_line(bpb)
+    assert not compare_metric("loss", list(results), list(units))["comparable"]
+    assert compare_metric("loss", list(results[:2]), list(units[:2]))["best"] == ["a", "b"]
+    short = [{k: v[:5] if isinstance(v, list) else v for k, v in u.items()} for u in units[:2]]
+    few = compare_metric("bits_per_byte", list(results[:2]), short)
+    assert "units" not in few and "no model is named best" in verdict_line(few)
 
 
 def test_trainer_evaluate_returns_the_same_dictionary(trained, tmp_path):

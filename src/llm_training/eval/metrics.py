@@ -47,10 +47,13 @@ def parse_metrics(spec: str | list[str] | None) -> list[str]:
 
 
 @torch.no_grad()
-def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) -> dict:
+def score_tokens(
+    model, stream: list[int], batch_size: int = 16, autocast=None, per_token: bool = False
+) -> dict:
     """Next-token scores of a token stream cut into non-overlapping windows of the model's context:
     summed negative log-likelihood (nats), tokens scored, how many were the top prediction, and the
-    next-token macro F1 (each vocabulary token a class)."""
+    next-token macro F1 (each vocabulary token a class); ``per_token``: also each scored token's
+    negative log-likelihood and whether it was the top prediction (``token_nll``, ``token_hit``)."""
     if len(stream) < 2:
         raise ConfigError("the test text is too short to score (fewer than 2 tokens)")
     autocast = autocast or contextlib.nullcontext
@@ -60,6 +63,7 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
     starts = list(range(0, len(stream) - 1, context))
     nll = 0.0
     counts = torch.zeros(3, model.cfg.vocab_size, dtype=torch.long, device=device)  # hits, answers, guesses
+    kept = []
     for b in range(0, len(starts), batch_size):
         rows = [tokens[s : s + context + 1] for s in starts[b : b + batch_size]]
         width = max(len(r) for r in rows)
@@ -71,10 +75,17 @@ def score_tokens(model, stream: list[int], batch_size: int = 16, autocast=None) 
         with autocast():
             logits = model(ids).float()
         mask = labels != -100
-        nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-        counts += class_counts(labels[mask], logits.argmax(-1)[mask], counts.size(1))
+        losses = F.cross_entropy(logits[mask], labels[mask], reduction="none")
+        nll += float(losses.sum())
+        guesses = logits.argmax(-1)[mask]
+        counts += class_counts(labels[mask], guesses, counts.size(1))
+        if per_token:  # rows are windows in order: the masked tokens are the stream's, in order
+            kept.append((losses.cpu(), (guesses == labels[mask]).cpu()))
     hits, targets, _ = counts.sum(1).tolist()  # every hit is a correct top prediction; every answer a token
-    return {"nll": nll, "tokens": targets, "correct": hits, "f1": f1_from_counts(counts)}
+    scores = {"nll": nll, "tokens": targets, "correct": hits, "f1": f1_from_counts(counts)}
+    if per_token:
+        scores["token_nll"], scores["token_hit"] = (torch.cat(x).numpy() for x in zip(*kept, strict=True))
+    return scores
 
 
 def class_counts(truth: torch.Tensor, guess: torch.Tensor, classes: int) -> torch.Tensor:
@@ -113,10 +124,19 @@ def token_stream(tokenizer, documents: list[str], limit: int | None = None, chun
     return stream
 
 
-def _text_scores(model, tokenizer, documents: list[str], batch_size: int, autocast) -> dict:
+def _text_scores(
+    model, tokenizer, documents: list[str], batch_size: int, autocast, units: bool = False
+) -> dict:
+    """``units``: also the scores per block of the text (``noise.text_units``), for ``llm-compare``."""
     stream = token_stream(tokenizer, documents)
-    scores = score_tokens(model, stream, batch_size, autocast)
-    return {**scores, "bytes": sum(len(d.encode()) for d in documents)}
+    scores = score_tokens(model, stream, batch_size, autocast, per_token=units)
+    scores["bytes"] = sum(len(d.encode()) for d in documents)
+    if units:
+        from llm_training.eval.noise import text_units
+
+        token_scores = scores.pop("token_nll"), scores.pop("token_hit")
+        scores["units"] = text_units(tokenizer, stream, *token_scores, scores["bytes"])
+    return scores
 
 
 @torch.no_grad()
@@ -162,17 +182,24 @@ def macro_f1(truth: list[int], predicted: list[int], classes: int) -> float:
 
 
 def evaluate_model(
-    model, tokenizer, data: TextSet | ChoiceSet, metrics: list[str], batch_size: int = 16, autocast=None
+    model,
+    tokenizer,
+    data: TextSet | ChoiceSet,
+    metrics: list[str],
+    batch_size: int = 16,
+    autocast=None,
+    units: bool = False,
 ) -> dict:
-    """The requested metrics (and counts) of ``model`` on ``data``, as a flat dict."""
+    """The requested metrics (and counts) of ``model`` on ``data``, as a flat dict; ``units``: with the
+    scores per block of text or per item under ``"units"`` (what ``noise.compare_metric`` resamples)."""
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     try:
         if isinstance(data, TextSet):
-            s = _text_scores(model, tokenizer, data.documents, batch_size, autocast)
+            s = _text_scores(model, tokenizer, data.documents, batch_size, autocast, units)
             results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
-            values = {}
+            values, per_unit = {}, s.get("units")
         else:
             scores = _choice_logprobs(model, tokenizer, data.items, batch_size, autocast)
             predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
@@ -181,16 +208,20 @@ def evaluate_model(
             values = {"accuracy": sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth),
                       "f1": macro_f1(truth, predicted, classes)}  # fmt: skip
             results = {"data_kind": data.kind, "items": len(truth)}
+            per_unit = {"items": {"truth": truth, "predicted": predicted}}
             if data.labels:
                 results["labels"] = data.labels
             s = None
             if any(m in ("loss", "perplexity", "bits_per_byte") for m in metrics):  # over prompt + answer
                 gold = [item.prompt + ("" if item.prompt[-1:].isspace() else " ") + item.choices[item.answer]
                         for item in data.items]  # fmt: skip
-                s = _text_scores(model, tokenizer, gold, batch_size, autocast)
+                s = _text_scores(model, tokenizer, gold, batch_size, autocast, units)
                 results["tokens"] = s["tokens"]
+                per_unit.update(s.get("units", {}))
         if s is not None:  # labelled data keeps its own accuracy
             values = {**text_metrics(s, s["bytes"]), **values}
+        if units:
+            results["units"] = {**per_unit, "tokenizer": getattr(tokenizer, "fingerprint", None)}
         return {**results, **{m: values[m] for m in metrics}}
     finally:
         model.train(was_training)

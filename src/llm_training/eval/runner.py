@@ -24,9 +24,12 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     model_format: str | None = None,
+    units: bool = False,
 ) -> dict:
     """The metrics of one checkpoint; ``test_data`` a path or data already read (to read a file once for
-    several models); ``metrics`` None: ``default_metrics``; ``model_format`` None: by the model's name."""
+    several models); ``metrics`` None: ``default_metrics``; ``model_format`` None: by the model's name;
+    ``units``: with the scores per block of text or per item (``evaluate_model``), for ``llm-compare``'s
+    noise estimate."""
     import torch
 
     from llm_training.export.runtime import load_model
@@ -51,7 +54,7 @@ def evaluate_checkpoint(
     # evaluation keeps fp32 weights and computes under bf16 autocast where the device prefers it
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if trained.prefers_bf16 else None
     start = time.perf_counter()
-    results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast)
+    results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast, units)
     return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
             "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 

@@ -485,6 +485,7 @@ STYLE = """
 body { max-width: 1500px; }
 #charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }
 .chart { border: 1px solid #d9e1ea; border-radius: 6px; padding: 0.3rem; min-height: 330px; }
+#runs td:nth-child(-n+3) { white-space: nowrap; }
 .chart h3 { font-size: 15px; font-weight: 600; text-align: center; margin: 0.4rem 0 0; }
 """
 
