@@ -190,3 +190,37 @@ def test_progress_counts_steps_and_shows_the_budget_as_time_left():
     _console_run(log, max_time=None, total_steps=50, steps=3, progress_per_step=0.02)
     line = log.getvalue().strip().splitlines()[-1]
     assert line.startswith("train:") and "1/50" in line and "step" in line, line
+
+
+def test_tensorboard_on_a_full_disk_stops_with_one_line_and_training_goes_on(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    """TensorBoard writes from a thread of its own: a full disk there is one warning, never a traceback, and the
+    events after it are dropped without raising into the loop."""
+    import errno
+    import time
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from llm_training import events
+    from llm_training.events import EventBus
+    from llm_training.monitor.tensorboard import TensorBoardSink
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    bus = EventBus()
+    sink = TensorBoardSink(bus, tmp_path / "tb")
+    for step in range(1, 30):
+        bus.publish(events.STEP_END, step=step, loss=2.0, lr=1e-3)
+        bus.publish(events.EVAL_END, step=step, val_loss=2.0)
+        if sink._failed:
+            break
+        time.sleep(0.05)  # the writer thread fails on its own time; the next write raises its error
+    sink.close()
+    assert sink._failed
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard: cannot write" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left" in warnings[0], warnings
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out, captured.err

@@ -4,6 +4,7 @@ byte at each evaluation; the generated sample as text; recoveries as text. ``ten
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -49,18 +50,33 @@ class TensorBoardSink(Sink):
     def __init__(self, bus: EventBus, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)
         self._writer = None  # made at the first event: a run that fails on its input leaves no files
-        self.listen(bus, events.STEP_END, self._step)
-        self.listen(bus, events.EVAL_END, self._eval)
-        self.listen(bus, events.SAMPLE, self._sample)
-        self.listen(bus, events.RECOVERY, self._recovery)
-        self.listen(bus, events.RUN_END, self._end)
-        self.listen(bus, events.METRIC, self._custom)
+        self._failed = (
+            False  # the event file could not be written (a full disk): the sink stops, training not
+        )
+        for topic, handler in ((events.STEP_END, self._step), (events.EVAL_END, self._eval),
+                               (events.SAMPLE, self._sample), (events.RECOVERY, self._recovery),
+                               (events.RUN_END, self._end), (events.METRIC, self._custom)):  # fmt: skip
+            self.listen(bus, topic, self._guarded(handler))
+
+    def _guarded(self, handler):
+        def call(event: Event) -> None:
+            if self._failed:
+                return
+            try:
+                handler(event)
+            except OSError as exc:  # the writer thread's error, raised again on the next write
+                self._failed = True
+                log.warning("TensorBoard: cannot write %s (%s); TensorBoard logging stops for this run, the "
+                            "other logs go on", self.log_dir, exc.strerror or exc)  # fmt: skip
+
+        return call
 
     @property
     def writer(self):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_thread()
             self._writer = SummaryWriter(str(self.log_dir))
         return self._writer
 
@@ -102,4 +118,24 @@ class TensorBoardSink(Sink):
     def close(self) -> None:
         super().close()
         if self._writer is not None:
-            self._writer.close()
+            # an OSError here was said by _guarded, or the run's own error line says it (a full disk)
+            with contextlib.suppress(OSError):
+                self._writer.close()
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard writes event files from a thread of its own, whose error (a full disk) Python would print
+    as a traceback; the sink reports it in one line when the next write raises it again."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "llm_training", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.llm_training = True
+    threading.excepthook = hook
