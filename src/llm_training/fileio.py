@@ -96,7 +96,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the platform allows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # not possible everywhere; the rename is atomic all the same
@@ -135,7 +136,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             remove_empty(made)
@@ -269,7 +270,7 @@ def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 @contextmanager

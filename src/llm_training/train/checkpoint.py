@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from llm_training.errors import UserError
-from llm_training.fileio import new_temp
+from llm_training.fileio import fsync_dir, new_temp
 
 log = logging.getLogger("llm_training.checkpoint")
 
@@ -113,19 +113,6 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the renames are still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
     """Write ``state`` atomically with a checksum sidecar; ``meta`` (step, validation loss...) goes there too.
 
@@ -164,7 +151,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
         side.unlink(missing_ok=True)  # never pair new weights with an old checksum
         os.replace(tmp, path)
         os.replace(side_tmp, side)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         if side_tmp is not None:
