@@ -336,6 +336,8 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, finished_run, blocked, 
     lines = proc.stderr.strip().splitlines()  # a progress line ("exporting ...") may come first
     assert "Traceback" not in proc.stderr and sum("error" in line for line in lines) == 1, proc.stderr
     assert lines[-1].startswith("error: the module ") and f"pip install 'llm-training[{extra}]'" in lines[-1]
+    if "export" in args[0]:  # nothing half-written
+        assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
 
 
 def test_prepare_data_says_what_it_did_instead_of_the_vocabulary_and_length_asked(tmp_path):
