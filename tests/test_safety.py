@@ -58,6 +58,11 @@ def test_prepare_refuses_to_replace_its_input_or_the_current_folder(text_folder,
         prepare(["--input", str(text_folder), "--output", str(text_folder.parent), "--overwrite"]),
         "holds the input",
     )
+    # nor written inside a folder it reads whole (the next run would read the output as input)
+    assert_user_error(
+        prepare(["--input", str(text_folder), "--output", str(text_folder / "prepared")]),
+        "inside the input folder",
+    )
     assert entries(text_folder) == before
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")

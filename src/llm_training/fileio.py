@@ -215,6 +215,11 @@ def check_output_dir(
                 f"{label} {target}: {'is' if source == full else 'holds'} the input {item}; "
                 "choose another output folder"
             )
+        if source.is_dir() and _within(full, source):
+            raise UserError(
+                f"{label} {target}: is inside the input folder {item}, whose files are all read: the output "
+                "would be read as input the next time; choose a folder outside it"
+            )
     if not (target.exists() or target.is_symlink()) or overwrite:
         return full
     if target.is_symlink() or not target.is_dir():
