@@ -189,9 +189,8 @@ def test_overload_api_keys_and_graceful_shutdown_through_the_cli(model):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         whole = pool.submit(httpx.post, url + "/predict", json=long, headers=auth, timeout=60)
         streamed = pool.submit(stream)  # one of them waits behind the other (--no-batching)
-        for _ in range(200):
-            if httpx.get(url + "/health").json()["pending"] == 2:
-                break
+        deadline = time.monotonic() + 120  # both admitted (a busy machine may take seconds to send them)
+        while httpx.get(url + "/health").json()["pending"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         busy = httpx.post(url + "/predict", json=long, headers=auth, timeout=60)
         assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]  # both in flight
