@@ -172,6 +172,14 @@ def test_overload_api_keys_and_graceful_shutdown_through_the_cli(model):
                              "--timeout", "30", "--truncate", "--max-tokens-limit", "2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    try:
+        _overload_and_shutdown(proc, url)
+    finally:
+        if proc.poll() is None:  # never left running after a failure
+            proc.kill()
+
+
+def _overload_and_shutdown(proc, url: str) -> None:
     wait_for_health(url)
     keys = [httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {k}"}).status_code for k in
             ("k1", "k2", "k3", "nope")]  # fmt: skip
