@@ -15,6 +15,7 @@ import pytest
 
 from conftest import TINY, assert_user_error, call_cli, corpus_records, train_on_plays
 from llm_training.cli import prepare_data
+from llm_training.errors import UserError
 
 PREPARE = ["--quiet", "--vocab-size", "300", "--workers", "1"]
 
@@ -129,6 +130,78 @@ def test_merge_refuses_an_output_holding_its_inputs(tmp_path):
     with pytest.raises(UserError, match="holds the input"):
         merge_prepared([tmp_path / "a", tmp_path / "b"], tmp_path, overwrite=True)
     assert (tmp_path / "a" / "precious.txt").read_text() == "x"
+
+
+def test_prepare_never_follows_or_replaces_a_link_and_checks_again_before_the_swap(text_folder, tmp_path):
+    from llm_training.data.prepare import prepare_documents
+    from llm_training.data.sources import Document
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("keep me")
+    link = tmp_path / "link"
+    link.symlink_to(theirs)
+    for extra in ([], ["--overwrite"]):  # even --overwrite replaces no link and nothing behind one
+        assert_user_error(
+            prepare(["--input", str(text_folder), "--output", str(link), *extra]), "symbolic link"
+        )
+    assert link.is_symlink() and entries(theirs) == ["keep.txt"]
+
+    out = tmp_path / "prepared"
+    assert prepare(["--input", str(text_folder), "--output", str(out)]).returncode == 0  # this tool's folder
+    text = (text_folder / "plays.txt").read_text(encoding="utf-8")
+
+    def documents():  # the user saves a file into the folder while it is being prepared again
+        yield Document("a", text[: len(text) // 2])
+        (out / "added_meanwhile.txt").write_text("mine")
+        yield Document("b", text[len(text) // 2 :])
+
+    with pytest.raises(UserError, match="added_meanwhile.txt"):
+        prepare_documents(documents(), out, vocab_size=300)
+    assert (out / "added_meanwhile.txt").read_text() == "mine" and (out / "train.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "prepared", "theirs"]  # no staging left
+
+
+def test_results_and_configs_never_replace_a_file_of_the_users(trained, tmp_path):
+    from llm_training.cli import evaluate, export, infer
+    from llm_training.cli.main_job import cli_main
+
+    root, checkpoint, test_text = trained
+    args = ["--model-path", str(checkpoint), "--test-data", str(test_text), "--metrics", "perplexity"]
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    assert_user_error(
+        call_cli(evaluate.main, [*args, "--output", str(mine)]), "was not written by this command"
+    )
+    link = tmp_path / "link.json"
+    link.symlink_to(mine)
+    assert_user_error(call_cli(evaluate.main, [*args, "--output", str(link)]), "symbolic link")
+    ours = tmp_path / "results.json"
+    for _ in range(2):  # its own earlier output is replaced
+        assert call_cli(evaluate.main, [*args, "--output", str(ours)]).returncode == 0
+    proc = call_cli(export.main, ["--checkpoint", str(checkpoint), "--format", "safetensors",
+                                  "--output-dir", str(tmp_path / "exp"), "--json", str(mine)])  # fmt: skip
+    assert_user_error(proc, "--json", "was not written by this command")
+    assert not (tmp_path / "exp").exists()
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "A"}\n')
+    (tmp_path / "out.jsonl.job.json").write_text("my own notes")
+    proc = call_cli(infer.main, ["--model", str(checkpoint), "--input", str(prompts),
+                                 "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "2"])  # fmt: skip
+    assert_user_error(proc, "out.jsonl.job.json", "not a job record")
+    assert (tmp_path / "out.jsonl.job.json").read_text() == "my own notes"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("training:\n  batch_size: 4\n")  # a config file of the user's
+    proc = call_cli(cli_main, ["--output-dir", str(run), "--max-time", "1s", *TINY])
+    assert_user_error(proc, "config.yaml", "was not written by this command")
+    assert (
+        entries(run) == ["config.yaml"]
+        and (run / "config.yaml").read_text() == "training:\n  batch_size: 4\n"
+    )
+    assert mine.read_text() == '{"my": "data"}' and link.is_symlink()
 
 
 # ------------------------------------------------------------------------------------- temporaries

@@ -721,6 +721,20 @@ def validate(cfg: Config) -> None:
     _check_ranges(cfg)
 
 
+def is_resolved_config(path: Path) -> bool:
+    """Whether ``path`` holds a configuration as ``save_config`` writes it (every section): a run's own
+    ``config.yaml``, which a new run in that folder may replace, unlike a config file of the user's."""
+    import yaml
+
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return False
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # InputLimitError is a ValueError
+        return False
+    return isinstance(data, dict) and set(Config().to_dict()) <= set(data)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved configuration (YAML) so a run records exactly what it used."""
     import yaml

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -127,6 +127,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A fresh empty temporary file beside ``path`` for a writer that needs a file name (``np.save``,
     ``torch.save``...); when the block ends it is fsynced and renamed to ``path``, on an error removed."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UserError(f"{path}: exists and is not a plain file (a link, a folder, a device); this tool replaces "
+                        "only files it wrote: remove it or write elsewhere")  # fmt: skip
     made = missing_dirs(path)
     with reporting(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,9 +176,15 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_file(path: str | Path, flag: str, inputs: Iterable[Any] = ()) -> Path:
-    """Refuse an output file that is one of the files or folders the command reads."""
+def check_output_file(
+    path: str | Path, flag: str, inputs: Iterable[Any] = (), ours: Callable[[Path], bool] | None = None
+) -> Path:
+    """Refuse an output file that is one of the files or folders the command reads, a link, or (with ``ours``)
+    an existing file that ``ours`` does not recognise as this command's output (a file of the user's)."""
     path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{flag} {path}: is a symbolic link; name a plain file (the tool never writes through "
+                        "or over a link)")  # fmt: skip
     full = path.resolve()
     for item in inputs:
         if (
@@ -186,7 +195,40 @@ def check_output_file(path: str | Path, flag: str, inputs: Iterable[Any] = ()) -
             raise UserError(f"{flag} {path}: is the input {item}; write the output to another file")
     if full.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'results.json'}")
+    if ours is not None and full.exists() and not ours(full):
+        raise UserError(f"{flag} {path}: exists and was not written by this command, which would replace it; "
+                        "choose another path, or move it away first")  # fmt: skip
     return full
+
+
+def json_output(*keys: str, kind: type = dict) -> Callable[[Path], bool]:
+    """``ours`` for ``check_output_file``: a JSON file (at most 64 MB) of ``kind`` that, as a dict, has every
+    one of ``keys`` (as a list, whose first item does): the shape the command writes."""
+
+    def ours(path: Path) -> bool:
+        if path.stat().st_size > 64 << 20:
+            return False
+        try:
+            value = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return False
+        first = value[0] if isinstance(value, list) and value else value
+        return isinstance(value, kind) and isinstance(first, dict) and all(k in first for k in keys)
+
+    return ours
+
+
+GENERATOR_META = "<meta name='generator' content='llm-training'>"  # in the head of every page the tool writes
+
+
+def html_output(path: Path) -> bool:
+    """``ours`` for HTML reports: a page whose head names this tool as its generator."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return GENERATOR_META.encode() in head
 
 
 def check_output_dir(
@@ -220,9 +262,11 @@ def check_output_dir(
                 f"{label} {target}: is inside the input folder {item}, whose files are all read: the output "
                 "would be read as input the next time; choose a folder outside it"
             )
-    if not (target.exists() or target.is_symlink()) or overwrite:
+    if target.is_symlink():  # replacing it would follow it, or lose the user's link
+        raise UserError(f"{label} {target}: is a symbolic link; name a folder path that is not a link")
+    if not target.exists() or overwrite:
         return full
-    if target.is_symlink() or not target.is_dir():
+    if not target.is_dir():
         raise UserError(
             f"{label} {target}: exists and is not a folder; choose another path or pass --overwrite to replace it"
         )
@@ -264,7 +308,7 @@ def staging_dir(target: str | Path) -> Path:
 
 def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
     """Mark ``staging`` as this tool's and swap it in; an existing ``target`` is removed only afterwards."""
-    target = Path(target).resolve()
+    target = Path(target).absolute()  # the path itself: a link there is moved away, never followed
     files = sorted(p.name for p in staging.iterdir())
     # a plain write: the staging folder is fresh and private, and the rename below makes it all atomic
     (staging / MARKER).write_text(json.dumps({"written_by": written_by, "files": files}) + "\n")
@@ -279,14 +323,17 @@ def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
 
 
 @contextmanager
-def building_dir(target: str | Path, written_by: str) -> Iterator[Path]:
+def building_dir(target: str | Path, written_by: str, check: Callable[[], Any]) -> Iterator[Path]:
     """A staging folder that replaces ``target`` when the block ends; removed (and a full disk or a
-    permission error reported in one line) on any error. Check ``target`` first (``check_output_dir``)."""
+    permission error reported in one line) on any error. ``check`` (``check_output_dir`` with the command's
+    arguments, which the caller also ran before its work) runs again just before the swap: what appeared at
+    ``target`` meanwhile is refused too."""
     made = missing_dirs(Path(target).resolve())
     staging = staging_dir(target)
     try:
         with reporting(target):
             yield staging
+            check()
             replace_dir(staging, target, written_by)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

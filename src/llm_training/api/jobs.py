@@ -10,12 +10,13 @@ from pathlib import Path
 
 from llm_training import __version__, events
 from llm_training.api.data import options_from_config, source_from_config
-from llm_training.config import Config, save_config
+from llm_training.config import Config, is_resolved_config, save_config
 from llm_training.data.notes import job_notes
 from llm_training.data.prepare import existing_fingerprint, fingerprint_of, prepare
 from llm_training.data.sources import sample_data_path
 from llm_training.errors import DataError, UserError
 from llm_training.events import EventBus
+from llm_training.fileio import check_output_file
 from llm_training.monitor.console import ConsoleSink, StageProgress, is_tty
 from llm_training.monitor.files import LogSink, MetricsFileSink, setup_logging
 from llm_training.monitor.tensorboard import TensorBoardSink
@@ -201,6 +202,8 @@ def run_training_on(
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")
+    # before anything is written: the run's config.yaml may replace only an earlier run's, never the user's
+    check_output_file(Path(cfg.output_dir) / "config.yaml", "--output-dir's", ours=is_resolved_config)
     plan, check_again = check_checkpoints_fit(cfg, data_dir, resume)
     bus = bus or EventBus()
     with ComputeResourceManager(bus, cfg.resources) as env:

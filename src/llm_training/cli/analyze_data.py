@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.data.inspect import analyze, open_prepared
         from llm_training.errors import UserError
-        from llm_training.fileio import check_output_file, write_text
+        from llm_training.fileio import check_output_file, html_output, write_text
         from llm_training.report.html import render
 
         if args.top_tokens < 1:
             raise UserError(f"--top-tokens must be at least 1, got {args.top_tokens}")
         prepared = open_prepared(args.data_file)
-        check_output_file(args.output, "--output", [args.data_file, *Path(prepared.folder).iterdir()])
+        check_output_file(
+            args.output, "--output", [args.data_file, *Path(prepared.folder).iterdir()], html_output
+        )
         page = render(analyze(prepared, top_k=args.top_tokens))
         output = Path(args.output)
         try:

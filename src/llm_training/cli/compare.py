@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         from llm_training.eval.metrics import parse_metrics
         from llm_training.eval.noise import compare_metric, ranking_metric
         from llm_training.eval.runner import default_metrics, evaluate_checkpoint
-        from llm_training.fileio import check_output_file, write_json, write_text
+        from llm_training.fileio import check_output_file, html_output, json_output, write_json, write_text
         from llm_training.report.compare import ranking_line, render, verdict_line
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        for out in (args.output, args.output + ".json"):  # the report and its numbers
-            check_output_file(out, "--output", [*args.models, args.test_data])
+        # the report and its numbers
+        check_output_file(args.output, "--output", [*args.models, args.test_data], html_output)
+        check_output_file(args.output + ".json", "--output", [*args.models, args.test_data],
+                          json_output("models", "metrics"))  # fmt: skip
         missing = [m for m in args.models if not Path(m).exists()]  # a Hugging Face export is a folder
         if missing:
             raise UserError(f"checkpoint not found: {', '.join(missing)}")

@@ -37,11 +37,13 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from llm_training.eval.runner import evaluate_checkpoint
-        from llm_training.fileio import check_output_file, write_json
+        from llm_training.fileio import check_output_file, json_output, write_json
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         if args.output:  # before the work: the results must not replace what they are computed from
-            check_output_file(args.output, "--output", [args.model_path, args.test_data])
+            check_output_file(
+                args.output, "--output", [args.model_path, args.test_data], json_output("model")
+            )
         results = evaluate_checkpoint(
             args.model_path, args.test_data, args.metrics, args.batch_size, args.device, args.model_format
         )

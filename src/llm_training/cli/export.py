@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if args.json:  # before the work: never the checkpoint, a link or a file of the user's
+            from llm_training.fileio import check_output_file, json_output
+
+            check_output_file(
+                args.json, "--json", [args.checkpoint], json_output("format", "export_path", kind=list)
+            )
         pruning = {"sparsity": args.prune, "scope": args.prune_scope} if args.prune is not None else None
         common = dict(quantize=args.quantize, pruning=pruning, overwrite=args.overwrite,
                       validation_data=args.validation_data, max_perplexity_increase=args.max_perplexity_increase)  # fmt: skip

@@ -123,7 +123,6 @@ def completed_lines(path: Path) -> int:
 def job_record(args, source: Path) -> dict:
     """What makes a job's output: the model (its files' sizes and times), the input's bytes, the settings."""
     import hashlib
-    import os
 
     model = Path(args.model)
     files = [model] if model.is_file() else sorted(p for p in model.rglob("*") if p.is_file())
@@ -145,14 +144,20 @@ def job_path(target: Path) -> Path:
     return target.with_name(target.name + ".job.json")
 
 
-def check_job(target: Path, record: dict) -> None:
-    """An output that holds anything must have been written by this same job."""
-    if not target.is_file() or target.stat().st_size == 0:
-        return
+def check_job(target: Path, record: dict) -> bool:
+    """An output that holds anything must have been written by this same job, and its record file may only
+    be one of llm-infer's. Returns whether the record file is there already (else this job makes it)."""
+    record_file = job_path(target)
     try:
-        previous = json.loads(job_path(target).read_text(encoding="utf-8"))
+        previous = None if record_file.is_symlink() else json.loads(record_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         previous = None
+    there = record_file.exists() or record_file.is_symlink()
+    if there and not (isinstance(previous, dict) and previous.get("written_by") == "llm-infer"):
+        raise UserError(f"{record_file}: exists and is not a job record of llm-infer, which would write it "
+                        "beside --output; choose another --output, or move that file away")  # fmt: skip
+    if not target.is_file() or target.stat().st_size == 0:
+        return there
     if not isinstance(previous, dict):
         why = f"no record of the job that wrote it ({job_path(target).name})"
     else:
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if total == 0:
             raise DataError(f"{source}: empty input (no prompts)")
         record = job_record(args, source)
-        check_job(target, record)  # before anything in the output is touched
+        had_record = check_job(target, record)  # before anything in the output is touched
         done = completed_lines(target)
         if done > total:
             raise UserError(
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
         stop_check = stop_text_check(tok, stops)
 
-        fresh = not target.exists()
+        fresh = not os.path.lexists(target)  # this job makes the file: on a failure it may remove it
         write_json(job_path(target), record)
         progress = CountProgress(total, done, unit="prompt", desc="infer")
         batch: list = []
@@ -268,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             # nothing half-written: the output keeps whole batches only, and a new one that got none goes
             with contextlib.suppress(OSError):  # a full disk refuses the buffered rest too
                 out.close()
-            if fresh and good == 0:
+            if fresh and good == 0:  # both made by this job: nothing of anyone else's is removed
                 target.unlink(missing_ok=True)
-                job_path(target).unlink(missing_ok=True)
+                if not had_record:
+                    job_path(target).unlink(missing_ok=True)
             else:
                 os.truncate(target, good)
             if isinstance(exc, OSError) and exc.errno in HANDLED:

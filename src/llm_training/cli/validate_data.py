@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # the findings never replace a file of the data
             from pathlib import Path
 
-            from llm_training.fileio import check_output_file
+            from llm_training.fileio import check_output_file, json_output
 
-            check_output_file(args.json, "--json", [*Path(prepared.folder).iterdir()])
+            check_output_file(
+                args.json, "--json", [*Path(prepared.folder).iterdir()], json_output("checks", "findings")
+            )
         findings = validate(prepared, checks, thresholds)
         for finding in findings:
             if not args.quiet or finding.status != "PASS":

@@ -8,6 +8,7 @@ data has none; near duplicates are only found within a shard.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,7 +36,10 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: 
     if len(folders) < 2:
         raise DataError("--merge needs at least two prepared folders")
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=folders)
+    check = functools.partial(
+        check_output_dir, output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=folders
+    )
+    check()
     manifests = {split: [read_manifest(f / f"{split}.json") for f in folders] for split in SPLITS}
     fingerprints = {m.get("tokenizer_fingerprint") for m in manifests["train"]}
     if len(fingerprints) != 1 or None in fingerprints:
@@ -43,7 +47,7 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: 
             "the folders were prepared with different tokenizers; sharded preparation must share one "
             "(--tokenizer)"
         )
-    with building_dir(output_dir, "llm-prepare-data --merge") as staging:
+    with building_dir(output_dir, "llm-prepare-data --merge", check) as staging:
         shutil.copy2(folders[0] / "vocab.json", staging / "vocab.json")
         report: dict = {
             "merged_from": [str(f) for f in folders],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -407,9 +408,12 @@ def prepare(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     inputs = [options.source, options.tokenizer_path, *getattr(source, "paths", ())]
-    check_output_dir(output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=inputs)
+    check = functools.partial(
+        check_output_dir, output_dir, names=PREPARED_NAMES, overwrite=overwrite, inputs=inputs
+    )
+    check()
     stages: dict[str, float] = {}
-    with building_dir(output_dir, "llm-prepare-data") as staging:
+    with building_dir(output_dir, "llm-prepare-data", check) as staging:
         spools = {split: _Spool(staging / f"{split}.spool") for split in SPLITS}
         decisions = _select(source, options, spools, split_fn, on_progress)
         for spool in spools.values():

@@ -21,7 +21,7 @@ from typing import Any
 
 from llm_training import events
 from llm_training.errors import UserError
-from llm_training.fileio import write_text
+from llm_training.fileio import GENERATOR_META, check_output_file, html_output, write_text
 from llm_training.monitor import runs as run_index
 from llm_training.report.page import CSS, esc
 
@@ -190,6 +190,7 @@ class MetricsDashboard:
             raise UserError(
                 f"{target} is a folder; give the report's file name, e.g. {target / 'report.html'}"
             )
+        check_output_file(target, "report", ours=html_output)  # never a file of the user's
         try:  # an earlier report stays whole until the new one is complete
             write_text(target, self.page(live=False, data=data))
         except OSError as exc:
@@ -508,7 +509,8 @@ def _html(data: dict, plotly: str, refresh: float) -> str:
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{esc(data['title'])}</title><style>{CSS}{STYLE}</style>{script}</head><body>"
+        + GENERATOR_META
+        + f"<title>{esc(data['title'])}</title><style>{CSS}{STYLE}</style>{script}</head><body>"
         f"<h1>{esc(data['title'])}</h1>"
         f"<p class='sub'>Runs under <code>{esc(data['root'])}</code> &middot; updated "
         f"<span id='updated'>{esc(data['updated'])}</span> &middot; {state}</p>"

@@ -8,6 +8,7 @@ end-of-text) with ``<split>_offsets.npy``, and the manifest ``<split>.json`` (``
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ def prepare_image_text(
     source, out = Path(input_path), Path(output_dir)
     if not source.is_file():
         raise DataError(f"{source}: no such file")
-    check_output_dir(out, names=PREPARED_NAMES, overwrite=overwrite, inputs=[source, options.tokenizer])
+    inputs = [source, options.tokenizer]
+    check = functools.partial(check_output_dir, out, names=PREPARED_NAMES, overwrite=overwrite, inputs=inputs)
+    check()
     problems: Counter = Counter()
     examples: dict[str, str] = {}
     texts, pixels = [], []
@@ -117,7 +120,7 @@ def prepare_image_text(
     order = np.random.default_rng(options.seed).permutation(len(texts))
     n_val = max(1, min(len(texts), round(len(texts) * options.validation_fraction)))
     splits = {"validation": order[:n_val], "train": order[n_val:]}
-    with building_dir(out, "llm-prepare-data") as staging:
+    with building_dir(out, "llm-prepare-data", check) as staging:
         tokenizer.save(staging / "vocab.json")
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
         report = {"source": str(source), "pairs": len(texts), "skipped": dict(problems), "examples": examples,

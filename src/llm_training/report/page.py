@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 
+from llm_training.fileio import GENERATOR_META
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1100px;
        padding: 1.5rem; color: #1d232a; background: #fff; line-height: 1.45; }
@@ -82,6 +84,7 @@ def page(title: str, heading: str, subtitle: str, sections: list[tuple[str, str,
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        + GENERATOR_META
+        + f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{esc(heading)}</h1><p class='sub'>{subtitle}</p><nav>{nav}</nav>{body}</body></html>\n"
     )
