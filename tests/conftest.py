@@ -141,21 +141,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_health(url: str, seconds: float = 120.0) -> None:
-    """Wait until a server started in another process answers ``url``/health with 200."""
+def wait_until(condition, what: str, seconds: float = 300.0, every: float = 0.01) -> None:
+    """Wait for something another process or thread makes happen (a server up, a request admitted, a row
+    stopped): the test asserts on that event, and the deadline only keeps a broken run from hanging."""
     import time
 
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {seconds:g} s")
+        time.sleep(every)
+
+
+def wait_for_health(url: str, seconds: float = 300.0, headers: dict | None = None, process=None) -> None:
+    """Wait until a server started elsewhere answers ``url``/health with 200; a ``process`` (the server's
+    ``Popen``) that ends first fails at once."""
     import httpx
 
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server ended with {process.returncode} before it answered /health")
         try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
+            return httpx.get(url + "/health", headers=headers).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/health did not answer within {seconds:g} s")
+            return False
+
+    wait_until(healthy, f"{url}/health answering", seconds, every=0.2)
 
 
 def set_flags(values: dict) -> list[str]:

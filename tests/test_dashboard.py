@@ -162,9 +162,9 @@ def test_live_page_in_chromium_updates_while_a_run_trains(runs, data, tmp_path):
     root.mkdir()
     shutil.copytree(runs / "small", root / "small")  # a finished run beside the one that trains
     dashboard = MetricsDashboard(port=0, root=root, refresh=0.5).start()
-    live = subprocess.Popen(
-        [sys.executable, *train_args(data, root / "live", 100_000, "--max-time", "90s", "--set",
-                                     "training.log_interval=1")],
+    live = subprocess.Popen(  # steps it never reaches: it trains until the test stops it
+        [sys.executable, *train_args(data, root / "live", 100_000, "--set", "training.log_interval=1",
+                                     "--set", "training.num_epochs=100000")],
         cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -172,12 +172,12 @@ def test_live_page_in_chromium_updates_while_a_run_trains(runs, data, tmp_path):
             browser = _browser(playwright)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(dashboard.url, wait_until="load")
-            page.wait_for_function(HAS_DATA, arg="chart-loss", timeout=30_000)
+            page.wait_for_function(HAS_DATA, arg="chart-loss", timeout=300_000)
             # the live run's trace appears, then grows without a reload
             count = "() => { const t = document.getElementById('chart-loss').data.filter(t => t.name !== undefined && !t.name.endsWith('validation')); return t.length > 1 ? t[1].x.length : 0 }"  # fmt: skip
-            page.wait_for_function(f"() => ({count})() > 0", timeout=90_000)
+            page.wait_for_function(f"() => ({count})() > 0", timeout=300_000)
             first = page.evaluate(count)
-            page.wait_for_function(f"() => ({count})() > {first + 3}", timeout=60_000)
+            page.wait_for_function(f"() => ({count})() > {first + 3}", timeout=300_000)
             assert live.poll() is None, "the run ended before the page showed it growing"
             assert page.inner_text("#state").startswith("live")
             rows = page.locator("#runs tr")
@@ -187,7 +187,7 @@ def test_live_page_in_chromium_updates_while_a_run_trains(runs, data, tmp_path):
             # a custom metric sent over HTTP gets its own chart on the open page
             answer = httpx.post(dashboard.url + "/api/metrics", json={"name": "custom_score", "value": 0.95})
             assert answer.status_code == 200
-            page.wait_for_function(HAS_DATA, arg="chart-custom-custom-score", timeout=10_000)
+            page.wait_for_function(HAS_DATA, arg="chart-custom-custom-score", timeout=300_000)
             for key in ("lr", "throughput", "grad_norm"):
                 assert page.evaluate(HAS_DATA, f"chart-{key}"), key
             time.sleep(0.5)  # let plotly finish drawing
@@ -222,7 +222,7 @@ def test_report_is_one_file_that_draws_offline(runs, tmp_path):
         page = context.new_page()
         page.goto(report.as_uri(), wait_until="load")
         for key in ("loss", "lr", "throughput", "grad_norm", "custom-custom-score"):
-            page.wait_for_function(HAS_DATA, arg=f"chart-{key}", timeout=20_000)
+            page.wait_for_function(HAS_DATA, arg=f"chart-{key}", timeout=300_000)
         assert page.evaluate("document.getElementById('chart-loss').data.length") == 4
         assert page.locator("#runs tr").count() == 2 and page.inner_text("#state") == "report"
         assert page.locator("#chart-loss .scatterlayer .trace").count() == 4  # drawn, not only given
@@ -288,7 +288,7 @@ def test_cli_serves_until_ctrl_c(runs, tmp_path):
         server = subprocess.Popen([sys.executable, "-m", "llm_training.cli.dashboard", "--root", str(runs),
                                    "--port", str(port)], stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
     try:
-        wait_for_health(f"http://127.0.0.1:{port}", 60)
+        wait_for_health(f"http://127.0.0.1:{port}")
         data = httpx.get(f"http://127.0.0.1:{port}/api/data").json()
         assert len(data["runs"]) == 2 and "Plotly" in httpx.get(f"http://127.0.0.1:{port}/plotly.min.js").text
     finally:

@@ -122,6 +122,12 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
+def written(path: Path, content: bytes) -> Path:
+    """The hostile input, as the file a command is given."""
+    path.write_bytes(content)
+    return path
+
+
 def check(proc, name: str) -> None:
     text = proc.stdout + proc.stderr
     assert "Traceback" not in text, (name, text[-3000:])
@@ -176,8 +182,7 @@ DATA = data_cases()
 def test_prepare_data(name, content, tmp_path, earlier):
     from llm_training.cli.prepare_data import main
 
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(content)
+    src = written(tmp_path / "in.jsonl", content)
     root = earlier[0]
     # half the cases aim the output at the earlier run's folder: refused or replaced only with its own folder
     output = root / "run" if zlib.crc32(name.encode()) % 2 else tmp_path / "out"
@@ -191,8 +196,7 @@ def test_prepare_data(name, content, tmp_path, earlier):
 def test_main_job(name, content, tmp_path, earlier):
     from llm_training.cli.main_job import cli_main as main
 
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(content)
+    src = written(tmp_path / "in.jsonl", content)
     proc = call_cli(main, ["--input-file", str(src), "--output-dir", str(earlier[0]), *TINY,
                            "--set", "training.max_steps=1", "--set", "training.sample_tokens=0"])  # fmt: skip
     check(proc, name)
@@ -215,9 +219,8 @@ EVAL = data_cases() + [
 def test_evaluate(name, content, tmp_path, earlier):
     from llm_training.cli.evaluate import main
 
-    root, model, _ = earlier
-    src = tmp_path / ("test.json" if name.startswith("json-") else "test.jsonl")
-    src.write_bytes(content)
+    _, model, _ = earlier
+    src = written(tmp_path / ("test.json" if name.startswith("json-") else "test.jsonl"), content)
     proc = call_cli(main, ["--model-path", str(model), "--test-data", str(src),
                            "--output", str(tmp_path / "results.json")])  # fmt: skip
     check(proc, name)
@@ -240,8 +243,7 @@ def test_infer(name, content, tmp_path, earlier):
     from llm_training.cli.infer import main
 
     root, model, _ = earlier
-    src = tmp_path / "prompts.jsonl"
-    src.write_bytes(content)
+    src = written(tmp_path / "prompts.jsonl", content)
     proc = call_cli(main, ["--model", str(model), "--input", str(src), "--output", str(tmp_path / "out.jsonl"),
                            "--max-new-tokens", "2"])  # fmt: skip
     check(proc, name)

@@ -15,13 +15,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, corpus_records, free_port, prepared_plays
+from conftest import REPO, corpus_records, free_port, prepared_plays, wait_for_health
 
 GUIDE = Path(os.environ.get("LLM_TRAINING_GUIDE", REPO.parent / "shared" / "seed" / "usage-guide.md"))
 TINY_ARCH = [("'num_layers': 12", "'num_layers': 2"), ("'hidden_size': 768", "'hidden_size': 64"),
@@ -379,13 +378,10 @@ def test_model_server_snippet_saved_as_serve_py(workdir, prepared):
     with open(workdir / "server.err", "w") as err:
         server = subprocess.Popen([sys.executable, path.name], cwd=workdir, stderr=err, env=script_env())
     try:
-        deadline, healthy = time.monotonic() + 180, False
-        while not healthy and time.monotonic() < deadline and server.poll() is None:
-            try:
-                healthy = httpx.get(url + "/health").status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert healthy, (workdir / "server.err").read_text()[-3000:]
+        try:
+            wait_for_health(url, process=server)
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError((workdir / "server.err").read_text()[-3000:]) from exc
         answer = httpx.post(url + "/predict", json={"prompt": "To be", "max_new_tokens": 4}, timeout=60)
         assert answer.status_code == 200, answer.text
         family = psutil.Process(server.pid).children(recursive=True)
