@@ -83,11 +83,14 @@ def _prompt(record, where: str) -> tuple[str, dict]:
     raise DataError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
 
 
-def read_prompts(path: Path, skip: int):
-    """(line number, prompt, record) from ``path`` after the first ``skip`` prompts, lazily."""
+def read_prompts(path: Path, skip: int, digest=None):
+    """(line number, prompt, record) from ``path`` after the first ``skip`` prompts, lazily; every byte read
+    also goes to ``digest`` (a hashlib object) if given."""
     with open(path, "rb") as handle:
         seen = 0
         for number, raw in enumerate(_lines(handle, path), 1):
+            if digest is not None:
+                digest.update(raw)
             if not raw.strip():
                 continue
             seen += 1
@@ -120,23 +123,18 @@ def completed_lines(path: Path) -> int:
     return count
 
 
-def job_record(args, source: Path) -> dict:
-    """What makes a job's output: the model (its files' sizes and times), the input's bytes, the settings."""
-    import hashlib
-
+def job_record(args, input_digest: str) -> dict:
+    """What makes a job's output: the model (its files' sizes and times), the input's bytes (their SHA-256),
+    the settings."""
     model = Path(args.model)
     files = [model] if model.is_file() else sorted(p for p in model.rglob("*") if p.is_file())
     stats = [(str(p.relative_to(model)) if p != model else p.name, p.stat().st_size, p.stat().st_mtime_ns)
              for p in files]  # fmt: skip
-    digest = hashlib.sha256()
-    with open(source, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                               "repetition_penalty", "stop", "seed", "no_truncate")}  # fmt: skip
     if args.temperature > 0:  # sampling is seeded per batch: the batch size changes the text
         settings["batch_size"] = args.batch_size
-    parts = {"model": [os.path.abspath(model), stats], "input": digest.hexdigest(), "settings": settings}
+    parts = {"model": [os.path.abspath(model), stats], "input": input_digest, "settings": settings}
     return json.loads(json.dumps({"written_by": "llm-infer", **parts}))  # as read back: lists, not tuples
 
 
@@ -163,7 +161,7 @@ def check_job(target: Path, record: dict) -> bool:
     else:
         differ = [k for k in ("model", "input", "settings") if previous.get(k) != record[k]]
         if not differ:
-            return
+            return there
         why = f"another job wrote it (different {' and '.join(differ)})"
     raise UserError(f"--output {target}: already holds completions and {why}; write to another --output, "
                     "or delete it to start again")  # fmt: skip
@@ -178,9 +176,14 @@ def _lines(handle, path: Path):
         yield line
 
 
-def count_prompts(path: Path) -> int:
-    """Prompts in ``path``, each read and checked: a bad line fails here, before the model is loaded."""
-    return sum(1 for _ in read_prompts(path, 0))
+def scan_prompts(path: Path) -> tuple[int, str]:
+    """How many prompts ``path`` holds, each read and checked (a bad line fails here, before the model is
+    loaded), and the SHA-256 of its bytes, in one pass."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    count = sum(1 for _ in read_prompts(path, 0, digest))
+    return count, digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             ).check()
         except ValueError as exc:
             raise UserError(f"{exc} (--temperature, --top-k, --top-p, --repetition-penalty)") from None
-        total = count_prompts(source)
+        total, input_digest = scan_prompts(source)
         if total == 0:
             raise DataError(f"{source}: empty input (no prompts)")
-        record = job_record(args, source)
+        record = job_record(args, input_digest)
         had_record = check_job(target, record)  # before anything in the output is touched
         done = completed_lines(target)
         if done > total:
