@@ -207,6 +207,43 @@ def test_results_and_configs_never_replace_a_file_of_the_users(trained, tmp_path
 # ------------------------------------------------------------------------------------- temporaries
 
 
+def test_export_never_replaces_what_it_reads_a_link_or_the_current_folder(trained, tmp_path, monkeypatch):
+    """--overwrite replaces earlier exports only: never the folder that holds the checkpoint, the current
+    folder, a link; a Hugging Face folder is swapped in whole and marked as the tool's."""
+    import shutil
+
+    from llm_training.cli import export
+
+    _, checkpoint, _ = trained
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = Path(shutil.copy2(checkpoint, run / "checkpoints" / "model_final.pt"))
+    before = ckpt.read_bytes()
+
+    def export_to(output: str, fmt: str = "hf", *extra: str):
+        return call_cli(export.main, ["--checkpoint", str(ckpt), "--format", fmt, "--output", output, *extra])
+
+    assert_user_error(export_to(str(run), "hf", "--overwrite"), "holds the input")
+    assert_user_error(export_to(str(ckpt), "safetensors", "--overwrite"), "is the input")
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(export_to(".", "hf", "--overwrite"), "current folder")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "link_hf").symlink_to(mine)
+    assert_user_error(export_to(str(tmp_path / "link_hf"), "hf", "--overwrite"), "symbolic link")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    assert_user_error(export_to(str(tmp_path / "link.onnx"), "onnx", "--overwrite"), "symbolic link")
+    assert ckpt.read_bytes() == before and (tmp_path / "link_hf").is_symlink() and not entries(mine)
+    hf = tmp_path / "hf"
+    assert export_to(str(hf)).returncode == 0
+    assert_user_error(export_to(str(hf)), "exists", "--overwrite")  # not replaced unless told
+    (hf / "notes.txt").write_text("mine")
+    assert export_to(str(hf), "hf", "--overwrite").returncode == 0  # told: replaced whole
+    assert "notes.txt" not in entries(hf) and {"config.json", "model.safetensors"} <= set(entries(hf))
+    assert json.loads((hf / ".llm_training.json").read_text())["written_by"] == "llm-export"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
 def test_a_symlink_planted_at_an_old_temporary_name_is_not_followed(tmp_path):
     from llm_training.config import load_config, save_config
     from llm_training.train.checkpoint import save_checkpoint

@@ -315,7 +315,12 @@ def replace_dir(staging: Path, target: str | Path, written_by: str) -> None:
     if target.exists() or target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, old / "previous")
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except BaseException:  # the previous folder goes back where it was
+            os.replace(old / "previous", target)
+            old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)

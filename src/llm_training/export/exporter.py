@@ -24,7 +24,15 @@ from llm_training.config import ModelConfig, model_config_json
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.export.quiet import quiet
-from llm_training.fileio import disk_error, missing_dirs, remove_empty, staging_dir
+from llm_training.fileio import (
+    check_output_dir,
+    check_output_file,
+    disk_error,
+    missing_dirs,
+    remove_empty,
+    replace_dir,
+    staging_dir,
+)
 from llm_training.model.transformer import Transformer
 
 log = logging.getLogger("llm_training.export")
@@ -154,15 +162,21 @@ def _check_validation_path(validation_data) -> None:
         )
 
 
-def _refuse_existing(fmt: str, target: Path, overwrite: bool) -> None:
-    """Every path an export to ``target`` writes must be free, unless overwriting."""
+def _refuse_existing(fmt: str, target: Path, overwrite: bool, inputs: list) -> None:
+    """Every path an export to ``target`` writes must be free, unless overwriting; never the checkpoint or
+    the validation data it reads, a link, the current folder or a folder that holds an input, even then."""
     if fmt == "safetensors":
         paths = [target, target.parent / "config.json", target.parent / "tokenizer.json"]
     elif fmt == "onnx":
         paths = [target, target.parent / (target.name + ".data")]
     else:
         paths = [target]
-    existing = [p for p in paths if p.exists()]
+    for path in paths:
+        if fmt == "hf":  # a folder, replaced whole only after the new one is complete
+            check_output_dir(path, overwrite=True, inputs=inputs, label="--output")
+        else:
+            check_output_file(path, "--output", inputs)
+    existing = [p for p in paths if os.path.lexists(p)]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite (overwrite=True) to replace it")
 
@@ -200,7 +214,7 @@ def export_checkpoint(
     fmt, quantize = check_options(options)
     checkpoint = Path(checkpoint)
     target = _target(checkpoint, fmt, options)
-    _refuse_existing(fmt, target, options.overwrite)
+    _refuse_existing(fmt, target, options.overwrite, [checkpoint, options.validation_data])
     from llm_training.export.runtime import TORCHSCRIPT_SUFFIXES
 
     if fmt == "torchscript" and not target.name.lower().endswith(TORCHSCRIPT_SUFFIXES):
@@ -231,15 +245,14 @@ def export_checkpoint(
             log.info("checking %s with %s", target.name, _runtime_name(fmt))
             check = _check(fmt, quantize, options, source, staged)
         files = _move_into_place(staging, target)
-    except Exception as exc:  # a full disk or permissions: one line; no staging or new empty folder left
+    except BaseException as exc:  # a full disk or permissions: one line; no staging or new empty folder left
         shutil.rmtree(staging, ignore_errors=True)
         remove_empty(made)
-        error = disk_error(exc, target)
+        error = disk_error(exc, target) if isinstance(exc, Exception) else None
         if error is None:
             raise
         raise error from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # emptied by the move
     size = sum(_size(f) for f in files)
     source_bytes = 4 * sum(p.numel() for p in source.model.parameters())  # parameters() lists tied ones once
     return ExportResult(fmt, target, files, size, source_bytes, quantize, check, source.pruning,
@@ -266,7 +279,7 @@ def export_all(
         check_options(opts)
         plans.append(opts)
     for opts in plans:  # refuse before anything is written
-        _refuse_existing(opts.format, Path(opts.output), opts.overwrite)
+        _refuse_existing(opts.format, Path(opts.output), opts.overwrite, [checkpoint, opts.validation_data])
     first = plans[0]
     source = load_source(checkpoint, first.pruning, first.validation_data, first.check_tokens)
     return [export_checkpoint(checkpoint, opts, source) for opts in plans]
@@ -336,9 +349,10 @@ def _move_into_place(staging: Path, target: Path) -> list[Path]:
     for item in sorted(staging.iterdir()):
         _normal_modes(item)
         final = target.parent / item.name
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(item, final)
+        if item.is_dir():  # a Hugging Face folder: marked as ours, the old one removed only after the swap
+            replace_dir(item, final, "llm-export")
+        else:
+            os.replace(item, final)
         moved.append(final)
     return moved
 
