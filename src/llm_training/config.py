@@ -721,18 +721,25 @@ def validate(cfg: Config) -> None:
     _check_ranges(cfg)
 
 
-def is_resolved_config(path: Path) -> bool:
-    """Whether ``path`` holds a configuration as ``save_config`` writes it (every section): a run's own
-    ``config.yaml``, which a new run in that folder may replace, unlike a config file of the user's."""
+def read_config_mapping(path: Path) -> dict | None:
+    """A YAML file of a run (its ``config.yaml``) read within the bounds of a config; None when it is
+    missing, unreadable, too large, malformed or not a mapping (a reader that can do without it)."""
     import yaml
 
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            return False
+            return None
         data = yaml_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):  # InputLimitError is a ValueError
-        return False
-    return isinstance(data, dict) and set(Config().to_dict()) <= set(data)
+    except (OSError, ValueError, yaml.YAMLError):  # InputLimitError and UnicodeDecodeError are ValueErrors
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_resolved_config(path: Path) -> bool:
+    """Whether ``path`` holds a configuration as ``save_config`` writes it (every section): a run's own
+    ``config.yaml``, which a new run in that folder may replace, unlike a config file of the user's."""
+    data = read_config_mapping(path)
+    return data is not None and set(Config().to_dict()) <= set(data)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """Bad input (a file, a flag, a config key): the message says what is wrong and what to do."""
@@ -22,6 +24,7 @@ class StorageError(UserError):
 
 
 QUOTE_LIMIT = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # line breaks and terminal control codes
 
 
 def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
@@ -41,6 +44,7 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
 
 def one_line(message: str, limit: int = 2000) -> str:
     """A message as one printable line of at most ``limit`` characters (the CLI's last guard)."""
-    text = " ".join(str(message).split("\n")) if "\n" in str(message) else str(message)
+    # line breaks and terminal control codes (a path holding an escape sequence) print as spaces
+    text = _CONTROL.sub(" ", str(message))
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

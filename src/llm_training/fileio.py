@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llm_training.errors import StorageError, UserError
+from llm_training.limits import read_json_file
 
 MARKER = ".llm_training.json"  # in every folder this tool builds: who wrote it, and which files
 _SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -206,11 +207,9 @@ def json_output(*keys: str, kind: type = dict) -> Callable[[Path], bool]:
     one of ``keys`` (as a list, whose first item does): the shape the command writes."""
 
     def ours(path: Path) -> bool:
-        if path.stat().st_size > 64 << 20:
-            return False
         try:
-            value = json.loads(path.read_bytes())
-        except (OSError, ValueError, RecursionError):
+            value = read_json_file(path)
+        except (OSError, ValueError):
             return False
         first = value[0] if isinstance(value, list) and value else value
         return isinstance(value, kind) and isinstance(first, dict) and all(k in first for k in keys)
@@ -285,7 +284,7 @@ def foreign_entries(folder: Path, names: str = "") -> list[str]:
     if not entries:
         return []
     try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        record = read_json_file(folder / MARKER)
         written = set(record["files"]) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):  # no marker: an older folder of this tool, or not ours
         pattern = re.compile(names) if names else None

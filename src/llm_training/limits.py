@@ -55,6 +55,22 @@ def json_loads(text: str | bytes) -> Any:
         raise json.JSONDecodeError("a number too long to read", "", 0) from None
 
 
+MAX_JSON_FILE_BYTES = 64 << 20  # a JSON file the tool wrote and reads back (a report, a marker, a record)
+
+
+def read_json_file(path, max_bytes: int = MAX_JSON_FILE_BYTES) -> Any:
+    """A JSON file read back (a report, a folder's marker, a job record): one larger than ``max_bytes``, not
+    UTF-8, malformed or nested too deeply is a ``ValueError`` that names the file; unreadable, an OSError."""
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputLimitError(f"{path}: larger than the {max_bytes:,} bytes such a file has; it is not one")
+    try:
+        return json_loads(data.decode("utf-8-sig"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
 @functools.cache
 def _loader_class():
     import yaml

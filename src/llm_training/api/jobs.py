@@ -26,11 +26,11 @@ from llm_training.train.loop import TrainResult, train
 
 log = logging.getLogger("llm_training.jobs")
 
+JOB_START_VARIABLE = "LLM_TRAINING_JOB_START"  # Unix time a launcher started the job, for its workers
+
 # Applied just above the hard-coded defaults when no data is given: the built-in sample trains for a fixed
 # budget so the first run ends in a couple of minutes on a laptop CPU, and for at most 10 epochs so a GPU
 # does not overfit the small sample (any file, variable or flag can change either).
-JOB_START_VARIABLE = "LLM_TRAINING_JOB_START"  # Unix time a launcher started the job, for its workers
-
 QUICKSTART = {"training.max_time": "100s", "training.num_epochs": 10, "training.eval_interval": 100}
 
 
@@ -198,7 +198,10 @@ def run_training_on(
     from llm_training.api.resources import ComputeResourceManager
 
     # the job's start: a launcher (llm-train --num-gpus) passes its own, so start-up includes the processes'
-    job_start = float(os.environ.get(JOB_START_VARIABLE) or time.time())
+    try:
+        job_start = float(os.environ.get(JOB_START_VARIABLE) or time.time())
+    except ValueError:  # not a launcher's: the job starts now
+        job_start = time.time()
     resume = resume_from if resume_from is not None else cfg.checkpoint.resume
     if isinstance(resume, (str, Path)) and str(resume) != "auto" and not Path(resume).is_file():
         raise UserError(f"checkpoint not found: {resume} (give a .pt file, or --resume auto)")

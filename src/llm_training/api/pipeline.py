@@ -28,6 +28,7 @@ from typing import Any
 
 from llm_training.errors import UserError
 from llm_training.fileio import atomic_open, write_json
+from llm_training.limits import read_json_file
 
 log = logging.getLogger("llm_training.pipeline")
 
@@ -103,7 +104,7 @@ class Pipeline:
     def _load_state(self) -> dict:
         path = self.output_dir / STATE_FILE
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
+            return read_json_file(path) if path.is_file() else {}
         except ValueError:
             log.warning("%s is not valid JSON; every stage runs again", path)
             return {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
 from llm_training.errors import DataError, UserError, quoted
-from llm_training.limits import MAX_LINE_BYTES, MAX_NEW_TOKENS, bad_text, json_loads
+from llm_training.limits import MAX_LINE_BYTES, MAX_NEW_TOKENS, bad_text, json_loads, read_json_file
 
 DESCRIPTION = """\
 Generate a completion for every prompt of a JSON Lines file. Each input line is {"prompt": "..."} (or
@@ -147,7 +147,7 @@ def check_job(target: Path, record: dict) -> bool:
     be one of llm-infer's. Returns whether the record file is there already (else this job makes it)."""
     record_file = job_path(target)
     try:
-        previous = None if record_file.is_symlink() else json.loads(record_file.read_text(encoding="utf-8"))
+        previous = None if record_file.is_symlink() else read_json_file(record_file)
     except (OSError, ValueError):
         previous = None
     there = record_file.exists() or record_file.is_symlink()
@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"{target} has {done} lines but {source} only {total} prompts: a different input?"
             )
+        if done == total:  # finished earlier: the model need not be loaded
+            print(f"wrote 0 completions to {target} ({done} were already there)")
+            return 0
         trained = load_for_generation(args.model, args.device, args.model_format)
         tok = trained.tokenizer
         context = trained.cfg.max_seq_length

@@ -110,9 +110,11 @@ def launch(args, argv: list[str], module: str) -> int:
         monitor_interval=0.5,
         **rdzv,
     )
+    from llm_training.api.jobs import JOB_START_VARIABLE
+
     # the workers' summary counts start-up from here; set for the children only, then restored
-    before = os.environ.get("LLM_TRAINING_JOB_START")
-    os.environ["LLM_TRAINING_JOB_START"] = before or str(time.time())
+    before = os.environ.get(JOB_START_VARIABLE)
+    os.environ[JOB_START_VARIABLE] = before or str(time.time())
     try:
         elastic_launch(config, sys.executable)("-m", module, *rest)
     except ChildFailedError as exc:
@@ -135,5 +137,5 @@ def launch(args, argv: list[str], module: str) -> int:
         raise
     finally:
         if before is None:
-            os.environ.pop("LLM_TRAINING_JOB_START", None)
+            os.environ.pop(JOB_START_VARIABLE, None)
     return 0

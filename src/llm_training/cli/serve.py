@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
 
@@ -72,7 +71,11 @@ def read_key_file(path: str) -> list[str]:
     from llm_training.errors import UserError
 
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+            if handle.read(1):
+                raise UserError(f"--api-key-file {path}: over 1 MiB, not a file of keys (one key a line)")
+        lines = data.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--api-key-file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

@@ -23,7 +23,6 @@ The defaults of :class:`Thresholds` are documented there and in ``llm-validate-d
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from llm_training.data.prepare import DOCUMENT_DTYPE, SPLITS, read_manifest
 from llm_training.errors import DataError
+from llm_training.limits import read_json_file
 
 CHECKS = ("integrity", "quality", "distribution", "duplicates")
 STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
@@ -244,8 +244,8 @@ def open_prepared(path: str | Path) -> Prepared:
     report_path = folder / "prepare_report.json"
     if report_path.is_file():
         try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            report = read_json_file(report_path)
+        except ValueError:  # damaged: the statistics do without it
             report = {}
     return Prepared(folder, splits, report if isinstance(report, dict) else {}, selected)
 

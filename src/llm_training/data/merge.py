@@ -20,6 +20,7 @@ import numpy as np
 from llm_training.data.prepare import DOCUMENT_DTYPE, PREPARED_NAMES, SPLITS, read_manifest
 from llm_training.errors import DataError
 from llm_training.fileio import building_dir, check_output_dir
+from llm_training.limits import read_json_file
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -27,6 +28,15 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def report_of(folder: Path) -> dict:
+    """A shard's ``prepare_report.json``; a damaged one stops the merge in one line."""
+    try:
+        report = read_json_file(folder / "prepare_report.json")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{exc}; prepare that folder again") from None
+    return report if isinstance(report, dict) else {}
 
 
 def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: bool = False) -> dict:
@@ -83,11 +93,7 @@ def merge_prepared(inputs: list[str | Path], output_dir: str | Path, overwrite: 
         # Every shard read, cleaned and scored the whole input, so reading problems, empty and low-quality
         # documents and the quality histogram are the same in each: take them from one. Duplicates were
         # found per shard: add them up. Documents other shards kept are not "dropped".
-        parts = [
-            json.loads(p.read_text(encoding="utf-8"))
-            for p in (f / "prepare_report.json" for f in folders)
-            if p.is_file()
-        ]
+        parts = [report_of(f) for f in folders if (f / "prepare_report.json").is_file()]
         if parts:
             first = parts[0]
             for key in ("documents_read", "bytes_read", "problems", "quality_histogram", "settings"):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llm_training.config import DataConfig
+from llm_training.limits import read_json_file
 
 DEFAULT_MAX_LENGTH = DataConfig.max_seq_length  # the built-in value: one the user did not choose is not noted
 
@@ -38,7 +38,7 @@ def context_note(
 def job_notes(cfg, data_dir: str | Path) -> list[str]:
     """The notes of a training job on prepared ``data_dir`` (its report says what vocabulary was asked)."""
     try:
-        report = json.loads((Path(data_dir) / "prepare_report.json").read_text(encoding="utf-8"))
+        report = read_json_file(Path(data_dir) / "prepare_report.json")
     except (OSError, ValueError):
         report = {}
     length = cfg.data.max_seq_length

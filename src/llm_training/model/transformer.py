@@ -181,10 +181,13 @@ class Transformer(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (the tokenizer's size) before building the model"
             )
-        if torch.empty(0).device.type != "meta":  # built for real: refuse what cannot fit, before allocating
+        device = torch.get_default_device()
+        if (
+            device.type != "meta"
+        ):  # built for real: refuse what cannot fit where it is built, before allocating
             from llm_training.model.footprint import check_fits
 
-            check_fits(cfg)
+            check_fits(cfg, device)
         self.cfg = cfg
         self.style = MODEL_TYPES[cfg.model_type.lower()]
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

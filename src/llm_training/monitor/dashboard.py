@@ -166,12 +166,9 @@ class MetricsDashboard:
         key = (stat.st_mtime_ns, stat.st_size)
         known = self._models.get(path)
         if known is None or known[0] != key:
-            import yaml
+            from llm_training.config import read_config_mapping
 
-            try:
-                model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model")
-            except (OSError, ValueError, AttributeError, yaml.YAMLError):
-                model = None
+            model = (read_config_mapping(path) or {}).get("model")
             known = self._models[path] = (key, model if isinstance(model, dict) else {})
         return known[1]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_training.limits import json_loads
 
 LOG_NAME = "system.log"
 _RUN = re.compile(r" run=(\S+) rank=")
@@ -123,7 +124,7 @@ def parse_records(text: str) -> list[dict]:
     records = []
     for line in text.splitlines():
         try:
-            record = json.loads(line)
+            record = json_loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):

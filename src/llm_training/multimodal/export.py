@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from llm_training.errors import UserError
+from llm_training.limits import json_loads
 
 KIND = "image_text"
 
@@ -44,7 +45,13 @@ def load_weights(path: str | Path):
     metadata, state = read_weights(path)
     if metadata.get("kind") != KIND:
         raise UserError(f"{path}: not a text-and-image model exported by llm_training")
-    cfg = config_from_dict(json.loads(metadata["config"]), str(path))
+    try:
+        config = json_loads(metadata.get("config", ""))
+    except ValueError:
+        raise UserError(
+            f"{path}: its config metadata is damaged (not JSON); export the checkpoint again"
+        ) from None
+    cfg = config_from_dict(config, str(path))
     model = ImageCaptionModel(cfg.model, cfg.vision)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.model.tie_embeddings and m == "lm.lm_head.weight")]

@@ -28,6 +28,7 @@ import torch
 
 from llm_training.errors import UserError
 from llm_training.fileio import fsync_dir, new_temp
+from llm_training.limits import json_loads
 
 log = logging.getLogger("llm_training.checkpoint")
 
@@ -178,7 +179,7 @@ def sidecar_problem(path: str | Path) -> tuple[dict[str, Any] | None, str | None
     try:
         if side.stat().st_size > _SIDECAR_LIMIT:
             return None, f"its checksum file {side.name} is damaged (over {_SIDECAR_LIMIT:,} bytes)"
-        record = json.loads(side.read_bytes().decode("utf-8"))
+        record = json_loads(side.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None, None
     except OSError as exc:
