@@ -244,6 +244,38 @@ def test_export_never_replaces_what_it_reads_a_link_or_the_current_folder(traine
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
+def test_files_the_tool_reads_back_nested_too_deeply_are_one_line(trained, text_folder, tmp_path):
+    """A marker, a checksum sidecar, a job record or a report nested 100,000 deep (json.loads raises
+    RecursionError, not a ValueError) is damaged, said in one line; control codes in a path print as spaces."""
+    import shutil
+
+    from llm_training.cli import evaluate, infer
+    from llm_training.train.checkpoint import sidecar_path
+
+    _, checkpoint, test_text = trained
+    deep = "[" * 100_000
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".llm_training.json").write_text(deep)
+    (out / "train.json").write_text("{}")
+    assert_user_error(prepare(["--input", str(text_folder), "--output", str(out)]), "did not write")
+    copy = Path(shutil.copy2(checkpoint, tmp_path / "model.pt"))
+    sidecar_path(copy).write_text(deep)
+    proc = call_cli(evaluate.main, ["--model-path", str(copy), "--test-data", str(test_text)])
+    assert_user_error(proc, "damaged")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "A"}\n')
+    (tmp_path / "done.jsonl").write_text('{"id": 0}\n')
+    (tmp_path / "done.jsonl.job.json").write_text(deep)
+    proc = call_cli(infer.main, ["--model", str(checkpoint), "--input", str(prompts),
+                                 "--output", str(tmp_path / "done.jsonl")])  # fmt: skip
+    assert_user_error(proc, "not a job record")
+    proc = call_cli(
+        evaluate.main, ["--model-path", str(tmp_path / "a\x1b[31mred\rb.pt"), "--test-data", str(test_text)]
+    )
+    assert proc.returncode != 0 and "\x1b" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
+
+
 def test_a_symlink_planted_at_an_old_temporary_name_is_not_followed(tmp_path):
     from llm_training.config import load_config, save_config
     from llm_training.train.checkpoint import save_checkpoint
