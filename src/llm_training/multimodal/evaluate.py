@@ -17,7 +17,7 @@ def evaluate_captions(
     from llm_training.multimodal.data import CaptionDataset, ImageTextOptions, prepare_image_text
     from llm_training.train.artifacts import load_trained
     from llm_training.train.device import Runtime, pick_device
-    from llm_training.train.loop import evaluate_loss
+    from llm_training.train.validation import evaluate_loss
 
     target = pick_device(device)
     trained = load_trained(checkpoint, target)

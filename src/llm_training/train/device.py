@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -128,3 +129,25 @@ def memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Throughput:
+    """Tokens a second since the last reading, with peak memory and model FLOPs utilisation (where the
+    device's peak is known)."""
+
+    def __init__(self, flops_per_token: float, device: torch.device, tokens_per_step: int, step: int) -> None:
+        self.flops_per_token, self.device, self.tokens_per_step = flops_per_token, device, tokens_per_step
+        self.peak = peak_flops(device)
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.since, self.step = time.perf_counter(), step
+
+    def reading(self, step: int, now: float) -> dict:
+        """At ``step``, timed at ``now`` (taken before the loss is read: that waits for the device)."""
+        speed = (step - self.step) * self.tokens_per_step / max(now - self.since, 1e-9)
+        out = {"tokens_per_second": speed, "memory_gb": round(memory_gb(self.device), 3)}
+        if self.peak:
+            out["mfu"] = speed * self.flops_per_token / self.peak
+        self.since, self.step = now, step
+        return out

@@ -6,6 +6,10 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+
+from llm_training.train.distributed import DistEnv, all_reduce
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -39,3 +43,12 @@ class PreemptionGuard:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+    def agree(self, done: bool, env: DistEnv, device: torch.device) -> tuple[bool, str | None]:
+        """(done, the signal to stop for) as every process sees them: several processes stop together, and a
+        time budget or a signal is seen at different moments, so they are compared."""
+        flags = torch.tensor([float(done), float(self.requested is not None)], device=device)
+        all_reduce(flags, env, "max")
+        if flags[1] and self.requested is None:
+            self.requested = "a signal to another process"
+        return bool(flags[0]), self.requested if flags[1] else None

@@ -1,37 +1,38 @@
-"""The one training step: forward, loss, backward, clip and optimizer step, over accumulated micro-batches."""
+"""The one training step: forward, loss, backward, clip and optimizer step, over accumulated micro-batches;
+and micro-batches cut smaller (after an out-of-memory) for the same step."""
 
 from __future__ import annotations
 
 import torch
 
-
-def forward_loss(
-    model, batch: dict, runtime, non_blocking: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, labels on the device) of one batch: ``input_ids`` and ``labels``, and any other tensors (the
-    images of a text-and-image model) passed to the model as keywords."""
-    device = runtime.device
-    moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-    input_ids, labels = moved.pop("input_ids"), moved.pop("labels")
-    with runtime.autocast():
-        return model(input_ids, labels, **moved), labels
+from llm_training.train.objectives import LanguageModelling, Objective
 
 
 def train_step(
-    model, micro_batches, optimizer, runtime, *, grad_clip: float, scaler=None
+    model,
+    micro_batches,
+    optimizer,
+    runtime,
+    *,
+    grad_clip: float,
+    scaler=None,
+    objective: Objective | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one optimizer step over ``micro_batches`` (a list of dicts with input_ids and labels).
+    """Run one optimizer step over ``micro_batches`` (dicts of tensors; with the default objective,
+    language modelling, input_ids and labels). The objective makes each micro-batch's loss.
 
-    The loss of each micro-batch is weighted by its share of the step's counted tokens (labels other than
-    -100), so accumulation equals one large batch even when micro-batches hold different numbers of them. Returns (mean loss, gradient norm) as device tensors: reading them forces a host sync, so
-    the caller does that only when it logs.
+    The loss of each micro-batch is weighted by its share of the step's counted tokens (``objective.tokens``:
+    labels other than -100 in language modelling), so accumulation equals one large batch even when
+    micro-batches hold different numbers of them. Returns (mean loss, gradient norm) as device tensors:
+    reading them forces a host sync, so the caller does that only when it logs.
     """
     device = runtime.device
-    counts = [(b["labels"] != -100).sum() for b in micro_batches]  # on the labels' device: no GPU sync
+    objective = objective or LanguageModelling()
+    counts = [objective.tokens(b) for b in micro_batches]  # on the batches' device: no GPU sync
     total_tokens = torch.stack(counts).sum().clamp(min=1).to(device)
     loss_sum = torch.zeros((), device=device)
     for batch, count in zip(micro_batches, counts, strict=True):
-        loss, _ = forward_loss(model, batch, runtime, non_blocking=True)
+        loss = objective.loss(model, batch, runtime, non_blocking=True)
         weight = count.to(device) / total_tokens
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -56,3 +57,16 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def split_batches(micro: list[dict], parts: int) -> list[dict]:
+    """Each micro-batch cut into ``parts`` smaller ones (the step weighs them by tokens: same gradient).
+    Every tensor of a batch has one row a sequence (or pair), whatever the objective names them."""
+    if parts == 1:
+        return micro
+    out = []
+    for batch in micro:
+        rows = next(iter(batch.values())).shape[0]
+        size = max(1, rows // parts)
+        out += [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
+    return out
