@@ -283,7 +283,7 @@ class Trainer:
             "first_val_loss": self.first_val,
             "best_val_loss": self.best_val,
             "config": self.cfg.to_dict(),
-            "tokenizer_json": self.tokenizer.backend.to_str(),
+            "tokenizer_json": self.tokenizer.to_str(),
             "tokenizer_path": str((self.data_dir / "vocab.json").resolve()),
             "metrics": self.metrics,
         }
