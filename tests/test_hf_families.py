@@ -40,10 +40,15 @@ def tokenizer_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ids(tokenizer_folder):
+def gpt2_tokenizer(tokenizer_folder):
+    return Tokenizer.load(tokenizer_folder)
+
+
+@pytest.fixture(scope="module")
+def ids(gpt2_tokenizer):
     """A real sentence's ids: the first 60 tokens of a play."""
     text = corpus_records("shakespeare", 1)[0]["text"][:2000]
-    return torch.tensor([Tokenizer.load(tokenizer_folder).encode(text)[:60]])
+    return torch.tensor([gpt2_tokenizer.encode(text)[:60]])
 
 
 def saved(model, folder, tokenizer_folder, **save):
@@ -70,7 +75,13 @@ def assert_same_logits(name, folder, theirs, ids):
 
 
 def model_of(family: str, **extra):
-    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    classes = {
+        "llama": "Llama",
+        "mistral": "Mistral",
+        "ministral": "Ministral",
+        "qwen2": "Qwen2",
+        "qwen3": "Qwen3",
+    }
     config = getattr(transformers, f"{classes[family]}Config")(**{**SMALL, **extra})
     return getattr(transformers, f"{classes[family]}ForCausalLM")(config)
 
@@ -83,6 +94,7 @@ CASES = {
     "llama rope linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
     "llama rope dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}),
     "mistral (sliding_window null, head_dim 32)": ("mistral", {"sliding_window": None, "head_dim": 32}),
+    "ministral (a window longer than the context)": ("ministral", {"sliding_window": 4096, "head_dim": 32}),
     "qwen2 (q/k/v biases, tied)": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3 (qk-norm, head_dim 32)": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
     "qwen3 with attention_bias": ("qwen3", {"head_dim": 32, "attention_bias": True}),
@@ -110,12 +122,26 @@ def test_gpt2(tmp_path, tokenizer_folder, ids):
     assert ours.cfg.tie_embeddings and ours.lm_head.weight is ours.embed.weight
 
 
-def test_a_sliding_window_shorter_than_the_context_becomes_the_context(tmp_path, tokenizer_folder, ids):
+SLIDING = {
+    "mistral": {"sliding_window": 16},
+    "ministral": {
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "head_dim": 16,
+    },
+    "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+}
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_a_sliding_window_shorter_than_the_context_becomes_the_context(
+    tmp_path, tokenizer_folder, ids, family
+):
     """Within its window, sliding-window attention is causal attention: imported with the window as its
     context, the model gives transformers' logits for every sequence it accepts."""
-    theirs = model_of("mistral", sliding_window=16)
-    ours = assert_same_logits("mistral (sliding_window 16)", saved(theirs, tmp_path / "m", tokenizer_folder),
-                              theirs, ids[:, :16])  # fmt: skip
+    theirs = model_of(family, **SLIDING[family])
+    folder = saved(theirs, tmp_path / "m", tokenizer_folder)
+    ours = assert_same_logits(f"{family} (sliding_window 16)", folder, theirs, ids[:, :16])
     assert ours.cfg.max_seq_length == 16
     with pytest.raises(ValueError, match="longer than the context"):
         ours(ids)
@@ -161,7 +187,7 @@ def llama_folder(tmp_path_factory, tokenizer_folder):
 
 
 REFUSED = [
-    ({"model_type": "gemma"}, 'model_type = "gemma"', "gpt2, llama, mistral, qwen2, qwen3"),
+    ({"model_type": "gemma"}, 'model_type = "gemma"', "gpt2, llama, mistral, ministral, qwen2, qwen3"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
      'rope_parameters.rope_type = "yarn"', "default, linear, dynamic, llama3"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, 'rope_scaling.type = "longrope"', "llama3"),
@@ -187,12 +213,18 @@ def test_what_our_model_cannot_compute_is_refused_in_one_line(
     assert needle in message and supported in message, message
 
 
-def test_the_folders_tokenizer_keeps_its_vocabulary_and_special_tokens(tmp_path, tokenizer_folder):
-    tok = Tokenizer.load(tokenizer_folder)
+def test_the_folders_tokenizer_keeps_its_vocabulary_and_special_tokens(
+    tmp_path, tokenizer_folder, gpt2_tokenizer
+):
+    tok = gpt2_tokenizer
     assert (tok.vocab_size, tok.eot_id, tok.bos_id, tok.pad_id) == (VOCAB, 50256, 50256, 50256)
     assert tok.encode("Hello world") == [15496, 995] and tok.uses_tiktoken
-    # saved forms (prepared data's vocab.json, checkpoints' JSON) give the same tokenizer back
+    # saved forms (prepared data's vocab.json, checkpoints' JSON) give the same tokenizer back, and Hugging
+    # Face still reads them (the roles' key in the token entries is ignored)
+    from tokenizers import Tokenizer as HFTokenizer
+
     tok.save(tmp_path / "vocab.json")
+    assert HFTokenizer.from_file(str(tmp_path / "vocab.json")).get_vocab_size() == VOCAB
     for back in (Tokenizer.load(tmp_path / "vocab.json"), Tokenizer.from_json(tok.to_str())):
         assert back.special == tok.special and back.fingerprint == tok.fingerprint
         assert back.vocab_size == VOCAB

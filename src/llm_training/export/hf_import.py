@@ -2,8 +2,9 @@
 
 Families (``FAMILIES``: each ``model_type`` and the defaults ``transformers`` gives keys a config.json leaves
 out): ``gpt2``, and the Llama layout: ``llama`` (1 to 3.x: plain, ``linear``, ``dynamic`` and ``llama3`` RoPE),
-``mistral``, ``qwen2`` (Qwen2 and 2.5: biases on queries, keys and values only) and ``qwen3`` (RMSNorm over
-each query and key head, a head size of its own). A config field that changes the computation in a way our
+``mistral`` and ``ministral``, ``qwen2`` (Qwen2 and 2.5: biases on queries, keys and values only) and ``qwen3``
+(RMSNorm over each query and key head, a head size of its own). A sliding window shorter than the context
+becomes the context, where it computes the same. A config field that changes the computation in a way our
 model cannot follow is refused in one line naming the key and what is supported, never ignored.
 
 Weights are safetensors only (``pytorch_model.bin`` can run code): ``model.safetensors``, or the shards that
@@ -43,16 +44,13 @@ _LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size"
 _QWEN2_DEFAULTS = {**_LLAMA_DEFAULTS, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
                    "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
                    "max_window_layers": 28}  # fmt: skip
+_MISTRAL_DEFAULTS = {**_LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+                     "max_position_embeddings": 131072, "sliding_window": 4096}  # fmt: skip
 FAMILIES = {
     "gpt2": _GPT2_DEFAULTS,
     "llama": _LLAMA_DEFAULTS,
-    "mistral": {
-        **_LLAMA_DEFAULTS,
-        "intermediate_size": 14336,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 131072,
-        "sliding_window": 4096,
-    },  # fmt: skip
+    "mistral": _MISTRAL_DEFAULTS,
+    "ministral": _MISTRAL_DEFAULTS,  # Mistral whose layer_types say which layers slide
     "qwen2": _QWEN2_DEFAULTS,
     "qwen3": {**_QWEN2_DEFAULTS, "head_dim": 128},
 }
@@ -237,19 +235,23 @@ def _context(kind: str, c: dict) -> int:
     the window, sliding-window attention is full causal attention: our model computes it exactly for every
     sequence it accepts."""
     context, window = c["max_position_embeddings"], c.get("sliding_window")
-    if kind in ("qwen2", "qwen3"):  # the window only where use_sliding_window and layer_types say so
-        layers = c.get("layer_types") or [
-            "sliding_attention" if i >= c["max_window_layers"] else "full_attention"
-            for i in range(c["num_hidden_layers"])
-        ]
-        window = window if c["use_sliding_window"] and "sliding_attention" in layers else None
-    elif kind != "mistral":
+    if kind.startswith("qwen"):
+        window = window if c["use_sliding_window"] else None
+    elif kind not in ("mistral", "ministral"):
         window = None
-    if window is not None and window < context:
-        log.warning("sliding_window = %d: imported with a context of %d tokens (max_position_embeddings is %d),"
-                    " where sliding-window attention is causal attention", window, window, context)  # fmt: skip
-        return int(window)
-    return context
+    if kind == "mistral":  # every layer slides, whatever layer_types says
+        layers = ["sliding_attention"]
+    else:  # as transformers fills layer_types when the file has none: Qwen's first max_window_layers are full
+        full = c["max_window_layers"] if kind.startswith("qwen") else 0
+        n = c["num_hidden_layers"]
+        layers = c.get("layer_types") or [
+            "sliding_attention" if i >= full else "full_attention" for i in range(n)
+        ]
+    if window is None or "sliding_attention" not in layers or window >= context:
+        return context
+    log.warning("sliding_window = %d: imported with a context of %d tokens (max_position_embeddings is %d), "
+                "where sliding-window attention is causal attention", window, window, context)  # fmt: skip
+    return int(window)
 
 
 def _rope(c: dict, where: str) -> dict:

@@ -195,8 +195,11 @@ class Transformer(nn.Module):
         A tensor of another shape, or one missing, raises RuntimeError."""
         with torch.device("meta"):
             model = cls(cfg)
-        if cfg.tie_embeddings and "embed.weight" in state:
-            state = {**state, "lm_head.weight": state["embed.weight"]}
+        embed, head = state.get("embed.weight"), state.get("lm_head.weight")
+        if cfg.tie_embeddings and embed is not None:
+            state = {**state, "lm_head.weight": embed}
+        elif embed is not None and head is not None and head.data_ptr() == embed.data_ptr():
+            state = {**state, "lm_head.weight": head.clone()}  # untied from a tied model: a head of its own
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_embeddings:  # assigning gave the head a Parameter of its own: one again
             model.lm_head.weight = model.embed.weight
