@@ -1,6 +1,6 @@
 """Fine-tuning: continue training a model on new data, from one of our checkpoints or from a Hugging Face
-folder (GPT-2 or Llama layout, e.g. one exported by llm-export --format hf, or a downloaded gpt2). The new
-data is tokenized with the model's own tokenizer, so the vocabularies match.
+folder (GPT-2, Llama, Mistral, Qwen2 or Qwen3, e.g. one exported by llm-export --format hf, or a downloaded
+gpt2). The new data is tokenized with the model's own tokenizer, so the vocabularies match.
 
     python examples/04_fine_tuning.py [--tiny] [--hf-model PATH]
 """

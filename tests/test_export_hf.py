@@ -34,7 +34,12 @@ def model_of(style: str, vocab: int, **extra) -> Transformer:
 
 
 CASES = [("gpt2", {}), ("gpt2", {"bias": True, "tie_embeddings": False}), ("llama", {"num_kv_heads": 2}),
-         ("llama", {"bias": True, "tie_embeddings": False})]  # fmt: skip
+         ("llama", {"bias": True, "tie_embeddings": False}),
+         ("llama", {"qkv_bias": True, "head_dim": 8, "rope_type": "llama3", "rope_factor": 8.0,
+                    "rope_original_context": 16}),
+         ("llama", {"qk_norm": True, "num_kv_heads": 2, "head_dim": 32, "rope_type": "linear", "rope_factor": 2.0})]  # fmt: skip
+CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qkv_bias": "Qwen2ForCausalLM",
+           "qk_norm": "Qwen3ForCausalLM"}  # fmt: skip
 
 
 @pytest.mark.parametrize("style, extra", CASES)
@@ -44,7 +49,8 @@ def test_transformers_loads_the_folder_with_the_same_logits_and_tokens(tmp_path,
     model = model_of(style, 448, **extra)
     folder = save_hf(model, tokenizer, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert type(hf).__name__ == ("GPT2LMHeadModel" if style == "gpt2" else "LlamaForCausalLM")
+    kind = next((key for key in ("qk_norm", "qkv_bias") if key in extra), style)
+    assert type(hf).__name__ == CLASSES[kind]
     text = "To be, or not to be, that is the question"
     hf_tok = AutoTokenizer.from_pretrained(folder)
     assert hf_tok.encode(text) == tokenizer.encode(text) and hf_tok.decode(tokenizer.encode(text)) == text
@@ -70,8 +76,8 @@ def test_model_initializer_continues_from_a_pretrained_folder(tmp_path, tokenize
 
 
 def test_unsupported_shapes_and_folders_are_refused(tmp_path, tokenizer):
-    with pytest.raises(UserError, match="QK-norm has no LlamaForCausalLM"):
-        save_hf(model_of("llama", 448, qk_norm=True), tokenizer, tmp_path / "a")
+    with pytest.raises(UserError, match="these biases .* and QK-norm has no transformers class"):
+        save_hf(model_of("llama", 448, qk_norm=True, bias=True), tokenizer, tmp_path / "a")
     with pytest.raises(UserError, match="grouped-query attention or QK-norm has no transformers class"):
         save_hf(model_of("gpt2", 448, num_kv_heads=2), tokenizer, tmp_path / "b")
     with pytest.raises(UserError, match="no config.json"):

@@ -116,10 +116,10 @@ def test_transformers_4_style_rope_theta_and_model_initializer(tmp_path, tokeniz
 
 REFUSED = [
     ("llama", {"hidden_act": "gelu"}, "hidden_act = \"gelu\""),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
-     "rope_parameters.rope_type = \"llama3\""),
-    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.type = \"linear\""),
-    ("llama", {"head_dim": 32}, "head_dim = 32"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}},
+     "rope_parameters.rope_type = \"yarn\""),
+    ("llama", {"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.type = \"longrope\""),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0}}, "rope_parameters.factor = null"),
     ("llama", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
     ("gpt2", {"activation_function": "gelu"}, "activation_function = \"gelu\""),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = true"),
@@ -156,4 +156,4 @@ def test_a_refused_folder_is_one_line_in_the_cli(tmp_path, folders):
     prompts.write_text(json.dumps({"prompt": "To be"}) + "\n")
     proc = run_cli(["-m", "llm_training.cli.infer", "--model", str(folder), "--input", str(prompts),
                     "--output", str(tmp_path / "out.jsonl"), "--device", "cpu"], tmp_path)  # fmt: skip
-    assert_user_error(proc, 'rope_parameters.rope_type = "yarn"', "only the default RoPE")
+    assert_user_error(proc, 'rope_parameters.rope_type = "yarn"', "default, linear, dynamic, llama3")

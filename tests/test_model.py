@@ -74,6 +74,44 @@ def test_grouped_query_attention_and_options():
     assert tied.lm_head.weight is tied.embed.weight
 
 
+def test_head_dim_qkv_bias_and_the_parameter_count_from_the_config():
+    """A head size of its own (Qwen3) and biases on q/k/v only (Qwen2): shapes, and footprint's count."""
+    from llm_training.model.footprint import parameter_count
+
+    for extra in (
+        {"head_dim": 16, "qk_norm": True, "num_kv_heads": 2},
+        {"qkv_bias": True},
+        {"bias": True, "qkv_bias": False},
+    ):
+        cfg = tiny("llama", **extra)
+        model = Transformer(cfg)
+        attn = model.blocks[0].attn
+        assert attn.head_dim == extra.get("head_dim", 8) and (attn.qkv.bias is not None) == extra.get(
+            "qkv_bias", cfg.bias
+        )
+        assert (attn.proj.bias is not None) == cfg.bias and model(torch.randint(0, 97, (1, 8))).shape == (
+            1,
+            8,
+            97,
+        )
+        assert parameter_count(cfg) == model.num_parameters()
+
+
+def test_from_state_takes_the_tensors_and_ties_as_the_config_says():
+    tied = Transformer(tiny("llama"))
+    again = Transformer.from_state(tied.cfg, tied.state_dict())
+    assert (
+        again.lm_head.weight is again.embed.weight
+        and again.embed.weight.data_ptr() == tied.embed.weight.data_ptr()
+    )
+    ids = torch.randint(0, 97, (1, 8))
+    assert torch.equal(again(ids), tied(ids))
+    untied = Transformer.from_state(tiny("llama", tie_embeddings=False), tied.state_dict())
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr() and torch.equal(
+        untied(ids), tied(ids)
+    )
+
+
 def test_parameter_and_flop_counts():
     model = Transformer(tiny("gpt2"))
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())

@@ -37,15 +37,24 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_kv_heads: int | None = None  # grouped-query attention; None means as many as attention heads
+    head_dim: int | None = None  # size of one head; None means hidden_size / num_attention_heads
     intermediate_size: int | None = None  # MLP width; None means 4x (gpt2) or about 8/3x (llama) hidden_size
     vocab_size: int | None = None  # None means the tokenizer's vocabulary size
     max_seq_length: int = 128  # context length in tokens
     dropout: float = 0.0
     bias: bool = False
+    qkv_bias: bool | None = None  # biases on queries, keys and values only (Qwen2); None means as ``bias``
     tie_embeddings: bool = True
     qk_norm: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE as trained ("default"), or scaled for a longer context: "linear" (every frequency / rope_factor) or
+    # "llama3" (Llama 3.1: low frequencies / rope_factor, high ones kept, a smooth blend between)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_context / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_context / this are kept
+    rope_original_context: int = 8192  # llama3: the context the model was first trained at
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     # compute the output head and loss this many tokens at a time, with gradients computed chunk by chunk in
@@ -521,6 +530,7 @@ def model_config_from_json(text: str, where: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------- validation
 
 MODEL_TYPES = {"gpt2": "gpt2", "transformer": "gpt2", "gpt": "gpt2", "llama": "llama"}
+ROPE_TYPES = {"default", "linear", "llama3"}
 PRECISIONS = {"auto", "bf16", "fp16", "no", "fp32", "true", "false"}
 BACKENDS = {"auto", "nccl", "gloo"}
 LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -534,6 +544,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.num_kv_heads": (1, 1 << 16), "model.intermediate_size": (1, 1 << 24), "model.vocab_size": (2, 1 << 31),
     "model.max_seq_length": (1, 1 << 24), "model.dropout": (0, 1), "model.norm_eps": (1e-12, 1),
     "model.rope_theta": (1, 1e12), "model.init_std": (1e-8, 10), "model.loss_chunk_tokens": (0, 1 << 30),
+    "model.head_dim": (1, 1 << 16), "model.rope_factor": (1e-3, 1e6), "model.rope_low_freq_factor": (1e-6, 1e6),
+    "model.rope_high_freq_factor": (1e-6, 1e6), "model.rope_original_context": (1, 1 << 24),
     "data.vocab_size": (260, 1 << 24), "data.tokenizer_sample_bytes": (0, 1 << 40),
     "data.validation_fraction": (0, 1), "data.max_seq_length": (1, 1 << 24), "data.min_quality": (0, 1),
     "data.dedup_threshold": (0, 1), "data.max_document_bytes": (1, 1 << 31), "data.workers": (0, 1024),
@@ -585,14 +597,17 @@ def validate(cfg: Config) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length"):
         _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
     _require(
-        m.hidden_size % m.num_attention_heads == 0,
+        m.head_dim is not None or m.hidden_size % m.num_attention_heads == 0,
         f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})",
     )
-    head_dim = m.hidden_size // m.num_attention_heads
+    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
     if MODEL_TYPES[m.model_type.lower()] == "llama":
-        _require(
-            head_dim % 2 == 0, f"model: RoPE needs an even head size, got hidden_size/heads = {head_dim}"
-        )
+        _require(head_dim % 2 == 0, f"model: RoPE needs an even head size, got {head_dim}")
+    _one_of(m.rope_type, ROPE_TYPES, "model.rope_type")
+    _require(
+        m.rope_type.lower() != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+        "model.rope_high_freq_factor must be larger than model.rope_low_freq_factor",
+    )
     if m.num_kv_heads is not None:
         _require(
             m.num_kv_heads >= 1 and m.num_attention_heads % m.num_kv_heads == 0,

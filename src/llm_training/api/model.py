@@ -20,7 +20,7 @@ class ModelInitializerInput:
     """``architecture``: ``model`` config keys (model_type, num_layers, hidden_size, num_attention_heads,
     vocab_size, ...). ``initialization``: ``{"method": "random", "seed": 42}`` or
     ``{"method": "checkpoint", "path": "checkpoints/model_final.pt"}`` or ``{"method": "pretrained", "path":
-    "<Hugging Face GPT-2 or Llama folder>"}``."""
+    "<a Hugging Face model folder>"}``."""
 
     architecture: dict = field(default_factory=dict)
     initialization: dict = field(default_factory=lambda: {"method": "random", "seed": 42})
@@ -78,7 +78,9 @@ class ModelInitializer:
             if state.get("tokenizer_json"):
                 tokenizer = Tokenizer.from_json(state["tokenizer_json"])
                 tokenizer_path = state.get("tokenizer_path")
-        elif method == "pretrained":  # a Hugging Face GPT-2 or Llama folder (ours or another's)
+        elif (
+            method == "pretrained"
+        ):  # a Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3; ours or another's)
             from llm_training.export.hf import load_hf
 
             if "path" not in init:
@@ -94,16 +96,18 @@ class ModelInitializer:
         if cfg.model.vocab_size is None:
             raise ConfigError("architecture needs 'vocab_size' (the tokenizer's size), e.g. vocab_size=50304")
         torch.manual_seed(int(init.get("seed", 42)))
-        model = Transformer(cfg.model)
-        if state is not None:
-            model.load_state_dict(state["model"])
-        if method == "pretrained":
+        if method == "pretrained":  # the imported tensors themselves: one model in memory, not two
             try:
-                model.load_state_dict(pretrained.state_dict())
+                model = Transformer.from_state(cfg.model, pretrained.state_dict())
             except RuntimeError as exc:
                 raise ConfigError(
                     f"architecture keys do not fit the pretrained weights ({str(exc).splitlines()[0][:150]})"
                 ) from None
+            del pretrained
+        else:
+            model = Transformer(cfg.model)
+        if state is not None:
+            model.load_state_dict(state["model"])
         output = MODELS[register_model(model, cfg.model, tokenizer, tokenizer_path)]
         self.models[output.model_id] = output
         if self.event_bus is not None:

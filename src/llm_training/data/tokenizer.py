@@ -17,8 +17,14 @@ What :meth:`Tokenizer.load` accepts:
 - OpenAI's ``encoder.json`` with ``vocab.bpe`` beside it;
 - a folder holding one of those.
 
-Any of :data:`SPECIAL_TOKENS` that a loaded tokenizer lacks is added as a special token after its vocabulary
-(GPT-2 has ``<|endoftext|>`` at 50256 and gains ``<|pad|>`` = 50257 and ``<|bos|>`` = 50258).
+Special tokens: a tokenizer file with a ``tokenizer_config.json`` beside it (a Hugging Face model's folder)
+keeps its vocabulary exactly, so that ids match the model's embedding: its own ``eos_token`` ends a document,
+its ``bos_token`` (if any) begins one, and padding uses its ``pad_token``, else the end token (padding is
+masked out, never learned). Saved forms (``to_str``: prepared data's ``vocab.json``, checkpoints, exports)
+mark those tokens' roles in their ``added_tokens`` entries, which Hugging Face ignores, so they load back the
+same. Any other tokenizer is ours: any of :data:`SPECIAL_TOKENS` it lacks is added as a special token after
+its vocabulary (a bare GPT-2 ``encoder.json`` has ``<|endoftext|>`` at 50256 and gains ``<|pad|>`` = 50257 and
+``<|bos|>`` = 50258); the ones we train have them at 0, 1, 2.
 """
 
 from __future__ import annotations
@@ -33,23 +39,26 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llm_training.errors import ConfigError, DataError
-from llm_training.limits import json_loads
+from llm_training.data.tokenizer_files import (  # noqa: F401 (BOS, EOT, PAD, ...: this module's names too)
+    BOS,
+    EOT,
+    OURS,
+    PAD,
+    ROLES_KEY,
+    SPECIAL_TOKENS,
+    SpecialTokens,
+    backend_from_text,
+    read_tokenizer,
+    settle_special_tokens,
+)
+from llm_training.errors import ConfigError
 
 log = logging.getLogger("llm_training.tokenizer")
-
-EOT = "<|endoftext|>"
-PAD = "<|pad|>"
-BOS = "<|bos|>"
-SPECIAL_TOKENS = (EOT, PAD, BOS)
 
 # GPT-2's pre-tokenizer regex, the one Hugging Face's ByteLevel(use_regex=True) applies, in tiktoken's syntax
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PIECE_CHARS = 64 * 1024  # long texts are encoded in pieces of about this size so that threads stay balanced
 VERIFY_CHARS = 256 * 1024  # how much real text the fast path is checked against Hugging Face on
-_USAGE = (
-    "give a tokenizer.json, a vocab.json with merges.txt, encoder.json with vocab.bpe, or a folder of one"
-)
 # exercises every branch of the regex, whitespace runs, non-ASCII and special-token text
 _PROBE = (
     "Hello world! It's 2024; they'll've I'M 'quoted' don't 3,141.59 $12\n\n  indented\tand\ttabs   \r\n"
@@ -110,19 +119,22 @@ def split_for_encoding(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 
 class Tokenizer:
-    """Byte-level BPE with the special tokens EOT, PAD and BOS; ``vocab.json`` in prepared data is its saved form.
+    """Byte-level BPE with an end-of-text, a padding and (usually) a begin token; ``vocab.json`` in prepared
+    data is its saved form.
 
-    ``backend`` is the Hugging Face ``tokenizers.Tokenizer``; missing special tokens are added to it.
+    ``backend`` is the Hugging Face ``tokenizers.Tokenizer``. ``special``: a model's own special tokens, used
+    as they are; None: ours (EOT, PAD, BOS), added to ``backend`` where missing. The ids need not differ
+    (GPT-2's begin, end and padding are all ``<|endoftext|>``).
     """
 
-    def __init__(self, backend) -> None:
-        _add_missing_special_tokens(backend)
+    def __init__(self, backend, special: SpecialTokens | None = None) -> None:
+        self.special = settle_special_tokens(backend, special)
         # literal special-token text in a document stays text, as in tiktoken's encode_ordinary
         backend.encode_special_tokens = True
         self.backend = backend
-        self.eot_id: int = backend.token_to_id(EOT)
-        self.pad_id: int = backend.token_to_id(PAD)
-        self.bos_id: int = backend.token_to_id(BOS)
+        self.eot_id: int = backend.token_to_id(self.special.eos)
+        self.pad_id: int = backend.token_to_id(self.special.pad or self.special.eos)
+        self.bos_id: int | None = None if self.special.bos is None else backend.token_to_id(self.special.bos)
         self._fast = _UNSET  # tiktoken.Encoding, or None for Hugging Face; decided on first use
         self._verified_chars = 0
 
@@ -170,32 +182,30 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> Tokenizer:
-        """A tokenizer from the JSON text of ``backend.to_str()`` (as stored in checkpoints)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(text))
+        """A tokenizer from the JSON text of :meth:`to_str` (as stored in checkpoints and exports)."""
+        return cls(*backend_from_text(text))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load a Hugging Face tokenizer.json, a GPT-2 vocabulary with its merges, or a folder of either."""
-        path = Path(path)
-        if path.is_dir():
-            path = _find_in_folder(path)
-        elif not path.is_file():
-            raise DataError(f"tokenizer not found: {path} ({_USAGE})")
-        spec = _read_json(path)
-        # GPT-2's own vocabulary has a token "model" (id 19849), so look at the value, not just the key
-        if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
-            return cls(_hf_from_json(path, spec))
-        if isinstance(spec, dict) and spec and all(isinstance(v, int) for v in spec.values()):
-            return cls(_hf_from_gpt2(path, spec, _merges_beside(path)))
-        raise DataError(
-            f'{path}: neither a Hugging Face tokenizer (no "model" object) nor a GPT-2 vocabulary '
-            f"(a token -> id map); {_USAGE}"
-        )
+        return cls(*read_tokenizer(Path(path)))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.backend.to_str(pretty=False), encoding="utf-8")
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    def to_str(self) -> str:
+        """The JSON a Hugging Face ``tokenizers.Tokenizer`` loads; a model's own special tokens carry their
+        roles under ROLES_KEY (a key Hugging Face ignores), so that :meth:`from_json` and :meth:`load` give
+        this tokenizer back."""
+        text = self.backend.to_str(pretty=False)
+        if self.special == OURS:
+            return text
+        spec = json.loads(text)
+        for token in spec.get("added_tokens", []):
+            roles = [role for role, content in self.special._asdict().items() if content == token["content"]]
+            if roles:
+                token[ROLES_KEY] = roles
+        return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
 
     def to_json(self) -> dict:
         return json.loads(self.backend.to_str())
@@ -363,79 +373,3 @@ def _tiktoken_encoding(spec: dict):
     return tiktoken.Encoding(
         "llm_training_bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={}
     )
-
-
-# ---- loading -------------------------------------------------------------------------------------------------
-
-
-def _find_in_folder(folder: Path) -> Path:
-    for name in ("tokenizer.json", "vocab.json", "encoder.json"):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"{folder}: no tokenizer in this folder; {_USAGE}")
-
-
-def _read_json(path: Path):
-    try:
-        return json_loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a tokenizer file ({str(exc).splitlines()[0]}); {_USAGE}") from None
-
-
-def _hf_from_json(path: Path, spec: dict):
-    from tokenizers import Tokenizer as HFTokenizer
-
-    try:
-        return HFTokenizer.from_str(json.dumps(spec))
-    except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise DataError(
-            f"{path}: not a loadable Hugging Face tokenizer ({str(exc).splitlines()[0]}); {_USAGE}"
-        ) from None
-
-
-def _merges_beside(vocab_path: Path) -> Path:
-    # the usual partner first, the other name too: people rename one file of a pair
-    names = ["vocab.bpe", "merges.txt"] if vocab_path.name == "encoder.json" else ["merges.txt", "vocab.bpe"]
-    for name in names:
-        if (vocab_path.parent / name).is_file():
-            return vocab_path.parent / name
-    raise DataError(
-        f"{vocab_path}: a GPT-2 style vocabulary needs its merges beside it; put {names[0]} in {vocab_path.parent}"
-    )
-
-
-def _hf_from_gpt2(vocab_path: Path, vocab: dict[str, int], merges_path: Path):
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    merges = []
-    try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{merges_path}: cannot read the merges ({exc}); {_USAGE}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or (number == 1 and line.startswith("#version")):
-            continue
-        parts = line.split(" ")
-        if len(parts) != 2:
-            raise DataError(f"{merges_path}:{number}: not a merge 'left right': {line[:40]!r}; {_USAGE}")
-        merges.append((parts[0], parts[1]))
-    try:
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    except Exception as exc:  # e.g. a merge whose tokens are not in the vocabulary
-        raise DataError(
-            f"{vocab_path}: vocabulary and {merges_path.name} do not fit ({str(exc).splitlines()[0]})"
-        ) from None
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _add_missing_special_tokens(backend) -> None:
-    """Make EOT, PAD and BOS special tokens: reuse a vocabulary entry of that text, else append new ids."""
-    from tokenizers import AddedToken
-
-    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-    missing = [token for token in SPECIAL_TOKENS if token not in special]
-    if missing:
-        backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])

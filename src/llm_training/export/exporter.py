@@ -302,7 +302,7 @@ def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
 
         metadata = {
             META_CONFIG: config,
-            META_TOKENIZER: tokenizer.backend.to_str(),
+            META_TOKENIZER: tokenizer.to_str(),
             "llm_training.step": str(source.step),
         }
         if quantize == "none":
@@ -317,7 +317,7 @@ def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
         from llm_training.export.torchscript import export_torchscript
 
         export_torchscript(
-            _as(model, quantize), path, {"config.json": config, "tokenizer.json": tokenizer.backend.to_str()}
+            _as(model, quantize), path, {"config.json": config, "tokenizer.json": tokenizer.to_str()}
         )
     elif fmt == "safetensors":
         from llm_training.export.weights import save_weights

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from llm_training.config import ModelConfig, model_config_from_json, model_config_json
-from llm_training.data.tokenizer import Tokenizer
+from llm_training.data.tokenizer import OURS, SpecialTokens, Tokenizer
 from llm_training.errors import UserError
-from llm_training.export.hf import _style, hf_names, hf_state, load_state
+from llm_training.export.hf_weights import hf_names, hf_state, load_state, style_of
 from llm_training.model.transformer import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -51,7 +51,7 @@ def _name_map(cfg: ModelConfig):
     """``gguf``'s own map from Hugging Face names to llama.cpp's, for the architecture of ``cfg``."""
     import gguf
 
-    arch = gguf.MODEL_ARCH.GPT2 if _style(cfg) == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    arch = gguf.MODEL_ARCH.GPT2 if style_of(cfg) == "gpt2" else gguf.MODEL_ARCH.LLAMA
     names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in hf_names(cfg)}
 
@@ -59,7 +59,7 @@ def _name_map(cfg: ModelConfig):
 def _relayout(cfg: ModelConfig, hf_name: str, data: np.ndarray, to_gguf: bool) -> np.ndarray:
     """llama.cpp's layout of a tensor (``to_gguf``) or back: GPT-2's Conv1D matrices as (out, in), and the
     rows of Llama-style queries and keys permuted per head."""
-    if _style(cfg) == "gpt2":
+    if style_of(cfg) == "gpt2":
         return data.T if hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) else data
     permute = _permute if to_gguf else _unpermute
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -74,9 +74,16 @@ def _gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     cfg = model.cfg
     if cfg.qk_norm:
         raise UserError("GGUF: QK-norm has no llama.cpp equivalent in the llama and gpt2 architectures")
-    gpt2 = _style(cfg) == "gpt2"
+    gpt2 = style_of(cfg) == "gpt2"
     if gpt2 and cfg.num_kv_heads not in (None, cfg.num_attention_heads):
         raise UserError("GGUF: llama.cpp's gpt2 architecture has no grouped-query attention; use Llama style")
+    if (
+        cfg.head_dim not in (None, cfg.hidden_size // cfg.num_attention_heads)
+        or cfg.rope_type.lower() != "default"
+        or cfg.qkv_bias not in (None, cfg.bias)
+    ):
+        raise UserError("GGUF: a head_dim of its own, scaled RoPE (model.rope_type) or biases on queries, keys "
+                        "and values only are not written here; export safetensors or Hugging Face instead")  # fmt: skip
     names = _name_map(cfg)
     out: dict[str, np.ndarray] = {}
     for name, tensor in hf_state(model).items():
@@ -95,9 +102,11 @@ def _tokenizer_fields(writer, tokenizer: Tokenizer, rows: int) -> None:
     import gguf
 
     spec = tokenizer.to_json()
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError("GGUF: only byte-level BPE tokenizers can be written (llama.cpp's 'gpt2' vocabulary)")
+    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or spec.get("normalizer"):
+        # another pre-tokenizer (Llama 3's, Qwen's split regex) would split text otherwise in llama.cpp
+        raise UserError("GGUF: only GPT-2's byte-level BPE tokenizers can be written (llama.cpp's 'gpt2' "
+                        "vocabulary with the 'gpt-2' pre-tokenizer)")  # fmt: skip
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     if tokenizer.vocab_size > rows:
         raise UserError(f"GGUF: the tokenizer has {tokenizer.vocab_size} tokens, the model only {rows} rows")
@@ -113,7 +122,8 @@ def _tokenizer_fields(writer, tokenizer: Tokenizer, rows: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(False)
@@ -128,7 +138,7 @@ def save_gguf(
         raise UserError(f"GGUF type {dtype!r} is not supported; valid: {', '.join(GGUF_TYPES)}")
     cfg = model.cfg
     tensors = _gguf_tensors(model)
-    gpt2 = _style(cfg) == "gpt2"
+    gpt2 = style_of(cfg) == "gpt2"
     writer = gguf.GGUFWriter(str(path), "gpt2" if gpt2 else "llama")
     writer.add_name(name or "llm_training model")
     writer.add_context_length(cfg.max_seq_length)
@@ -142,7 +152,9 @@ def save_gguf(
         writer.add_head_count_kv(cfg.num_kv_heads or cfg.num_attention_heads)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        writer.add_rope_dimension_count(
+            cfg.hidden_size // cfg.num_attention_heads
+        )  # (head_dim refused above)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(
         {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
@@ -224,4 +236,10 @@ def _tokenizer_from(reader) -> Tokenizer | None:
     backend.add_special_tokens([AddedToken(t, special=True) for t in special])
     if any(backend.token_to_id(t) != tokens.index(t) for t in special):
         raise UserError("GGUF: special tokens are not where the vocabulary puts them")
-    return Tokenizer(backend)
+
+    def role(name: str) -> str | None:
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        return None if field is None else tokens[int(field.contents())]
+
+    roles = SpecialTokens(role("eos"), role("bos"), role("padding"))  # a model's own tokens (Qwen's, ...)
+    return Tokenizer(backend, roles if roles.eos is not None and roles != OURS else None)

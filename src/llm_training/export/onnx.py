@@ -22,7 +22,7 @@ from torch import nn
 
 from llm_training.config import ModelConfig, model_config_from_json
 from llm_training.export.quiet import quiet
-from llm_training.model.transformer import Transformer, cache_mask
+from llm_training.model.transformer import Transformer, cache_mask, head_size
 
 META_CONFIG, META_TOKENIZER, META_PAST = "llm_training.config", "llm_training.tokenizer", "llm_training.past"
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -72,7 +72,7 @@ def kv_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, 
         batch,
         cfg.num_kv_heads or cfg.num_attention_heads,
         length,
-        cfg.hidden_size // cfg.num_attention_heads,
+        head_size(cfg),
     )
 
 

@@ -39,7 +39,7 @@ def save_weights(
         "format": "pt",
         "producer": FORMAT_TAG,
         "config": config,
-        "tokenizer": tokenizer.backend.to_str(),
+        "tokenizer": tokenizer.to_str(),
         **({"kind": kind} if kind else {}),
     }
     save_file(state, str(path), metadata=metadata)

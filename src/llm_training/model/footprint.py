@@ -18,15 +18,19 @@ WEIGHT_BYTES_PER_PARAMETER = 4
 
 def parameter_count(cfg: ModelConfig) -> int:
     """The language model's parameters, counted from the config as ``Transformer`` lays them out."""
-    from llm_training.model.transformer import mlp_width
+    from llm_training.model.transformer import head_size, mlp_width
 
     style = MODEL_TYPES[cfg.model_type.lower()]
     h, heads = cfg.hidden_size, cfg.num_attention_heads
-    head_dim, kv = h // heads, cfg.num_kv_heads or heads
+    head_dim, kv = head_size(cfg), cfg.num_kv_heads or heads
     bias = int(cfg.bias)
+    qkv_bias = bias if cfg.qkv_bias is None else int(cfg.qkv_bias)
     width = mlp_width(cfg, style)
     attention = (
-        h * (heads + 2 * kv) * head_dim + (heads * head_dim) * h + bias * ((heads + 2 * kv) * head_dim + h)
+        h * (heads + 2 * kv) * head_dim
+        + (heads * head_dim) * h
+        + qkv_bias * (heads + 2 * kv) * head_dim
+        + bias * h
     )
     mlp = (
         h * width * (2 if style == "llama" else 1)
@@ -46,7 +50,9 @@ def buffer_bytes(cfg: ModelConfig) -> int:
     """Tables a model holds besides its parameters: RoPE's cosines and sines (fp32) for the whole context."""
     if MODEL_TYPES[cfg.model_type.lower()] != "llama":
         return 0
-    return 2 * cfg.max_seq_length * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    from llm_training.model.transformer import head_size
+
+    return 2 * cfg.max_seq_length * head_size(cfg) * 4
 
 
 def available_bytes(device) -> tuple[int, str] | None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_training.config import MODEL_TYPES, ModelConfig
+from llm_training.model.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -31,36 +32,14 @@ def make_norm(cfg: ModelConfig, dim: int, style: str) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate pairs (first half, second half) as in Llama, in float32 (cos/sin are).
-    # cos/sin: (T, D/2) shared by the batch, or (B, T, D/2) when each row has its own positions
-    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
-    x1, x2 = x.chunk(2, dim=-1)
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-    # eager inference: both halves written straight into one output of x's dtype, 6 kernels instead of 9
-    # (a decoding step is launch-bound: this is a tenth of a Llama-style step at batch 1). Not in a trace
-    # or an export: out= has no autograd, and the traced graph may later run with gradients
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    first, second = out.chunk(2, dim=-1)
-    torch.sub(x1 * cos, x2 * sin, out=first)
-    torch.add(x1 * sin, x2 * cos, out=second)
-    return out
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, style: str) -> None:
         super().__init__()
         self.n_head = cfg.num_attention_heads
         self.n_kv = cfg.num_kv_heads or cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // self.n_head
-        self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
+        self.head_dim = head_size(cfg)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.proj.residual_scale = True  # type: ignore[attr-defined]
         self.q_norm = make_norm(cfg, self.head_dim, style) if cfg.qk_norm else None
@@ -90,6 +69,11 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def head_size(cfg: ModelConfig) -> int:
+    """One attention head's width: as set (Qwen3's may differ from hidden_size / heads), else the split."""
+    return cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
 
 
 def mlp_width(cfg: ModelConfig, style: str) -> int:
@@ -199,12 +183,32 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if self.style == "llama":
-            cos, sin = rope_tables(
-                cfg.max_seq_length, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta
-            )
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self._rope_buffers()
         self.apply(self._init)
+
+    def _rope_buffers(self, device=None) -> None:
+        cos, sin = rope_tables(self.cfg, head_size(self.cfg), device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+        """A model whose weights are ``state``'s tensors themselves: built on the meta device and assigned, so
+        nothing is initialised at random or held twice (an import needs memory for one model, not two).
+        A tensor of another shape, or one missing, raises RuntimeError."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        embed, head = state.get("embed.weight"), state.get("lm_head.weight")
+        if cfg.tie_embeddings and embed is not None:
+            state = {**state, "lm_head.weight": embed}
+        elif embed is not None and head is not None and head.data_ptr() == embed.data_ptr():
+            state = {**state, "lm_head.weight": head.clone()}  # untied from a tied model: a head of its own
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_embeddings:  # assigning gave the head a Parameter of its own: one again
+            model.lm_head.weight = model.embed.weight
+        if model.style == "llama":
+            model._rope_buffers(model.embed.weight.device)
+        return model
 
     def _init(self, module: nn.Module) -> None:
         std = self.cfg.init_std

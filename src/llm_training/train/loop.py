@@ -94,7 +94,7 @@ class Trainer:
             "micro_batch_split": self.split, "model_kind": self.objective.model_kind, "rng": rngs[0],
             "rng_ranks": rngs, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
             "first_val_loss": self.first_val, "best_val_loss": self.best_val, "config": self.cfg.to_dict(),
-            "tokenizer_json": self.tokenizer.backend.to_str(),
+            "tokenizer_json": self.tokenizer.to_str(),
             "tokenizer_path": str((self.data_dir / "vocab.json").resolve()), "metrics": self.metrics,
         }  # fmt: skip
 
