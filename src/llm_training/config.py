@@ -602,7 +602,8 @@ def validate(cfg: Config) -> None:
     )
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
     if MODEL_TYPES[m.model_type.lower()] == "llama":
-        _require(head_dim % 2 == 0, f"model: RoPE needs an even head size, got {head_dim}")
+        what = "model.head_dim" if m.head_dim is not None else "model.hidden_size / model.num_attention_heads"
+        _require(head_dim % 2 == 0, f"model: RoPE needs an even head size ({what}), got {head_dim}")
     _one_of(m.rope_type, ROPE_TYPES, "model.rope_type")
     _require(
         m.rope_type.lower() != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
