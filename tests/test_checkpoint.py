@@ -513,5 +513,9 @@ def test_model_checkpointer_saves_finds_and_backs_up(tmp_path):
     assert saver.latest().name == "model_step_3.pt" and saver.load()["step"] == 3
     copy = saver.backup(saver.latest(), tmp_path / "backup")
     assert load_checkpoint(copy)["step"] == 3
+    again = saver.backup(tmp_path / "ck" / "model_step_2.pt", tmp_path / "backup")  # beside it, its own
+    assert load_checkpoint(again)["step"] == 2 and (tmp_path / "backup" / "model_step_2.pt.json").is_file()
+    with pytest.raises(UserError, match="is the input"):  # never onto itself
+        saver.backup(saver.latest(), tmp_path / "ck")
     plan = saver.cleanup(keep_last=1)
     assert [e.path.name for e in plan.remove] == ["model_step_1.pt", "model_step_2.pt"]

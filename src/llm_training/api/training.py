@@ -275,7 +275,7 @@ class ModelCheckpointer:
 
     def backup(self, path: str | Path, destination: str | Path) -> Path:
         """Copy a checkpoint and its checksum file to ``destination`` (a folder) and verify the copy."""
-        from llm_training.fileio import atomic_path
+        from llm_training.fileio import atomic_path, check_output_file
         from llm_training.train.checkpoint import sidecar_path, verify_checkpoint
 
         source = Path(path)
@@ -285,11 +285,15 @@ class ModelCheckpointer:
         target_dir = Path(destination)
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / source.name
+        for path in (target, sidecar_path(target)):
+            check_output_file(path, "backup", [source, sidecar_path(source)])
+        # as a checkpoint is saved: no old checksum beside the new weights, the new one only after them
+        sidecar_path(target).unlink(missing_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
-            if sidecar_path(source).is_file():
-                with atomic_path(sidecar_path(target)) as side:
-                    shutil.copyfile(sidecar_path(source), side)
+        if sidecar_path(source).is_file():
+            with atomic_path(sidecar_path(target)) as side:
+                shutil.copyfile(sidecar_path(source), side)
         problem = verify_checkpoint(target)
         if problem:
             raise UserError(f"backup {target}: {problem}")
