@@ -24,6 +24,7 @@ from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, jso
 
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
+FINETUNE_METHODS = {"sft"}  # what llm-finetune --method offers: only methods that work
 
 
 @dataclass
@@ -210,6 +211,20 @@ class VisionConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained model on chat or instruction data (``llm-finetune``): how examples become
+    token ids and loss labels. The model's architecture comes from the pretrained model, not ``model.*``."""
+
+    method: str = "sft"  # sft: supervised fine-tuning of every weight on the assistant's turns
+    # a built-in template (chatml), a .jinja file or a model folder; None: the model's own template
+    chat_template: str | None = None
+    train_on_prompt: bool = False  # train on every token, not only the assistant's replies
+    max_length: int | None = None  # tokens an example at most; None: the model's context, at most 2048
+    truncation: str = "truncate"  # longer examples: truncate (keep their start) or drop
+    template: str | None = None  # the template's Jinja text, recorded by llm-finetune so exports carry it
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -222,6 +237,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole configuration as nested dictionaries (what checkpoints and config.yaml hold)."""
@@ -733,6 +749,10 @@ def validate(cfg: Config) -> None:
     _require((parse_duration(r.timeout, "resources.timeout") or 0) > 0, "resources.timeout must be positive")
     _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
     _require(cfg.logging.profile_steps >= 0, "logging.profile_steps cannot be negative")
+    f = cfg.finetune
+    _one_of(f.method, FINETUNE_METHODS, "finetune.method")
+    _one_of(f.truncation, {"truncate", "drop"}, "finetune.truncation")
+    _require(f.max_length is None or f.max_length >= 2, "finetune.max_length must be at least 2")
     _check_ranges(cfg)
 
 

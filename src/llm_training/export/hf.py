@@ -73,9 +73,12 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return spec
 
 
-def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
+def save_hf(
+    model: Transformer, tokenizer: Tokenizer, folder: str | Path, chat_template: str | None = None
+) -> Path:
     """Write the folder with ``transformers``' own classes: config.json, generation_config.json,
-    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json)."""
+    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json, and the chat template of a
+    fine-tuned chat model where this transformers version keeps it)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer as Backend
     from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -97,7 +100,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
         tokenizer_object=Backend.from_str(tokenizer.backend.to_str()), bos_token=tokenizer.special.bos,
         eos_token=tokenizer.special.eos, pad_token=tokenizer.special.pad,
         model_max_length=model.cfg.max_seq_length, clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"], chat_template=chat_template,
     ).save_pretrained(folder)  # fmt: skip
     # our tokenizer.json as it is: transformers 5 adds a post-processor of its own (the same ids, another
     # fingerprint, and an import compares fingerprints with the prepared data's)

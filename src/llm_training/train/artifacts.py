@@ -22,6 +22,7 @@ class TrainedModel:
     config: Config
     step: int
     path: Path
+    chat_template: str | None = None  # the Jinja text a fine-tuning on chat data recorded
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -44,4 +45,5 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         raise UserError(
             f"{path}: weights do not match its config ({str(exc).splitlines()[0][:200]})"
         ) from None
-    return TrainedModel(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path)
+    template = ((state["config"].get("finetune") or {}).get("template")) or None
+    return TrainedModel(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path, template)

@@ -1,0 +1,201 @@
+"""Chat SFT with ``llm-finetune``: a tiny random Qwen2 (ChatML template and tokens in its tokenizer) and a
+GPT-2 base model (no template: --chat-template chatml adds the tokens and grows the embeddings), each made by
+transformers beside GPT-2's real tokenizer, fine-tuned on Shakespeare lines as user/assistant turns. Checks:
+the assistant-token validation loss falls, the prepared labels train exactly the replies and their end
+marker, --resume auto continues, the Hugging Face export gives transformers our logits and carries the
+template, and bad inputs are one line each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, assert_user_error, call_cli, corpus_records, run_cli
+from llm_training.cli.finetune import main as finetune_main
+from llm_training.data.chat_template import CHATML
+
+transformers = pytest.importorskip("transformers")
+
+GPT2_FILES = REPO.parent / "shared" / "tokenizers" / "gpt2"
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 128, "max_position_embeddings": 128, "tie_word_embeddings": True}  # fmt: skip
+QUICK = ["--batch-size", "8", "--num-epochs", "5", "--learning-rate", "3e-3", "--device", "cpu", "--set", "training.eval_interval=10",
+         "--set", "training.eval_batches=2", "--set", "training.sample_tokens=8", "--set", "training.log_interval=5",
+         "--set", "logging.tensorboard=false", "--set", "training.warmup_steps=3"]  # fmt: skip
+
+
+def gpt2_tokenizer(chatml: bool):
+    if not GPT2_FILES.is_dir():
+        pytest.skip(f"{GPT2_FILES} not present")
+    vocab = json.loads((GPT2_FILES / "encoder.json").read_text())
+    lines = (GPT2_FILES / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=[tuple(x.split(" ")) for x in lines if x])
+    if chatml:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
+    return tok
+
+
+def save_model(model, tokenizer, folder):
+    torch.manual_seed(0)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    """A random Qwen2 chat model: ChatML's tokens in its tokenizer (50,259 ids, 50,259 rows) and template."""
+    tok = gpt2_tokenizer(chatml=True)
+    config = transformers.Qwen2Config(**SMALL, vocab_size=len(tok))
+    return save_model(transformers.Qwen2ForCausalLM(config), tok, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A random GPT-2 base model: no chat template, no ChatML tokens."""
+    tok = gpt2_tokenizer(chatml=False)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=128)
+    return save_model(transformers.GPT2LMHeadModel(config), tok, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    """Consecutive lines of a play as a user's line and the assistant's answer (``messages`` records)."""
+    text = corpus_records("shakespeare", 1, lambda r: r["id"].endswith("_gut"))[0]["text"]
+    lines = [x.strip() for x in text[5_000:60_000].splitlines() if len(x.strip()) > 20][:400]
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for user, reply in zip(lines[0::2], lines[1::2], strict=False):
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def evals(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def finetune(model, data, out, *extra):
+    args = ["-m", "llm_training.cli.finetune", "--model", str(model), "--data", str(data), "--output-dir",
+            str(out), *QUICK, *extra]  # fmt: skip
+    proc = run_cli(args, out.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    return proc
+
+
+def test_qwen2_sft_resume_export(tmp_path, qwen2_folder, chat_file):
+    run = tmp_path / "run"
+    proc = finetune(qwen2_folder, chat_file, run, "--max-steps", "30")
+    first, last = evals(run)[0], evals(run)[-1]
+    print(
+        f"qwen2 assistant-token validation loss: step {first[0]} {first[1]:.3f} -> step {last[0]} {last[1]:.3f}"
+    )
+    assert first[0] == 0 and last[0] == 30 and last[1] < first[1] - 1.0
+    assert "<|im_start|>assistant" in proc.stdout  # the sample: the prompt with its markup, then the reply
+
+    # the labels train the assistant's reply and its end marker, nothing of the prompt
+    prepared = run / "prepared_chat"
+    manifest = json.loads((prepared / "train.json").read_text())
+    assert manifest["kind"] == "chat" and manifest["num_items"] >= 150
+    ids, labels = (np.load(prepared / f"train_{n}.npy") for n in ("ids", "labels"))
+    offsets = np.load(prepared / "train_offsets.npy")
+    tok = transformers.AutoTokenizer.from_pretrained(qwen2_folder)
+    replies = {json.loads(x)["messages"][1]["content"] for x in chat_file.read_text().splitlines()}
+    for i in range(3):
+        span = slice(offsets[i], offsets[i + 1])
+        trained = tok.decode(ids[span][labels[span] != -100])
+        assert trained.endswith("<|im_end|>") and trained.removesuffix("<|im_end|>") in replies, trained
+        assert (labels[span][labels[span] != -100] == ids[span][labels[span] != -100]).all()
+
+    # --resume auto continues from the final checkpoint of step 30 and re-uses the prepared data
+    mtime = (prepared / "train_ids.npy").stat().st_mtime_ns
+    finetune(qwen2_folder, chat_file, run, "--max-steps", "40", "--resume", "auto")
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 40 and evals(run)[-1][0] == 40
+    assert (prepared / "train_ids.npy").stat().st_mtime_ns == mtime
+
+    # llm-export --format hf: transformers' logits equal ours, and its tokenizer carries the template
+    final = run / "checkpoints" / "model_final.pt"
+    export = tmp_path / "hf"
+    proc = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(final), "--format", "hf",
+                    "--output", str(export)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from llm_training.train.artifacts import load_trained
+
+    ours = load_trained(final)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert hf_tok.chat_template == CHATML
+    chat = [{"role": "user", "content": "What say you, my lord?"}]
+    text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    x = torch.tensor([hf_tok(text, add_special_tokens=False)["input_ids"]])
+    assert x[0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")
+    with torch.no_grad():
+        diff = (ours.model(x) - theirs(x).logits).abs().max().item()
+    print(f"qwen2 export: max abs logit difference {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_gpt2_base_with_chatml(tmp_path, gpt2_folder, chat_file):
+    run = tmp_path / "run"
+    finetune(gpt2_folder, chat_file, run, "--chat-template", "chatml", "--max-steps", "20")
+    first, last = evals(run)[0], evals(run)[-1]
+    print(f"gpt2 + chatml validation loss: {first[1]:.3f} -> {last[1]:.3f}")
+    assert last[1] < first[1] - 1.0
+    state = torch.load(run / "checkpoints" / "model_final.pt", weights_only=True)
+    assert state["config"]["model"]["vocab_size"] == 50259  # grown by ChatML's two tokens
+    assert state["model_kind"] == "text" and state["config"]["finetune"]["template"] == CHATML
+
+
+def test_api_finetunes_a_checkpoint(tmp_path, gpt2_folder, chat_file):
+    """Trainer.finetune on the same core; a .pt checkpoint of a fine-tuning is fine-tuned further with the
+    template it recorded (no --chat-template needed)."""
+    from llm_training.api.trainer import Trainer
+
+    settings = {"batch_size": 8, "learning_rate": 3e-3, "eval_interval": 5, "eval_batches": 2, "sample_tokens": 0,
+                "resources.device": "cpu", "logging.tensorboard": False, "logging.progress_bar": False}  # fmt: skip
+    first = Trainer(output_dir=str(tmp_path / "a")).finetune(
+        str(gpt2_folder), str(chat_file), chat_template="chatml", max_steps=5, **settings
+    )
+    second = Trainer(output_dir=str(tmp_path / "b")).finetune(
+        first.final_checkpoint, str(chat_file), max_steps=5, **settings
+    )
+    assert second.steps == 5 and second.val_loss < first.first_val_loss
+
+
+def test_bad_inputs_are_one_line(tmp_path, gpt2_folder, chat_file):
+    out = ["--output-dir", str(tmp_path / "run")]
+    proc = call_cli(finetune_main, ["--model", str(tmp_path / "nope"), "--data", str(chat_file), *out])
+    assert_user_error(proc, "model not found")
+    (tmp_path / "empty").mkdir()
+    proc = call_cli(finetune_main, ["--model", str(tmp_path / "empty"), "--data", str(chat_file), *out])
+    assert_user_error(proc, "not a Hugging Face model folder")
+    proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), *out])
+    assert_user_error(proc, "no chat template", "--chat-template chatml")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"nothing": 1}\n')
+    proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(bad), "--chat-template", "chatml",
+                                    *out])  # fmt: skip
+    assert_user_error(proc, str(bad))
+    proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(tmp_path / "missing.jsonl"),
+                                    "--chat-template", "chatml", *out])  # fmt: skip
+    assert_user_error(proc, "missing.jsonl")
+    proc = call_cli(
+        finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), "--method", "dpo", *out]
+    )
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    # a prepared_chat folder holding the user's own files is not replaced
+    (tmp_path / "run" / "prepared_chat").mkdir(parents=True)
+    (tmp_path / "run" / "prepared_chat" / "mine.txt").write_text("keep me")
+    proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), "--chat-template",
+                                    "chatml", *out])  # fmt: skip
+    assert_user_error(proc, "did not write")
+    assert (tmp_path / "run" / "prepared_chat" / "mine.txt").read_text() == "keep me"
+    shutil.rmtree(tmp_path / "run")
