@@ -580,7 +580,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "recovery.backoff_seconds": (0, 3600),
     "resources.gpu_count": (0, 4096), "resources.num_threads": (1, 4096), "logging.profile_steps": (0, 100_000),
     "vision.image_size": (1, 4096), "vision.patch_size": (1, 4096), "vision.hidden_size": (1, 1 << 16),
-    "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024),
+    "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024), "finetune.max_length": (2, 1 << 24),
 }  # fmt: skip
 
 
@@ -752,7 +752,6 @@ def validate(cfg: Config) -> None:
     f = cfg.finetune
     _one_of(f.method, FINETUNE_METHODS, "finetune.method")
     _one_of(f.truncation, {"truncate", "drop"}, "finetune.truncation")
-    _require(f.max_length is None or f.max_length >= 2, "finetune.max_length must be at least 2")
     _check_ranges(cfg)
 
 
