@@ -199,3 +199,48 @@ def test_bad_inputs_are_one_line(tmp_path, gpt2_folder, chat_file):
     assert_user_error(proc, "did not write")
     assert (tmp_path / "run" / "prepared_chat" / "mine.txt").read_text() == "keep me"
     shutil.rmtree(tmp_path / "run")
+
+
+def test_lora_adapters_resume_and_merge_for_every_reader(tmp_path, qwen2_folder, chat_file):
+    """--lora-rank: only the adapters train (the base weights in the checkpoint are the model's own), a resume
+    continues them, and every reader sees the merged model: load_trained's logits equal the adapted model's,
+    and the Hugging Face export's equal both."""
+    pytest.importorskip("peft")
+    from llm_training.export.hf_import import load_hf
+    from llm_training.train.artifacts import load_trained
+    from llm_training.train.lora import add_lora
+
+    run = tmp_path / "run"
+    lora = ["--lora-rank", "8", "--lora-alpha", "64", "--learning-rate", "1e-2"]
+    proc = finetune(qwen2_folder, chat_file, run, *lora, "--max-steps", "15")
+    assert "note: LoRA rank 8" in proc.stdout
+    finetune(qwen2_folder, chat_file, run, *lora, "--max-steps", "20", "--resume", "auto")
+    first, last = evals(run)[0], evals(run)[-1]
+    print(f"qwen2 LoRA validation loss: step {first[0]} {first[1]:.3f} -> step {last[0]} {last[1]:.3f}")
+    # a random model's tied embeddings (std 0.02) cap its logits near 1, which adapters on the blocks cannot
+    # raise: the loss falls little (full fine-tuning moves the embeddings themselves), but it falls
+    assert last[0] == 20 and last[1] < first[1] - 0.05
+
+    final = run / "checkpoints" / "model_final.pt"
+    state = torch.load(final, weights_only=True)["model"]
+    base, _ = load_hf(qwen2_folder)
+    original = base.state_dict()
+    assert torch.equal(state["blocks.0.attn.qkv.base_layer.weight"], original["blocks.0.attn.qkv.weight"])
+    assert torch.equal(state["embed.weight"], original["embed.weight"])
+    assert state["blocks.1.mlp.down.lora_B.default.weight"].abs().max() > 0  # the adapters moved
+
+    x = torch.tensor([[11, 502, 1234, 50257, 7, 99, 3000, 50258, 42]])
+    add_lora(base, 8, 64.0, 0.0, "qkv,proj,up,down")
+    base.load_state_dict(state)
+    merged = load_trained(final).model
+    with torch.no_grad():
+        adapted, ours = base.eval()(x), merged(x)
+    assert (adapted - ours).abs().max().item() < 1e-4
+    export = tmp_path / "hf"
+    proc = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(final), "--format", "hf",
+                    "--output", str(export)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        diff = (transformers.AutoModelForCausalLM.from_pretrained(export).eval()(x).logits - ours).abs().max()
+    print(f"qwen2 LoRA export: max abs logit difference {diff.item():.2e}")
+    assert diff.item() < 1e-4

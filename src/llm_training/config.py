@@ -221,6 +221,10 @@ class FinetuneConfig:
     train_on_prompt: bool = False  # train on every token, not only the assistant's replies
     max_length: int | None = None  # tokens an example at most; None: the model's context, at most 2048
     truncation: str = "truncate"  # longer examples: truncate (keep their start) or drop
+    lora_rank: int = 0  # LoRA adapters of this rank on frozen weights (needs peft); 0: every weight trains
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    lora_targets: str = "qkv,proj,up,down"  # the layers adapted, comma-separated (lm_head too)
     template: str | None = None  # the template's Jinja text, recorded by llm-finetune so exports carry it
 
 
@@ -581,6 +585,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "resources.gpu_count": (0, 4096), "resources.num_threads": (1, 4096), "logging.profile_steps": (0, 100_000),
     "vision.image_size": (1, 4096), "vision.patch_size": (1, 4096), "vision.hidden_size": (1, 1 << 16),
     "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024), "finetune.max_length": (2, 1 << 24),
+    "finetune.lora_rank": (0, 1 << 16), "finetune.lora_alpha": (0, 1e6), "finetune.lora_dropout": (0, 1),
 }  # fmt: skip
 
 

@@ -10,7 +10,6 @@ a Hugging Face export carries the template.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
 from llm_training.fileio import check_output_file
-
-log = logging.getLogger("llm_training.finetune")
 
 PREPARED_CHAT = "prepared_chat"  # under the output folder, like the main job's prepared_data
 DEFAULT_MAX_LENGTH = 2048
@@ -105,8 +102,9 @@ def grow_vocab(model, size: int):
 
 def prepare_chat_data(
     cfg: Config, data_file: str | Path, tokenizer: Tokenizer, template: ChatTemplate
-) -> Path:
-    """``<output_dir>/prepared_chat``, prepared from ``data_file`` unless it already holds the same data."""
+) -> tuple[Path, str]:
+    """(``<output_dir>/prepared_chat``, a line saying what was done): prepared from ``data_file`` unless it
+    already holds the same data."""
     from llm_training.data.chat_prepare import ChatPrepareOptions, prepare_chat
     from llm_training.data.prepare import existing_fingerprint, fingerprint_of
 
@@ -123,16 +121,13 @@ def prepare_chat_data(
                                  tokenizer.fingerprint, template.source, template.special_tokens, settings)  # fmt: skip
     target = Path(cfg.output_dir) / PREPARED_CHAT
     if existing_fingerprint(target) == fingerprint:
-        log.info("reusing prepared chat data in %s", target)
-        return target
+        return target, f"re-used the prepared chat data in {target}"
     options = ChatPrepareOptions(max_length, f.truncation, f.train_on_prompt, d.validation_fraction, d.seed,
                                  fingerprint)  # fmt: skip
-    report = prepare_chat(data_file, target, tokenizer, template, options)
-    enc = report["encoding"]
-    log.info("prepared %d of %d examples (%d truncated, %d dropped) into %s: %d tokens, %d trained",
-             enc["kept"], enc["examples"], enc["truncated"], enc["dropped_too_long"] + enc["dropped_untrainable"],
-             target, enc["tokens"], enc["trained_tokens"])  # fmt: skip
-    return target
+    enc = prepare_chat(data_file, target, tokenizer, template, options)["encoding"]
+    dropped = enc["dropped_too_long"] + enc["dropped_untrainable"]
+    return target, (f"prepared {enc['kept']:,} of {enc['examples']:,} examples into {target} ({enc['truncated']:,} "
+                    f"truncated, {dropped:,} dropped): {enc['tokens']:,} tokens, {enc['trained_tokens']:,} trained")  # fmt: skip
 
 
 def run_finetune(
@@ -152,12 +147,24 @@ def run_finetune(
     check_output_file(Path(cfg.output_dir) / "config.yaml", "--output-dir's", ours=is_resolved_config)
     model, tokenizer, own = load_pretrained(model_path)
     template = choose_template(cfg.finetune.chat_template, own, model_path)
+    notes = []  # what this job did besides training, for the summary
     added = add_template_tokens(tokenizer, template) if template.tokens else []
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        log.info("added %s to the tokenizer: %d embedding rows", ", ".join(added), tokenizer.vocab_size)
         model = grow_vocab(model, tokenizer.vocab_size)
+        notes.append(
+            f"added {', '.join(added)} to the tokenizer and the embeddings ({tokenizer.vocab_size:,} rows)"
+        )
     cfg.model = dataclasses.replace(model.cfg)
     cfg.finetune.template = template.source
     validate(cfg)
-    data_dir = prepare_chat_data(cfg, data_file, tokenizer, template)
-    return run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
+    f = cfg.finetune
+    if f.lora_rank:  # after any growth: new rows then train with the adapters
+        from llm_training.train.lora import add_lora
+
+        trainable = add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added))
+        notes.append(f"LoRA rank {f.lora_rank} on {f.lora_targets}: {trainable:,} of {model.num_parameters():,} "
+                     "parameters trained; every reader of the checkpoints merges the adapters")  # fmt: skip
+    data_dir, prepared = prepare_chat_data(cfg, data_file, tokenizer, template)
+    result = run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
+    result.notes = [prepared, *notes, *getattr(result, "notes", [])]
+    return result

@@ -219,6 +219,7 @@ EXTRAS = {
     **dict.fromkeys(["tensorboard", "pynvml", "psutil", "plotly"], "monitor"),
     **dict.fromkeys(["datasets", "pyarrow", "aiohttp"], "data"),
     "accelerate": "distributed",
+    "peft": "finetune",
 }
 
 

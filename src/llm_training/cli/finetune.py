@@ -44,6 +44,14 @@ def build_parser():
     p.add_argument(
         "--config", help="YAML config file (training, logging, ... keys) over the fine-tuning defaults."
     )
+    p.add_argument("--lora-rank", type=int, help="Train LoRA adapters of this rank on frozen weights (needs "
+                   "peft); every command reads the result with the adapters merged. Default 0: every weight.")  # fmt: skip
+    p.add_argument(
+        "--lora-alpha", type=float, help="LoRA scale numerator: adapters scale by alpha / rank (16)."
+    )
+    p.add_argument("--lora-dropout", type=float, help="Dropout on the adapters' input (0.05).")
+    p.add_argument("--lora-targets", help="Layers adapted, comma-separated: qkv, proj, up, down, lm_head "
+                   "(default: qkv,proj,up,down).")  # fmt: skip
     add_training_flags(p)
     add_resume_flags(p)
     add_set_flag(p)
@@ -57,6 +65,10 @@ def config_values(args) -> dict:
         "finetune.chat_template": args.chat_template,
         "finetune.train_on_prompt": args.train_on_prompt or None,
         "finetune.max_length": args.max_length,
+        "finetune.lora_rank": args.lora_rank,
+        "finetune.lora_alpha": args.lora_alpha,
+        "finetune.lora_dropout": args.lora_dropout,
+        "finetune.lora_targets": args.lora_targets,
         **training_values(args),
         **parse_sets(args.overrides),
     }

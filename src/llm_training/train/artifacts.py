@@ -13,6 +13,7 @@ from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.model import build_model
 from llm_training.train.checkpoint import load_checkpoint
+from llm_training.train.lora import merged_state
 
 
 @dataclass
@@ -40,7 +41,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     tokenizer = Tokenizer.from_json(state["tokenizer_json"])
     model = build_model(cfg, images)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(merged_state(state["model"], state["config"].get("finetune")))
     except RuntimeError as exc:
         raise UserError(
             f"{path}: weights do not match its config ({str(exc).splitlines()[0][:200]})"
