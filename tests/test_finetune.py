@@ -152,6 +152,20 @@ def test_gpt2_base_with_chatml(tmp_path, gpt2_folder, chat_file):
     state = torch.load(run / "checkpoints" / "model_final.pt", weights_only=True)
     assert state["config"]["model"]["vocab_size"] == 50259  # grown by ChatML's two tokens
     assert state["model_kind"] == "text" and state["config"]["finetune"]["template"] == CHATML
+    # the export: transformers' logits over the grown vocabulary equal ours, and generate() stops at the end
+    # of a turn (<|im_end|>) as well as at the base model's end-of-text
+    final, export = run / "checkpoints" / "model_final.pt", tmp_path / "hf"
+    proc = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(final), "--format", "hf",
+                    "--output", str(export)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from llm_training.train.artifacts import load_trained
+
+    x = torch.tensor([[50257, 882, 198, 15496, 50258, 198, 50257, 562]])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    with torch.no_grad():
+        diff = (load_trained(final).model(x) - theirs(x).logits).abs().max().item()
+    print(f"gpt2 + chatml export: max abs logit difference {diff:.2e}")
+    assert diff < 1e-4 and theirs.generation_config.eos_token_id == [50256, 50258]
 
 
 def test_api_finetunes_a_checkpoint(tmp_path, gpt2_folder, chat_file):

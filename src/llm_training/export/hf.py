@@ -87,9 +87,17 @@ def save_hf(
     folder.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype  # fp16 when exported with --quantize fp16
     hf_config(model.cfg, tokenizer, str(dtype).removeprefix("torch.")).save_pretrained(folder)
+    # a chat model ends its turn with ChatML's <|im_end|> (which a base model's end-of-text is not): generate()
+    # stops at either
+    end_of_turn = (
+        tokenizer.backend.token_to_id("<|im_end|>")
+        if chat_template and "<|im_end|>" in chat_template
+        else None
+    )
+    ends = [tokenizer.eot_id] + ([end_of_turn] if end_of_turn not in (None, tokenizer.eot_id) else [])
     ids = {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eot_id,
+        "eos_token_id": ends if len(ends) > 1 else tokenizer.eot_id,
         "pad_token_id": tokenizer.pad_id,
     }
     GenerationConfig(**ids).save_pretrained(folder)
