@@ -258,3 +258,30 @@ def test_lora_adapters_resume_and_merge_for_every_reader(tmp_path, qwen2_folder,
         diff = (transformers.AutoModelForCausalLM.from_pretrained(export).eval()(x).logits - ours).abs().max()
     print(f"qwen2 LoRA export: max abs logit difference {diff.item():.2e}")
     assert diff.item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_cuda_bf16_compiled(tmp_path, qwen2_folder, chat_file, lora):
+    """On a GPU (bf16 autocast, torch.compile): the loss falls, and the result exports with transformers'
+    logits equal to ours (compared on the CPU in fp32)."""
+    run = tmp_path / "run"
+    extra = ["--lora-rank", "8", "--lora-alpha", "64", "--learning-rate", "1e-2"] if lora else []
+    proc = finetune(qwen2_folder, chat_file, run, "--max-steps", "30", "--device", "cuda", *extra)
+    assert "on cuda" in proc.stdout and "(bf16)" in proc.stdout
+    first, last = evals(run)[0], evals(run)[-1]
+    print(f"cuda {'LoRA' if lora else 'full'}: validation loss {first[1]:.3f} -> {last[1]:.3f}")
+    assert last[1] < first[1] - (0.05 if lora else 1.0)
+    final, export = run / "checkpoints" / "model_final.pt", tmp_path / "hf"
+    proc = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(final), "--format", "hf",
+                    "--output", str(export)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from llm_training.train.artifacts import load_trained
+
+    x = torch.tensor([[50257, 882, 198, 15496, 50258, 198, 50257, 562]])
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(export).eval()(x).logits
+        diff = (load_trained(final).model(x) - theirs).abs().max().item()
+    print(f"cuda {'LoRA' if lora else 'full'} export: max abs logit difference {diff:.2e}")
+    assert diff < 1e-4
