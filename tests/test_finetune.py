@@ -285,3 +285,49 @@ def test_cuda_bf16_compiled(tmp_path, qwen2_folder, chat_file, lora):
         diff = (load_trained(final).model(x) - theirs).abs().max().item()
     print(f"cuda {'LoRA' if lora else 'full'} export: max abs logit difference {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_prepared_batches_shift_labels_and_pad(tmp_path, chat_file):
+    """In process: batches are ids[:-1] against labels[1:], right-padded with the pad id and -100; bits per
+    byte count the trained text; --train-on-prompt trains every token after the first; a too-long example is
+    cut to max_length and counted; an unchanged folder is re-used."""
+    from llm_training.api.finetune import prepare_chat_data
+    from llm_training.config import load_config
+    from llm_training.data.chat import add_template_tokens
+    from llm_training.data.chat_prepare import ChatDataset
+    from llm_training.data.chat_template import load_chat_template
+    from llm_training.data.tokenizer import Tokenizer
+
+    gpt2_tokenizer(chatml=False)  # skips without the tokenizer files
+    tokenizer = Tokenizer.load(GPT2_FILES)
+    template = load_chat_template("chatml")
+    add_template_tokens(tokenizer, template)
+    cfg = load_config(cli={"output_dir": str(tmp_path / "a"), "model.max_seq_length": 40, "data.seed": 3},
+                      environ={}, default_file=None)  # fmt: skip
+    folder, note = prepare_chat_data(cfg, chat_file, tokenizer, template)
+    assert note.startswith("prepared 200 of 200") and "truncated" in note
+    assert prepare_chat_data(cfg, chat_file, tokenizer, template)[1].startswith("re-used")
+    report = json.loads((folder / "prepare_report.json").read_text())
+    assert report["encoding"]["truncated"] > 0 and report["end_of_turn"] == "<|im_end|>"
+    data = ChatDataset(folder / "train.json", 64)
+    assert data.seq_len == 39  # the longest example (40 after truncation) less one
+    batch = data.batch([0, 1])
+    for row in range(2):
+        ids, labels = data.example(row)
+        n = len(ids) - 1
+        assert batch["input_ids"][row, :n].tolist() == ids[:-1].tolist()
+        assert batch["labels"][row, :n].tolist() == labels[1:].tolist()
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_id).all() and (
+            batch["labels"][row, n:] == -100
+        ).all()
+        trained = labels[labels != -100]
+        assert len(trained) and (trained == ids[labels != -100]).all()
+    text_bytes = data.manifest["num_bytes"] / data.manifest["num_trained_tokens"]
+    assert (
+        data.bytes_per_token == text_bytes and 2 < text_bytes < 6
+    )  # English words, and <|im_end|> as 0 bytes
+
+    cfg.output_dir, cfg.finetune.train_on_prompt = str(tmp_path / "b"), True
+    everything = ChatDataset(prepare_chat_data(cfg, chat_file, tokenizer, template)[0] / "train.json", 64)
+    ids, labels = everything.example(0)
+    assert (labels[1:] == ids[1:]).all()
