@@ -201,6 +201,9 @@ def test_bad_inputs_are_one_line(tmp_path, gpt2_folder, chat_file):
     proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(tmp_path / "missing.jsonl"),
                                     "--chat-template", "chatml", *out])  # fmt: skip
     assert_user_error(proc, "missing.jsonl")
+    model_key = ["--set", "model.num_layers=4"]
+    proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), *model_key, *out])
+    assert_user_error(proc, "model.num_layers", "architecture of --model")
     proc = call_cli(
         finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), "--method", "dpo", *out]
     )

@@ -42,6 +42,11 @@ FINETUNE_DEFAULTS = {
 
 def finetune_config(config_file: str | Path | None = None, values: dict | None = None) -> Config:
     """The config of a fine-tuning run: ``FINETUNE_DEFAULTS`` < ``config_file`` < environment < ``values``."""
+    fixed = sorted(k for k, v in (values or {}).items() if k.startswith("model.") and v is not None)
+    if fixed:  # silently ignored otherwise: the architecture is the pretrained model's
+        raise ConfigError(
+            f"{fixed[0]}: a fine-tuned model keeps the architecture of --model; leave model.* unset"
+        )
     return load_config(config_file, cli=values or {}, preset=FINETUNE_DEFAULTS, default_file=None)
 
 
