@@ -35,7 +35,12 @@ class ChatSFT(LanguageModelling):
         trained = (labels != IGNORE_INDEX).nonzero()[0]
         prompt = ids[: int(trained[0])].tolist() if len(trained) else ids.tolist()
         sampling = Sampling(t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=t.seed)
-        reply = generate_tokens(model, [prompt], sampling, eos_id=self.val_set.end_of_turn_id,
-                                stop_ids=[[tokenizer.eot_id]], autocast=runtime.autocast)[0]  # fmt: skip
+        was_training = model.training
+        model.eval()  # no dropout (LoRA's included) in the reply
+        try:
+            reply = generate_tokens(model, [prompt], sampling, eos_id=self.val_set.end_of_turn_id,
+                                    stop_ids=[[tokenizer.eot_id]], autocast=runtime.autocast)[0]  # fmt: skip
+        finally:
+            model.train(was_training)
         shown = tokenizer.backend.decode(prompt[-200:], skip_special_tokens=False)  # with its markup
         return f"{shown}{tokenizer.decode(reply)}"
