@@ -290,12 +290,13 @@ def test_cuda_bf16_compiled(tmp_path, qwen2_folder, chat_file, lora):
     assert diff < 1e-4
 
 
-def test_prepared_batches_shift_labels_and_pad(tmp_path, chat_file):
+def test_prepared_batches_shift_labels_and_pad(tmp_path, chat_file, monkeypatch):
     """In process: batches are ids[:-1] against labels[1:], right-padded with the pad id and -100; bits per
     byte count the trained text; --train-on-prompt trains every token after the first; a too-long example is
     cut to max_length and counted; an unchanged folder is re-used."""
     from llm_training.api.finetune import prepare_chat_data
     from llm_training.config import load_config
+    from llm_training.data import chat_prepare
     from llm_training.data.chat import add_template_tokens
     from llm_training.data.chat_prepare import ChatDataset
     from llm_training.data.chat_template import load_chat_template
@@ -315,6 +316,10 @@ def test_prepared_batches_shift_labels_and_pad(tmp_path, chat_file):
     data = ChatDataset(folder / "train.json", 64)
     assert data.seq_len == 39  # the longest example (40 after truncation) less one
     batch = data.batch([0, 1])
+    shortest = sorted(range(data.num_windows), key=lambda i: len(data.example(i)[0]))[:2]
+    width = -(-max(len(data.example(i)[0]) - 1 for i in shortest) // 8) * 8
+    monkeypatch.setattr(chat_prepare, "PAD_MULTIPLE", 8)  # a batch is as wide as its longest, in steps of 8
+    assert width < 39 and data.batch(shortest)["input_ids"].shape[1] == width
     for row in range(2):
         ids, labels = data.example(row)
         n = len(ids) - 1

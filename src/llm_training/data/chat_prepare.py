@@ -28,6 +28,7 @@ from llm_training.errors import DataError
 from llm_training.fileio import building_dir, check_output_dir
 
 KIND = "chat"
+PAD_MULTIPLE = 64  # a batch's width: its longest example rounded up to this (at most the window)
 CHAT_NAMES = r"(train|validation)(\.json|_(ids|labels|offsets)\.npy)|vocab\.json|prepare_report\.json"
 
 
@@ -100,9 +101,9 @@ def _write_split(folder: Path, split: str, examples: list[EncodedChat], tokenize
 
 
 class ChatDataset:
-    """Examples right-padded to one window: ``batch(indices)`` gives ``input_ids`` (ids[:-1], then the pad id)
-    and ``labels`` (labels[1:], then -100) of ``seq_len`` columns (the longest example, at most the given
-    length). ``bytes_per_token``: bytes of the trained text per trained token, so bits per byte stay
+    """Examples right-padded: ``batch(indices)`` gives ``input_ids`` (ids[:-1], then the pad id) and ``labels``
+    (labels[1:], then -100) as wide as the batch's longest example, rounded up to ``PAD_MULTIPLE`` and at most
+    ``seq_len`` (the split's longest example, at most the given length). ``bytes_per_token``: bytes of the trained text per trained token, so bits per byte stay
     comparable with plain-text runs."""
 
     def __init__(self, manifest_path: str | Path, seq_len: int) -> None:
@@ -129,11 +130,14 @@ class ChatDataset:
     def batch(self, indices) -> dict:
         import torch
 
-        inputs = np.full((len(indices), self.seq_len), self.pad_id, dtype=np.int64)
-        targets = np.full((len(indices), self.seq_len), IGNORE_INDEX, dtype=np.int64)
-        for row, index in enumerate(indices):
-            ids, labels = self.example(int(index))
-            n = min(len(ids) - 1, self.seq_len)
+        examples = [self.example(int(index)) for index in indices]
+        longest = max(len(ids) - 1 for ids, _ in examples)
+        # padded to the batch's longest example, in steps of PAD_MULTIPLE (few shapes for torch.compile)
+        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
+        for row, (ids, labels) in enumerate(examples):
+            n = min(len(ids) - 1, width)
             inputs[row, :n] = ids[:n]
             targets[row, :n] = labels[1 : n + 1]
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
