@@ -64,17 +64,15 @@ def load_pretrained(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ChatT
             raise UserError(f"{path}: no tokenizer.json; fine-tuning needs the model's own tokenizer")
         return model.float(), tokenizer, _own_template(path)
     from llm_training.train.artifacts import load_trained
-    from llm_training.train.checkpoint import load_checkpoint
 
     trained = load_trained(path)
     if getattr(trained.model, "vision_cfg", None) is not None:
         raise UserError(f"{path}: a text-and-image model; llm-finetune fine-tunes language models")
-    source = ((load_checkpoint(path).get("config") or {}).get("finetune") or {}).get("template")
     template = None
-    if source:
+    if trained.chat_template:  # recorded by an earlier fine-tuning
         special = trained.tokenizer.special
         names = {"eos_token": special.eos, "bos_token": special.bos, "pad_token": special.pad or special.eos}
-        template = ChatTemplate(source, str(path), {k: v for k, v in names.items() if v})
+        template = ChatTemplate(trained.chat_template, str(path), {k: v for k, v in names.items() if v})
     return trained.model.float(), trained.tokenizer, template
 
 
