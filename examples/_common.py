@@ -11,10 +11,13 @@ from pathlib import Path
 from llm_training.data.sources import sample_data_path
 
 
-def arguments(name: str, description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
+def arguments(name: str, description: str, extra=None) -> argparse.Namespace:
+    """The shared flags; ``extra(parser)`` adds an example's own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="A few steps of a very small model (a smoke test).")
     p.add_argument("--out", default=f"examples_output/{name}", help="Folder for everything this writes.")
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)

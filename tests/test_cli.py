@@ -270,7 +270,7 @@ def command_parsers() -> list[tuple[str, object]]:
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     scripts = re.findall(r'^(llm-[a-z-]+) = "([a-z_.]+):main"$', text, re.M)
-    assert len(scripts) == 14, scripts
+    assert len(scripts) == 15, scripts
     modules = [*scripts, ("python -m llm_training.main", "llm_training.cli.main_job")]
     return [(name, importlib.import_module(module).build_parser()) for name, module in modules]
 

@@ -22,6 +22,7 @@ EXPECTED = {
         "completion:",
         "server stopped with status 0",
     ],
+    "06_chat_sft.py": ["base model", "fine-tuned 10 steps", "exported", "the export's chat template renders"],
 }
 
 

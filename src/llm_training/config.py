@@ -24,6 +24,7 @@ from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, jso
 
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
+FINETUNE_METHODS = {"sft"}  # what llm-finetune --method offers: only methods that work
 
 
 @dataclass
@@ -210,6 +211,24 @@ class VisionConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained model on chat or instruction data (``llm-finetune``): how examples become
+    token ids and loss labels. The model's architecture comes from the pretrained model, not ``model.*``."""
+
+    method: str = "sft"  # sft: supervised fine-tuning of every weight on the assistant's turns
+    # a built-in template (chatml), a .jinja file or a model folder; None: the model's own template
+    chat_template: str | None = None
+    train_on_prompt: bool = False  # train on every token, not only the assistant's replies
+    max_length: int | None = None  # tokens an example at most; None: the model's context, at most 2048
+    truncation: str = "truncate"  # longer examples: truncate (keep their start) or drop
+    lora_rank: int = 0  # LoRA adapters of this rank on frozen weights (needs peft); 0: every weight trains
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    lora_targets: str = "qkv,proj,up,down"  # the layers adapted, comma-separated (lm_head too)
+    template: str | None = None  # the template's Jinja text, recorded by llm-finetune so exports carry it
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -222,6 +241,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole configuration as nested dictionaries (what checkpoints and config.yaml hold)."""
@@ -564,7 +584,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "recovery.backoff_seconds": (0, 3600),
     "resources.gpu_count": (0, 4096), "resources.num_threads": (1, 4096), "logging.profile_steps": (0, 100_000),
     "vision.image_size": (1, 4096), "vision.patch_size": (1, 4096), "vision.hidden_size": (1, 1 << 16),
-    "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024),
+    "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024), "finetune.max_length": (2, 1 << 24),
+    "finetune.lora_rank": (0, 1 << 16), "finetune.lora_alpha": (0, 1e6), "finetune.lora_dropout": (0, 1),
 }  # fmt: skip
 
 
@@ -734,6 +755,9 @@ def validate(cfg: Config) -> None:
     _require((parse_duration(r.timeout, "resources.timeout") or 0) > 0, "resources.timeout must be positive")
     _one_of(cfg.logging.level.upper(), LOG_LEVELS, "logging.level")
     _require(cfg.logging.profile_steps >= 0, "logging.profile_steps cannot be negative")
+    f = cfg.finetune
+    _one_of(f.method, FINETUNE_METHODS, "finetune.method")
+    _one_of(f.truncation, {"truncate", "drop"}, "finetune.truncation")
     _check_ranges(cfg)
 
 

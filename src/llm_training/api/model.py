@@ -107,7 +107,9 @@ class ModelInitializer:
         else:
             model = Transformer(cfg.model)
         if state is not None:
-            model.load_state_dict(state["model"])
+            from llm_training.train.lora import merged_state
+
+            model.load_state_dict(merged_state(state["model"], state["config"].get("finetune")))
         output = MODELS[register_model(model, cfg.model, tokenizer, tokenizer_path)]
         self.models[output.model_id] = output
         if self.event_bus is not None:

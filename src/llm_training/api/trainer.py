@@ -39,6 +39,33 @@ class Trainer:
         self.result = run_training(self.config(**training), resume_from=resume, bus=self.event_bus)
         return self.result
 
+    def finetune(
+        self,
+        model: str,
+        data: str,
+        method: str = "sft",
+        chat_template: str | None = None,
+        train_on_prompt: bool = False,
+        max_length: int | None = None,
+        lora_rank: int = 0,
+        resume: str | None = None,
+        **training: Any,
+    ):
+        """``llm-finetune``: fine-tune ``model`` (a Hugging Face folder or a .pt checkpoint) on the chat file
+        ``data`` into ``output_dir``; ``lora_rank`` > 0 trains LoRA adapters instead of every weight (other
+        LoRA settings as ``**{"finetune.lora_alpha": 32}``); keyword arguments as in train(). Returns the
+        run's result."""
+        from llm_training.api.finetune import finetune_config, run_finetune
+
+        values = {"output_dir": self.output_dir, "finetune.method": method, "finetune.chat_template": chat_template,
+                  "finetune.train_on_prompt": train_on_prompt, "finetune.max_length": max_length,
+                  "finetune.lora_rank": lora_rank}  # fmt: skip
+        for key, value in {**self.overrides, **training}.items():
+            values[key if "." in key else f"training.{key}"] = value
+        cfg = finetune_config(self.config_file, values)
+        self.result = run_finetune(cfg, model, data, resume_from=resume, bus=self.event_bus)
+        return self.result
+
     def final_checkpoint(self) -> Path:
         """The checkpoint that evaluate() and export() use: the last train()'s final one, or the output folder's."""
         if self.result is not None:

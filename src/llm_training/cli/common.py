@@ -77,6 +77,36 @@ def add_set_flag(p: argparse.ArgumentParser, training: bool = True) -> None:
                    help="Record N training steps with torch.profiler (TensorBoard's profiler tab).")  # fmt: skip
 
 
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run's length, batch, learning rate and device (llm-train, llm-finetune)."""
+    p.add_argument(
+        "--num-epochs", type=int, help="Passes over the training data (ignored when a time budget is set)."
+    )
+    p.add_argument(
+        "--batch-size",
+        help="Sequences per micro-batch (per GPU when distributed), or auto: the largest that fits in GPU "
+        "memory, with gradient accumulation keeping training.global_batch_size sequences a step.",
+    )
+    p.add_argument("--learning-rate", type=float, help="Peak learning rate after warm-up.")
+    p.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
+    p.add_argument(
+        "--max-time", help="Training time budget, e.g. 70s, 15m or 2h; the learning-rate schedule fits it."
+    )
+    p.add_argument("--device", help="Device to train on: auto (CUDA when present), cpu, cuda or cuda:N.")
+
+
+def training_values(args: argparse.Namespace) -> dict:
+    """The config keys of ``add_training_flags``' flags (None where not given: lower layers stand)."""
+    return {
+        "training.num_epochs": args.num_epochs,
+        "training.batch_size": args.batch_size,
+        "training.learning_rate": args.learning_rate,
+        "training.max_steps": args.max_steps,
+        "training.max_time": args.max_time,
+        "resources.device": args.device,
+    }
+
+
 def add_resume_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
@@ -189,6 +219,7 @@ EXTRAS = {
     **dict.fromkeys(["tensorboard", "pynvml", "psutil", "plotly"], "monitor"),
     **dict.fromkeys(["datasets", "pyarrow", "aiohttp"], "data"),
     "accelerate": "distributed",
+    "peft": "finetune",
 }
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 from llm_training.cli.common import (
     add_resume_flags,
     add_set_flag,
+    add_training_flags,
     parse_sets,
     parser,
     print_result,
     run,
+    training_values,
 )
 from llm_training.cli.launch import add_launch_flags, launch, should_launch
 from llm_training.errors import DataError
@@ -30,20 +32,7 @@ def build_parser():
     p.add_argument(
         "--output-dir", help="Run directory for checkpoints/, logs/ and metrics (default: current directory)."
     )
-    p.add_argument(
-        "--num-epochs", type=int, help="Passes over the training data (ignored when a time budget is set)."
-    )
-    p.add_argument(
-        "--batch-size",
-        help="Sequences per micro-batch (per GPU when distributed), or auto: the largest that fits in GPU "
-        "memory, with gradient accumulation keeping training.global_batch_size sequences a step.",
-    )
-    p.add_argument("--learning-rate", type=float, help="Peak learning rate after warm-up.")
-    p.add_argument("--max-steps", type=int, help="Stop after this many optimizer steps.")
-    p.add_argument(
-        "--max-time", help="Training time budget, e.g. 70s, 15m or 2h; the learning-rate schedule fits it."
-    )
-    p.add_argument("--device", help="Device to train on: auto (CUDA when present), cpu, cuda or cuda:N.")
+    add_training_flags(p)
     add_resume_flags(p)
     add_launch_flags(p)
     add_set_flag(p)
@@ -67,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = {
             "data.data_dir": args.data_dir,
             "output_dir": args.output_dir,
-            "training.num_epochs": args.num_epochs,
-            "training.batch_size": args.batch_size,
-            "training.learning_rate": args.learning_rate,
-            "training.max_steps": args.max_steps,
-            "training.max_time": args.max_time,
-            "resources.device": args.device,
+            **training_values(args),
             "resources.distributed_backend": args.distributed_backend,
             **parse_sets(args.overrides),
         }

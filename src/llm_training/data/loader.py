@@ -56,6 +56,22 @@ class TokenDataset:
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
 
+def open_split(manifest_path: str | Path, kind: str, what: str, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """A split of prepared data of ``kind`` held as arrays (image-text, chat): its manifest and its
+    ``<split>_<name>.npy`` files, memory-mapped (``offsets`` read whole: every batch looks them up)."""
+    manifest = read_manifest(manifest_path)
+    if manifest.get("kind") != kind:
+        raise DataError(f"{manifest_path}: not {what}")
+    root, split = Path(manifest["_dir"]), manifest["split"]
+    try:
+        arrays = {name: np.load(root / f"{split}_{name}.npy", mmap_mode="r") for name in names}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{root}: {what} files missing or damaged ({exc}); prepare the data again") from None
+    if "offsets" in arrays:
+        arrays["offsets"] = np.asarray(arrays["offsets"])
+    return manifest, arrays
+
+
 class BatchLoader:
     """Epochs of shuffled windows, split across ranks, that can stop and resume at any batch.
 

@@ -547,7 +547,7 @@ def read_manifest(path: str | Path) -> dict:
 
 
 _COUNTS = ("num_tokens", "num_bytes", "num_documents", "vocab_size", "eot_id", "max_seq_length", "num_items",
-           "max_caption_tokens", "image_size")  # fmt: skip
+           "max_caption_tokens", "image_size", "num_trained_tokens", "pad_id", "end_of_turn_id")  # fmt: skip
 _MAX_COUNT = 1 << 50
 
 

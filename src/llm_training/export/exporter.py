@@ -112,6 +112,7 @@ class _Source:
     path: Path
     step: int
     pruning: dict | None = None
+    chat_template: str | None = None  # of a fine-tuned chat model: written into a Hugging Face export
     validation: dict[str, _Validation] = field(default_factory=dict)  # by validation_data
 
 
@@ -190,7 +191,8 @@ def load_source(
     spec = parse_pruning(pruning)  # bad options fail before the checkpoint is read
     _check_validation_path(validation_data)
     trained = load_trained(checkpoint, "cpu")
-    source = _Source(trained.model.float().eval(), trained.tokenizer, Path(checkpoint), trained.step)
+    source = _Source(trained.model.float().eval(), trained.tokenizer, Path(checkpoint), trained.step,
+                     chat_template=trained.chat_template)  # fmt: skip
     _validation(source, validation_data, check_tokens)  # unreadable text fails before anything is built
     if spec is not None:
         before = _perplexity(source.model, _validation(source, validation_data, check_tokens))
@@ -326,7 +328,7 @@ def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
     elif fmt == "hf":
         from llm_training.export.hf import save_hf
 
-        save_hf(_as(model, quantize), tokenizer, path)
+        save_hf(_as(model, quantize), tokenizer, path, chat_template=source.chat_template)
     else:
         from llm_training.export.gguf import save_gguf
 

@@ -73,9 +73,12 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return spec
 
 
-def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
+def save_hf(
+    model: Transformer, tokenizer: Tokenizer, folder: str | Path, chat_template: str | None = None
+) -> Path:
     """Write the folder with ``transformers``' own classes: config.json, generation_config.json,
-    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json)."""
+    model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json, and the chat template of a
+    fine-tuned chat model where this transformers version keeps it)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer as Backend
     from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -84,9 +87,17 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype  # fp16 when exported with --quantize fp16
     hf_config(model.cfg, tokenizer, str(dtype).removeprefix("torch.")).save_pretrained(folder)
+    # a chat model ends its turn with ChatML's <|im_end|> (which a base model's end-of-text is not): generate()
+    # stops at either
+    end_of_turn = (
+        tokenizer.backend.token_to_id("<|im_end|>")
+        if chat_template and "<|im_end|>" in chat_template
+        else None
+    )
+    ends = [tokenizer.eot_id] + ([end_of_turn] if end_of_turn not in (None, tokenizer.eot_id) else [])
     ids = {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eot_id,
+        "eos_token_id": ends if len(ends) > 1 else tokenizer.eot_id,
         "pad_token_id": tokenizer.pad_id,
     }
     GenerationConfig(**ids).save_pretrained(folder)
@@ -97,7 +108,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
         tokenizer_object=Backend.from_str(tokenizer.backend.to_str()), bos_token=tokenizer.special.bos,
         eos_token=tokenizer.special.eos, pad_token=tokenizer.special.pad,
         model_max_length=model.cfg.max_seq_length, clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"], chat_template=chat_template,
     ).save_pretrained(folder)  # fmt: skip
     # our tokenizer.json as it is: transformers 5 adds a post-processor of its own (the same ids, another
     # fingerprint, and an import compares fingerprints with the prepared data's)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_training.data.prepare import FORMAT_VERSION, PREPARED_NAMES, read_manifest
+from llm_training.data.prepare import FORMAT_VERSION, PREPARED_NAMES
 from llm_training.errors import DataError
 from llm_training.fileio import building_dir, check_output_dir
 from llm_training.limits import MAX_LINE_BYTES, bad_text, json_loads
@@ -154,18 +154,11 @@ class CaptionDataset:
     it), padded to ``seq_len`` (the longest caption, at most the given length)."""
 
     def __init__(self, manifest_path: str | Path, seq_len: int) -> None:
-        self.manifest = read_manifest(manifest_path)
-        if self.manifest.get("kind") != KIND:
-            raise DataError(f"{manifest_path}: not image-text data")
-        root, split = Path(self.manifest["_dir"]), self.manifest["split"]
-        try:
-            self.images = np.load(root / f"{split}_images.npy", mmap_mode="r")
-            self.captions = np.load(root / f"{split}_captions.npy", mmap_mode="r")
-            self.offsets = np.load(root / f"{split}_offsets.npy")
-        except (OSError, ValueError) as exc:
-            raise DataError(
-                f"{root}: image-text files missing or damaged ({exc}); prepare the data again"
-            ) from None
+        from llm_training.data.loader import open_split
+
+        names = ("images", "captions", "offsets")
+        self.manifest, arrays = open_split(manifest_path, KIND, "image-text data", names)
+        self.images, self.captions, self.offsets = (arrays[n] for n in names)
         self.num_windows = int(self.manifest["num_items"])
         self.num_tokens = int(self.manifest["num_tokens"])
         self.eot_id = int(self.manifest["eot_id"])

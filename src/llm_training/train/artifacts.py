@@ -13,6 +13,7 @@ from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.model import build_model
 from llm_training.train.checkpoint import load_checkpoint
+from llm_training.train.lora import merged_state
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TrainedModel:
     config: Config
     step: int
     path: Path
+    chat_template: str | None = None  # the Jinja text a fine-tuning on chat data recorded
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -39,9 +41,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     tokenizer = Tokenizer.from_json(state["tokenizer_json"])
     model = build_model(cfg, images)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(merged_state(state["model"], state["config"].get("finetune")))
     except RuntimeError as exc:
         raise UserError(
             f"{path}: weights do not match its config ({str(exc).splitlines()[0][:200]})"
         ) from None
-    return TrainedModel(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path)
+    template = ((state["config"].get("finetune") or {}).get("template")) or None
+    return TrainedModel(model.to(device).eval(), tokenizer, cfg, int(state.get("step", 0)), path, template)

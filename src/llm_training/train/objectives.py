@@ -1,9 +1,9 @@
 """What a run trains: an objective owns its data, the model it trains, how a micro-batch becomes a loss, the
 sample shown at the end and the ``model_kind`` a checkpoint records. The loop and ``train_step`` only call it.
 
-Language modelling on prepared text is here; others (captions of images in ``multimodal/objective.py``) are
-chosen by the prepared data's kind in ``train/setup.py``. A future one (chat with masked labels, preference
-pairs with a frozen reference model held as state) implements the same few methods.
+Language modelling on prepared text is here; others (captions of images in ``multimodal/objective.py``, chat
+SFT in ``train/sft.py``) are chosen by the prepared data's kind in ``train/setup.py``. A future one
+(preference pairs with a frozen reference model held as state) implements the same few methods.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from llm_training.train.recovery import ErrorRecovery, LossMonitor
 OBJECTIVES = {
     "text": ("llm_training.train.objectives", "LanguageModelling"),
     "image_text": ("llm_training.multimodal.objective", "Captioning"),
+    "chat": ("llm_training.train.sft", "ChatSFT"),
 }
 
 

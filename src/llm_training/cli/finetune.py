@@ -1,0 +1,91 @@
+"""``llm-finetune``: fine-tune a pretrained model (a Hugging Face folder or a checkpoint) on chat data."""
+
+from __future__ import annotations
+
+import sys
+
+from llm_training.cli.common import (
+    add_resume_flags,
+    add_set_flag,
+    add_training_flags,
+    parse_sets,
+    parser,
+    print_result,
+    run,
+    training_values,
+)
+from llm_training.config import FINETUNE_METHODS
+
+DESCRIPTION = """\
+Fine-tune a pretrained model on chat or instruction data (JSON Lines or a JSON list: messages, sharegpt,
+prompt/completion, alpaca or text records). The data is encoded with the model's tokenizer and chat template
+into <output-dir>/prepared_chat; the loss counts the assistant's replies only. Defaults suit fine-tuning
+(AdamW, learning rate 5e-5 with warm-up, one epoch); every training flag and --set key works as in llm-train.
+
+example:
+  llm-finetune --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft --max-steps 200"""
+
+
+def build_parser():
+    p = parser("llm-finetune", DESCRIPTION)
+    p.add_argument("--model", required=True, help="Hugging Face model folder (gpt2, llama, mistral, qwen2, "
+                   "qwen3) with its tokenizer, or a .pt checkpoint of this project.")  # fmt: skip
+    p.add_argument("--data", required=True, help="Chat or instruction file (.jsonl, .json, .jsonl.gz).")
+    p.add_argument("--output-dir", help="Run directory (default: current directory).")
+    p.add_argument("--method", choices=sorted(FINETUNE_METHODS), help="sft: supervised fine-tuning of every "
+                   "weight on the assistant's replies (default).")  # fmt: skip
+    p.add_argument("--chat-template", help="chatml, a .jinja file or a model folder; default: the model's own "
+                   "(a base model without one needs --chat-template chatml).")  # fmt: skip
+    p.add_argument(
+        "--train-on-prompt", action="store_true", help="Train on every token, not only the replies."
+    )
+    p.add_argument("--max-length", type=int, help="Tokens an example at most (longer ones are truncated); "
+                   "default: the model's context, at most 2048.")  # fmt: skip
+    p.add_argument(
+        "--config", help="YAML config file (training, logging, ... keys) over the fine-tuning defaults."
+    )
+    p.add_argument("--lora-rank", type=int, help="Train LoRA adapters of this rank on frozen weights (needs "
+                   "peft); every command reads the result with the adapters merged. Default 0: every weight.")  # fmt: skip
+    p.add_argument(
+        "--lora-alpha", type=float, help="LoRA scale numerator: adapters scale by alpha / rank (16)."
+    )
+    p.add_argument("--lora-dropout", type=float, help="Dropout on the adapters' input (0.05).")
+    p.add_argument("--lora-targets", help="Layers adapted, comma-separated: qkv, proj, up, down, lm_head "
+                   "(default: qkv,proj,up,down).")  # fmt: skip
+    add_training_flags(p)
+    add_resume_flags(p)
+    add_set_flag(p)
+    return p
+
+
+def config_values(args) -> dict:
+    return {
+        "output_dir": args.output_dir,
+        "finetune.method": args.method,
+        "finetune.chat_template": args.chat_template,
+        "finetune.train_on_prompt": args.train_on_prompt or None,
+        "finetune.max_length": args.max_length,
+        "finetune.lora_rank": args.lora_rank,
+        "finetune.lora_alpha": args.lora_alpha,
+        "finetune.lora_dropout": args.lora_dropout,
+        "finetune.lora_targets": args.lora_targets,
+        **training_values(args),
+        **parse_sets(args.overrides),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        from llm_training.api.finetune import finetune_config, run_finetune
+
+        arguments = sys.argv[1:] if argv is None else argv
+        args = build_parser().parse_args(arguments)
+        cfg = finetune_config(args.config, config_values(args))
+        result = run_finetune(cfg, args.model, args.data, resume_from=args.resume)
+        return print_result(result, "llm-finetune", arguments)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

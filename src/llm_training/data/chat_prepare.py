@@ -1,0 +1,143 @@
+"""Chat and instruction data as a prepared folder of kind ``"chat"``, and the dataset the SFT objective reads.
+
+A folder holds, per split, ``<split>_ids.npy`` and ``<split>_labels.npy`` (every example's token ids and
+loss labels, int32, concatenated; labels aligned with the ids, -100 where not trained) with
+``<split>_offsets.npy`` (int64, one more than the examples), the manifest ``<split>.json``
+(``"kind": "chat"``, counts, the end-of-turn id, the fingerprint of what made it), ``vocab.json`` (the
+tokenizer the ids are in) and ``prepare_report.json`` (what encoding kept, cut and dropped). Ragged arrays
+rather than windows: an example is one sequence, padded at batch time, never cut across windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llm_training.data.chat import IGNORE_INDEX, ChatEncoder, EncodedChat, encode_sft
+from llm_training.data.chat_formats import read_chat_file
+from llm_training.data.chat_template import ChatTemplate
+from llm_training.data.loader import open_split
+from llm_training.data.prepare import FORMAT_VERSION
+from llm_training.data.tokenizer import Tokenizer
+from llm_training.errors import DataError
+from llm_training.fileio import building_dir, check_output_dir
+
+KIND = "chat"
+PAD_MULTIPLE = 64  # a batch's width: its longest example rounded up to this (at most the window)
+CHAT_NAMES = r"(train|validation)(\.json|_(ids|labels|offsets)\.npy)|vocab\.json|prepare_report\.json"
+
+
+@dataclass
+class ChatPrepareOptions:
+    max_length: int = 2048  # tokens an example at most
+    truncation: str = "truncate"  # or "drop" (chat.encode_sft)
+    train_on_prompt: bool = False
+    validation_fraction: float = 0.05  # of the examples, at least one
+    seed: int = 1234
+    fingerprint: str = ""  # of the inputs and settings: an unchanged folder is re-used
+
+
+def prepare_chat(
+    source: str | Path,
+    output_dir: str | Path,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    options: ChatPrepareOptions,
+    overwrite: bool = False,
+) -> dict:
+    """Read, encode, split and store a chat file; returns the report. The folder is built beside the target
+    and renamed into place; an existing one is replaced only when this tool wrote it (or ``overwrite``)."""
+    out = Path(output_dir)
+    check = functools.partial(check_output_dir, out, names=CHAT_NAMES, overwrite=overwrite, inputs=[source])
+    check()
+    data = read_chat_file(source)
+    if data.format == "preference":
+        raise DataError(f"{source}: preference pairs (chosen/rejected) train with DPO, which llm-finetune does "
+                        "not offer yet; give prompts with one reply (messages, prompt/completion, alpaca, ...)")  # fmt: skip
+    encoder = ChatEncoder(tokenizer, template, options.train_on_prompt)
+    encoded, report = encode_sft(data.examples, encoder, options.max_length, options.truncation)
+    if len(encoded) < 2:
+        raise DataError(f"{source}: {len(encoded)} trainable example(s) after encoding; at least 2 are needed "
+                        "(one to train on, one to validate)")  # fmt: skip
+    order = np.random.default_rng(options.seed).permutation(len(encoded))
+    n_val = min(len(encoded) - 1, max(1, round(len(encoded) * options.validation_fraction)))
+    splits = {"validation": order[:n_val], "train": order[n_val:]}
+    ends = Counter(int(e.input_ids[np.flatnonzero(e.labels != IGNORE_INDEX)[-1]]) for e in encoded)
+    end_of_turn = ends.most_common(1)[0][0]  # the last trained token: the template's end-of-turn markup
+    summary = {"source": str(source), "format": data.format, "template": template.name,
+               "encoding": report.to_dict(), "end_of_turn_id": end_of_turn,
+               "end_of_turn": encoder.decode([end_of_turn])}  # fmt: skip
+    with building_dir(out, "llm-finetune", check) as staging:
+        tokenizer.save(staging / "vocab.json")
+        for split, indices in splits.items():
+            manifest = _write_split(staging, split, [encoded[i] for i in indices], tokenizer)
+            manifest.update(fingerprint=options.fingerprint, end_of_turn_id=end_of_turn)
+            (staging / f"{split}.json").write_text(json.dumps(manifest, indent=1))
+            summary[f"{split}_examples"] = len(indices)
+        (staging / "prepare_report.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _write_split(folder: Path, split: str, examples: list[EncodedChat], tokenizer: Tokenizer) -> dict:
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    ids = np.concatenate([e.input_ids for e in examples]).astype(np.int32)
+    labels = np.concatenate([e.labels for e in examples]).astype(np.int32)
+    np.save(folder / f"{split}_ids.npy", ids)
+    np.save(folder / f"{split}_labels.npy", labels)
+    np.save(folder / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    # what a loss counts: labels after the first position of each example (nothing predicts that one)
+    trained = [e.labels[1:][e.labels[1:] != IGNORE_INDEX] for e in examples]
+    trained_bytes = sum(len(tokenizer.decode(t.tolist()).encode("utf-8")) for t in trained)
+    return {"format_version": FORMAT_VERSION, "kind": KIND, "split": split, "shards": [],
+            "num_items": len(examples), "num_tokens": int(lengths.sum()),
+            "num_trained_tokens": int(sum(len(t) for t in trained)), "num_bytes": trained_bytes,
+            "max_seq_length": int(lengths.max()), "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eot_id}  # fmt: skip
+
+
+class ChatDataset:
+    """Examples right-padded: ``batch(indices)`` gives ``input_ids`` (ids[:-1], then the pad id) and ``labels``
+    (labels[1:], then -100) as wide as the batch's longest example, rounded up to ``PAD_MULTIPLE`` and at most
+    ``seq_len`` (the split's longest example, at most the given length). ``bytes_per_token``: bytes of the trained text per trained token, so bits per byte stay
+    comparable with plain-text runs."""
+
+    def __init__(self, manifest_path: str | Path, seq_len: int) -> None:
+        names = ("ids", "labels", "offsets")
+        self.manifest, arrays = open_split(manifest_path, KIND, "chat data", names)
+        self.ids, self.labels, self.offsets = (arrays[n] for n in names)
+        self.num_windows = int(self.manifest["num_items"])
+        if self.num_windows == 0 or len(self.offsets) != self.num_windows + 1:
+            raise DataError(f"{manifest_path}: no examples, or offsets that do not match; prepare it again")
+        self.num_tokens = int(self.manifest["num_tokens"])
+        self.pad_id = int(self.manifest["pad_id"])
+        self.end_of_turn_id = int(self.manifest["end_of_turn_id"])
+        self.seq_len = max(1, min(seq_len, int(self.manifest["max_seq_length"]) - 1))
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.manifest["num_bytes"] / max(1, self.manifest["num_trained_tokens"])
+
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, labels) of example ``index``, aligned and unshifted."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return np.asarray(self.ids[start:end], np.int64), np.asarray(self.labels[start:end], np.int64)
+
+    def batch(self, indices) -> dict:
+        import torch
+
+        examples = [self.example(int(index)) for index in indices]
+        longest = max(len(ids) - 1 for ids, _ in examples)
+        # padded to the batch's longest example, in steps of PAD_MULTIPLE (few shapes for torch.compile)
+        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
+        for row, (ids, labels) in enumerate(examples):
+            n = min(len(ids) - 1, width)
+            inputs[row, :n] = ids[:n]
+            targets[row, :n] = labels[1 : n + 1]
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
