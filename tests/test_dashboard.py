@@ -294,7 +294,7 @@ def test_cli_serves_until_ctrl_c(runs, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            out, _ = server.communicate(timeout=120)  # a busy machine can take a while to shut down
+            out, _ = server.communicate(timeout=600)  # a busy machine can take a while to shut down
         finally:
             if server.poll() is None:  # never left running after a failure
                 server.kill()

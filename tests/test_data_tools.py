@@ -292,7 +292,7 @@ def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         f"--user-data-dir={tmp_path / 'profile'}",
         *args,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
 def test_page_renders_in_chromium(analysis_html, tmp_path):

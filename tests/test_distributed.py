@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, free_port, prepared_plays, run_cli, set_flags
+from conftest import REPO, TINY, assert_user_error, free_port, prepared_plays, run_cli, set_flags, wait_until
 from llm_training.monitor.files import step_losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -154,14 +153,13 @@ def test_clear_errors_for_impossible_launches(tmp_path, data):
         assert_user_error(run_cli([*base, "--num-gpus", "2", "--distributed-backend", "nccl"], tmp_path),
                           "--num-gpus 2 but 0 GPU(s) are visible", "gloo")  # fmt: skip
     assert_user_error(run_cli([*base, "--nnodes", "2"], tmp_path), "--node-rank and --rdzv-endpoint")
-    start = time.time()
+    # the command gives up after its 5 s rendezvous timeout (run_cli's own limit only guards a hang)
     unreachable = run_cli([*base, "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                           "--rdzv-timeout", "5"], tmp_path, timeout=120)  # fmt: skip
+                           "--rdzv-timeout", "5"], tmp_path, timeout=600)  # fmt: skip
     # PyTorch's C++ store logs its connection retries above; the command's own answer is one line, last
     assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr
     last = unreachable.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not meet the other nodes") and "within 5s" in last
-    assert time.time() - start < 90
 
 
 def test_a_rank_that_dies_stops_the_others(tmp_path, data):
@@ -171,14 +169,14 @@ def test_a_rank_that_dies_stops_the_others(tmp_path, data):
          *settings(4, **{"training.max_steps": 100000})],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.time() + 120
-    while not ((out / "metrics.jsonl").is_file() and losses(out)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(
+        lambda: (out / "metrics.jsonl").is_file() and bool(losses(out)), "the first logged step", every=0.1
+    )
     workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "llm_training.cli.train"], capture_output=True,
                              text=True).stdout.split()  # fmt: skip
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "failed" in stderr and "the other processes were stopped" in stderr
     assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout == b""
 

@@ -363,7 +363,7 @@ def server(earlier_run):
         yield url, proc
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=300)
 
 
 @pytest.mark.parametrize("name, path, body, headers", SERVER, ids=[c[0] for c in SERVER])

@@ -146,7 +146,7 @@ def test_every_error_status_is_json_without_a_traceback(server):
 def test_concurrent_requests_are_batched(server):
     def ask(i):
         return httpx.post(server.url + "/predict", json={"prompt": f"Scene {i}:", "max_new_tokens": 20}, headers=AUTH,
-                          timeout=120)  # fmt: skip
+                          timeout=600)  # fmt: skip
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(32)))
@@ -322,7 +322,7 @@ def test_bad_model_path_fails_the_start(tmp_path):
         ModelServer(model_path=str(tmp_path / "none.onnx"), port=free_port()).start(block=False, wait=60)
     # several workers: checked in the parent before they start, one line and exit 2 as well
     proc = subprocess.run([sys.executable, "-m", "llm_training.cli.serve", "--model", str(tmp_path / "x.pt"),
-                           "--workers", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+                           "--workers", "2"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'x.pt'} (nor an exported model)"
     ]
