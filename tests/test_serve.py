@@ -169,7 +169,7 @@ def test_overload_api_keys_and_graceful_shutdown_through_the_cli(model):
     env = {**os.environ, "LLM_SERVE_API_KEYS": " k2 , ,k3"}
     proc = subprocess.Popen([sys.executable, "-m", "llm_training.cli.serve", "--model", str(onnx), "--host", "127.0.0.1",
                              "--port", str(port), "--api-key", "k1", "--max-pending", "2", "--no-batching",
-                             "--timeout", "30", "--truncate", "--max-tokens-limit", "2000"],
+                             "--timeout", "600", "--truncate", "--max-tokens-limit", "4000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -185,20 +185,20 @@ def _overload_and_shutdown(proc, url: str) -> None:
             ("k1", "k2", "k3", "nope")]  # fmt: skip
     assert keys == [200, 200, 200, 401]
     auth = {"Authorization": "Bearer k2"}
-    long = {"prompt": "A", "max_new_tokens": 800}  # greedy; --truncate: it may pass the context
-    expected = httpx.post(url + "/predict", json=long, headers=auth, timeout=60).json()["predictions"][0]
+    long = {"prompt": "A", "max_new_tokens": 4000}  # greedy; long enough to still run when the third comes
+    expected = httpx.post(url + "/predict", json=long, headers=auth, timeout=600).json()["predictions"][0]
 
     def stream():
-        body = {"prompt": "A", "max_tokens": 800, "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
+        body = {"prompt": "A", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=600) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         return r.status_code, "".join(e["choices"][0]["text"] for e in events)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        whole = pool.submit(httpx.post, url + "/predict", json=long, headers=auth, timeout=60)
+        whole = pool.submit(httpx.post, url + "/predict", json=long, headers=auth, timeout=600)
         streamed = pool.submit(stream)  # one of them waits behind the other (--no-batching)
         wait_until(lambda: pending(url) == 2, "both requests admitted")
-        busy = httpx.post(url + "/predict", json=long, headers=auth, timeout=60)
+        busy = httpx.post(url + "/predict", json=long, headers=auth, timeout=600)
         assert busy.status_code == 429 and "retry later" in busy.json()["error"]["message"]  # both in flight
         proc.send_signal(signal.SIGTERM)
 
