@@ -257,7 +257,8 @@ class MetricsDashboard:
             ) from None
         sock.listen(128)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off")
+        # open connections (a page polling) get 5 s to finish when stopped; then the server ends for sure
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="llm-dashboard", daemon=True
@@ -283,8 +284,10 @@ class MetricsDashboard:
         """Stop the server (the page stops updating); start() may be called again."""
         if self._server is not None:
             self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+        if (
+            self._thread is not None
+        ):  # to its end: a process left exiting beside a live server thread can hang
+            self._thread.join()
         self._server = self._thread = None
 
 
