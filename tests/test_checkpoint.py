@@ -518,5 +518,9 @@ def test_model_checkpointer_saves_finds_and_backs_up(tmp_path):
     assert load_checkpoint(again)["step"] == 2 and (tmp_path / "backup" / "model_step_2.pt.json").is_file()
     with pytest.raises(UserError, match="is the input"):  # never onto itself
         saver.backup(saver.latest(), tmp_path / "ck")
+    before = copy.read_bytes()
+    with pytest.raises(UserError, match="exists"):  # never over a file it did not write this time
+        saver.backup(saver.latest(), tmp_path / "backup")
+    assert copy.read_bytes() == before
     plan = saver.cleanup(keep_last=1)
     assert [e.path.name for e in plan.remove] == ["model_step_1.pt", "model_step_2.pt"]

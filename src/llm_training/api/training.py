@@ -3,6 +3,7 @@ thin layers over the same loader, training loop and checkpoint files that the co
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -287,8 +288,8 @@ class ModelCheckpointer:
         target = target_dir / source.name
         for path in (target, sidecar_path(target)):
             check_output_file(path, "backup", [source, sidecar_path(source)])
-        # as a checkpoint is saved: no old checksum beside the new weights, the new one only after them
-        sidecar_path(target).unlink(missing_ok=True)
+            if os.path.lexists(path):  # never replaces a file it did not write (another backup, the user's)
+                raise UserError(f"backup {path}: exists; choose another destination, or move it away first")
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         if sidecar_path(source).is_file():

@@ -246,6 +246,8 @@ def export_checkpoint(
                 _write(fmt, quantize, options, source, staged)
             log.info("checking %s with %s", target.name, _runtime_name(fmt))
             check = _check(fmt, quantize, options, source, staged)
+        # again just before the move: what appeared at the target during the work is refused too
+        _refuse_existing(fmt, target, options.overwrite, [checkpoint, options.validation_data])
         files = _move_into_place(staging, target)
     except BaseException as exc:  # a full disk or permissions: one line; no staging or new empty folder left
         shutil.rmtree(staging, ignore_errors=True)
