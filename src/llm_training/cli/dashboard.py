@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from llm_training.cli.common import add_root_flag, parser, run
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"dashboard: {dashboard.url} (runs under {Path(args.root).resolve()}; Ctrl-C to stop)", flush=True
         )
-        dashboard.wait()
+        if not dashboard.wait():  # a server thread stuck in its shutdown must not keep the process alive
+            print("the dashboard's server did not stop cleanly; exiting", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(0)
         return 0
 
     return run(body, extra="monitor")

@@ -12,6 +12,7 @@ report. The server is FastAPI under uvicorn in a background thread.
 import json
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -272,23 +273,39 @@ class MetricsDashboard:
         log.info("dashboard: %s (runs under %s)", self.url, self.root.resolve())
         return self
 
-    def wait(self) -> None:
-        """Block until the server stops (Ctrl-C stops it)."""
+    def wait(self) -> bool:
+        """Block until the server stops, or Ctrl-C (SIGINT) or SIGTERM stops it; returns whether its thread
+        ended. The signals get handlers of their own: a KeyboardInterrupt may land anywhere, and a SIGINT
+        ignored by the parent process (a background job of a script inherits that) would never stop it."""
+        asked = threading.Event()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, lambda *_: asked.set())
         try:
-            while self._thread is not None and self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            self.stop()
+            while self._thread is not None and self._thread.is_alive() and not asked.is_set():
+                asked.wait(0.5)
+        except KeyboardInterrupt:  # raised by a handler installed elsewhere
+            pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self.stop()
 
-    def stop(self) -> None:
-        """Stop the server (the page stops updating); start() may be called again."""
+    def stop(self, wait: float = 30.0) -> bool:
+        """Stop the server (the page stops updating); start() may be called again. Open connections get 5 s
+        (uvicorn's graceful timeout); a server thread still alive after ``wait`` seconds is left to end with
+        the process (it is a daemon); returns whether it ended."""
         if self._server is not None:
             self._server.should_exit = True
-        if (
-            self._thread is not None
-        ):  # to its end: a process left exiting beside a live server thread can hang
-            self._thread.join()
+        ended = True
+        if self._thread is not None:
+            self._thread.join(wait)
+            ended = not self._thread.is_alive()
+            if not ended:
+                log.warning("dashboard: the server did not stop within %.0f s; leaving it", wait)
         self._server = self._thread = None
+        return ended
 
 
 # ---------------------------------------------------------------------------------------------- helpers
