@@ -38,7 +38,7 @@ def chat_model(tmp_path_factory):
             reply = "Ay, my lord." if line.endswith("?") else "No, my lord."
             messages = [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
             handle.write(json.dumps({"messages": messages}) + "\n")
-    settings = {"batch_size": 8, "learning_rate": 3e-3, "eval_interval": 20, "eval_batches": 2, "sample_tokens": 0,
+    settings = {"batch_size": 8, "num_epochs": 4, "learning_rate": 3e-3, "eval_interval": 20, "eval_batches": 2, "sample_tokens": 0,
                 "resources.device": "cpu", "logging.tensorboard": False, "logging.progress_bar": False}  # fmt: skip
     result = Trainer(output_dir=str(root / "sft")).finetune(
         str(base), str(data), chat_template="chatml", max_steps=60, **settings
@@ -111,11 +111,11 @@ def test_chat_completions_with_the_openai_client(chat_model):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply_tokens
 
         # a longer conversation (system, earlier turns), OpenAI's newer names and a cut reply
-        talk = [{"role": "developer", "content": "You are a courtier."}, *ASK,
+        talk = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Come?"},
                 {"role": "assistant", "content": "No, my lord."},
-                {"role": "user", "content": [{"type": "text", "text": "Will you come with me?"}]}]  # fmt: skip
-        as_rendered = [{"role": "system", "content": "You are a courtier."}, *talk[1:3],
-                       {"role": "user", "content": "Will you come with me?"}]  # fmt: skip
+                {"role": "user", "content": [{"type": "text", "text": "Will you come?"}]}]  # fmt: skip
+        as_rendered = [{"role": "system", "content": "Be brief."}, *talk[1:3],
+                       {"role": "user", "content": "Will you come?"}]  # fmt: skip
         long_text, long_prompt, long_tokens, ended = expected(sft, as_rendered, 3)
         cut = client.chat.completions.create(model=sft.name, messages=talk, temperature=0,
                                              max_completion_tokens=3, n=2)  # fmt: skip
