@@ -4,7 +4,6 @@ official ``openai`` client; every error status; batching; graceful shutdown."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, train_on_plays, wait_for_health, wait_until
+from conftest import free_port, served_here, train_on_plays, wait_for_health, wait_until
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -219,29 +218,6 @@ def _overload_and_shutdown(proc, url: str) -> None:
 
 def pending(url: str) -> int:
     return httpx.get(url + "/health", timeout=60).json()["pending"]
-
-
-@contextlib.contextmanager
-def served_here(options, engine=None):
-    """A real uvicorn server on loopback in a thread of this process (faster to start than a child process,
-    and the engine can be reached): yields its URL."""
-    import threading
-
-    import uvicorn
-
-    from llm_training.serve.app import create_app
-    from llm_training.serve.protocol import uvicorn_config
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn_config(create_app(options, engine), options, port=port))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        wait_for_health(f"http://127.0.0.1:{port}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def test_requests_past_the_timeout_stop_generating(model):

@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 
 from llm_training.cli.common import add_device_flag, add_format_flag, parser, run
+from llm_training.data.chat_formats import Message, parse_messages
 from llm_training.errors import DataError, UserError, quoted
 from llm_training.limits import MAX_LINE_BYTES, MAX_NEW_TOKENS, bad_text, json_loads, read_json_file
 
 DESCRIPTION = """\
 Generate a completion for every prompt of a JSON Lines file. Each input line is {"prompt": "..."} (or
-{"text": ...}, or a JSON string), optionally with "id" and "max_new_tokens"; each output line is
-{"id", "prompt", "completion", "new_tokens"} in the input's order. The input is read in batches, never
+{"text": ...}, or a JSON string) or, for a chat model, {"messages": [{"role": "user", "content": "..."}]},
+optionally with "id" and "max_new_tokens"; each output line is {"id", "prompt" (or "messages"),
+"completion", "new_tokens"} in the input's order. Messages are rendered with the model's chat template and
+its generation prompt, and the reply ends at the end of the assistant's turn. The input is read in batches, never
 whole. If the output already holds some lines (an interrupted run), those prompts are skipped and a
 half-written last line is replaced, so running the same command again finishes the job. Which job wrote
 the output (model, input, settings) is recorded beside it in OUTPUT.job.json: an output of another job is
@@ -59,12 +62,15 @@ def build_parser():
     return p
 
 
-def _prompt(record, where: str) -> tuple[str, dict]:
+def _prompt(record, where: str) -> tuple[str | list[Message], dict]:
+    """The prompt of a line: its text, or its messages (a conversation for a chat model's reply)."""
     if isinstance(record, str):
         record = {"prompt": record}
     if isinstance(record, dict):
         text = record.get("prompt", record.get("text"))
-        if isinstance(text, str):
+        if "messages" in record and text is None:
+            text = parse_messages(record["messages"], where)
+        if isinstance(text, (str, list)):
             limit = record.get("max_new_tokens")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
                 raise DataError(
@@ -73,14 +79,14 @@ def _prompt(record, where: str) -> tuple[str, dict]:
             if limit is not None and limit > MAX_NEW_TOKENS:
                 raise DataError(f"{where}: 'max_new_tokens' {limit:,} is more than llm-infer generates for one "
                                 f"prompt ({MAX_NEW_TOKENS:,}); lower it")  # fmt: skip
-            why = bad_text(text) or bad_text(record.get("id"))
+            why = (bad_text(text) if isinstance(text, str) else None) or bad_text(record.get("id"))
             if why is not None:
                 raise DataError(f"{where}: holds {why}; fix or drop this line")
             return text, record
         if text is not None:
             name = "prompt" if "prompt" in record else "text"
             raise DataError(f"{where}: '{name}' is {type(text).__name__}, not a string")
-    raise DataError(f'{where}: expected {{"prompt": "..."}} or a JSON string')
+    raise DataError(f'{where}: expected {{"prompt": "..."}}, {{"messages": [...]}} or a JSON string')
 
 
 def read_prompts(path: Path, skip: int, digest=None):
@@ -176,18 +182,24 @@ def _lines(handle, path: Path):
         yield line
 
 
-def scan_prompts(path: Path) -> tuple[int, str]:
+def scan_prompts(path: Path) -> tuple[int, str, int | None]:
     """How many prompts ``path`` holds, each read and checked (a bad line fails here, before the model is
-    loaded), and the SHA-256 of its bytes, in one pass."""
+    loaded), the SHA-256 of its bytes, and the number of its first ``messages`` line (None: none), in one
+    pass."""
     import hashlib
 
     digest = hashlib.sha256()
-    count = sum(1 for _ in read_prompts(path, 0, digest))
-    return count, digest.hexdigest()
+    count, first_chat = 0, None
+    for number, prompt, _ in read_prompts(path, 0, digest):
+        count += 1
+        if first_chat is None and not isinstance(prompt, str):
+            first_chat = number
+    return count, digest.hexdigest(), first_chat
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        from llm_training.data.chat_reply import HOW_TO_GET_ONE, ChatPrompts
         from llm_training.export.runtime import load_for_generation
         from llm_training.fileio import HANDLED, check_output_file, storage_error, write_json
         from llm_training.model.generate import Sampling, completion_text, generate_tokens, stop_text_check
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             ).check()
         except ValueError as exc:
             raise UserError(f"{exc} (--temperature, --top-k, --top-p, --repetition-penalty)") from None
-        total, input_digest = scan_prompts(source)
+        total, input_digest, first_chat = scan_prompts(source)
         if total == 0:
             raise DataError(f"{source}: empty input (no prompts)")
         record = job_record(args, input_digest)
@@ -222,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote 0 completions to {target} ({done} were already there)")
             return 0
         trained = load_for_generation(args.model, args.device, args.model_format)
+        chat = (
+            None if trained.chat_template is None else ChatPrompts(trained.tokenizer, trained.chat_template)
+        )
+        if chat is None and first_chat is not None:
+            raise DataError(f"{source}: line {first_chat}: a messages line needs a chat template and the model "
+                            f"{args.model} has none; {HOW_TO_GET_ONE} in a prompt line")  # fmt: skip
         tok = trained.tokenizer
         context = trained.cfg.max_seq_length
         stops = [s for s in args.stop if s]
@@ -239,29 +257,36 @@ def main(argv: list[str] | None = None) -> int:
 
             def flush() -> None:
                 nonlocal index, good
-                groups: dict[int, list] = {}
+                groups: dict[tuple[int, bool], list] = {}  # by new tokens, and chat or not (its stops)
                 for number, text, record in batch:
-                    ids = tok.encode(text)
+                    messages = not isinstance(text, str)
+                    where = f"{source}: line {number}"
+                    ids = chat.ids(text, where) if messages else tok.encode(text)
                     if args.no_truncate and len(ids) >= context:  # a prompt keeps at most context - 1 tokens
-                        raise DataError(f"{source}: line {number}: prompt of {len(ids)} tokens does not fit the "
-                                        f"context of {context} (drop --no-truncate to keep its end)")  # fmt: skip
+                        raise DataError(f"{where}: prompt of {len(ids)} tokens does not fit the context of "
+                                        f"{context} (drop --no-truncate to keep its end)")  # fmt: skip
                     limit = record.get("max_new_tokens")  # absent or null: the flag's
-                    groups.setdefault(args.max_new_tokens if limit is None else limit, []).append(
-                        (number, text, ids)
-                    )
+                    key = (args.max_new_tokens if limit is None else limit, messages)
+                    groups.setdefault(key, []).append((number, text, ids))
                 results = {}
-                for max_new, items in groups.items():
+                for (max_new, messages), items in groups.items():
                     # seeded by the batch's first position: resumed at a batch boundary (where an interrupted
                     # job stops unless killed mid-batch) with the same --batch-size, it samples as before
                     sampling = Sampling(max_new, args.temperature, args.top_k, args.top_p,
                                         args.repetition_penalty, args.seed + index)  # fmt: skip
-                    new = generate_tokens(trained.module, [ids for _, _, ids in items], sampling,
-                                          eos_id=tok.eot_id, stop_check=stop_check, compile=args.compile)  # fmt: skip
-                    for (number, text, _), ids in zip(items, new, strict=True):
-                        results[number] = {"prompt": text, "completion": completion_text(tok, ids, stops),
-                                           "new_tokens": len(ids)}  # fmt: skip
-                for position, (number, _, record) in enumerate(batch):  # input order; ids default to it
-                    row = {"id": record.get("id", index + position), **results[number]}
+                    new = generate_tokens(trained.module, [ids for _, _, ids in items], sampling, eos_id=tok.eot_id,
+                                          stop_ids=chat.stop_ids if messages else (), stop_check=stop_check,
+                                          compile=args.compile)  # fmt: skip
+                    for (number, _, _), ids in zip(items, new, strict=True):
+                        results[number] = {
+                            "completion": completion_text(tok, ids, stops),
+                            "new_tokens": len(ids),
+                        }
+                for position, (number, text, record) in enumerate(batch):  # input order; ids default to it
+                    asked = (
+                        {"messages": record["messages"]} if not isinstance(text, str) else {"prompt": text}
+                    )
+                    row = {"id": record.get("id", index + position), **asked, **results[number]}
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
                 good = os.fstat(out.fileno()).st_size

@@ -237,6 +237,12 @@ def _messages(
 _OPENAI = {role: role for role in ROLES}
 
 
+def parse_messages(value: Any, where: str) -> list[Message]:
+    """An OpenAI ``messages`` list as a prompt (a conversation to reply to: no assistant message needed);
+    a bad one is a one-line :class:`DataError` starting with ``where``."""
+    return _messages(value, where, "'messages'", "role", "content", _OPENAI)
+
+
 def _turns(value: Any, where: str, name: str, role: str) -> list[Message]:
     """A string (one message of ``role``) or an OpenAI message list."""
     if isinstance(value, str):

@@ -112,7 +112,7 @@ class _Source:
     path: Path
     step: int
     pruning: dict | None = None
-    chat_template: str | None = None  # of a fine-tuned chat model: written into a Hugging Face export
+    chat_template: str | None = None  # of a fine-tuned chat model: written into Hugging Face and GGUF exports
     validation: dict[str, _Validation] = field(default_factory=dict)  # by validation_data
 
 
@@ -334,9 +334,8 @@ def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
     else:
         from llm_training.export.gguf import save_gguf
 
-        save_gguf(
-            model, tokenizer, path, {"none": "f32", "fp16": "f16", "int8": "q8_0"}[quantize], source.path.stem
-        )
+        dtype = {"none": "f32", "fp16": "f16", "int8": "q8_0"}[quantize]
+        save_gguf(model, tokenizer, path, dtype, source.path.stem, chat_template=source.chat_template)
 
 
 def _as(model: Transformer, quantize: str) -> Transformer:

@@ -5,7 +5,11 @@ Face names of ``export.hf``: the same route as llama.cpp's ``convert_hf_to_gguf.
 layout changes: Llama-style query and key rows (and biases) are permuted from the rotate-half RoPE layout to
 GGML's interleaved pairs, and GPT-2's Conv1D matrices keep PyTorch's (out, in) orientation. Metadata: the
 architecture's hyper-parameters under ``{arch}.*`` and the byte-level BPE vocabulary, merges and special ids
-under ``tokenizer.ggml.*`` (model ``gpt2``, pre-tokenizer ``gpt-2``).
+under ``tokenizer.ggml.*`` (model ``gpt2``, pre-tokenizer ``gpt-2``). A chat fine-tuned model also gets its
+Jinja template as ``tokenizer.chat_template`` (what llama.cpp's chat formats the conversation with) and its
+end-of-turn markup (``<|im_end|>``) as ``tokenizer.ggml.eot_token_id``: llama.cpp ends generation at the
+end-of-turn as at ``eos``, and ``eos`` stays the end-of-text token, which is what the tokenizer's end of a
+document is (llama.cpp's converter writes a model's ``eos_token``; ours is ``<|endoftext|>``).
 
 Types: ``f32`` (default), ``f16``, or ``q8_0`` (llama.cpp's 8-bit blocks of 32, what ``--quantize int8``
 maps to); 1-D tensors (norms, biases) are always f32 and a matrix whose rows are not a multiple of 32 falls
@@ -130,7 +134,12 @@ def _tokenizer_fields(writer, tokenizer: Tokenizer, rows: int) -> None:
 
 
 def save_gguf(
-    model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str = "f32", name: str = ""
+    model: Transformer,
+    tokenizer: Tokenizer,
+    path: Path,
+    dtype: str = "f32",
+    name: str = "",
+    chat_template: str | None = None,
 ) -> None:
     import gguf
 
@@ -161,6 +170,8 @@ def save_gguf(
     )  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
     writer.add_string(META_CONFIG, model_config_json(cfg))
     _tokenizer_fields(writer, tokenizer, cfg.vocab_size)
+    if chat_template:
+        _chat_fields(writer, tokenizer, chat_template)
     for tensor_name, data in tensors.items():
         if data.ndim == 1 or dtype == "f32":
             writer.add_tensor(tensor_name, data)
@@ -175,6 +186,29 @@ def save_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _chat_fields(writer, tokenizer: Tokenizer, chat_template: str) -> None:
+    """The template, and the end-of-turn token the template's replies end with (when it is a markup token)."""
+    from llm_training.data.chat_reply import ChatPrompts, template_for
+
+    writer.add_chat_template(chat_template)
+    end_of_turn = ChatPrompts(
+        tokenizer, template_for(chat_template, tokenizer, "the chat template")
+    ).end_of_turn
+    if end_of_turn is not None and end_of_turn != tokenizer.eot_id:
+        writer.add_eot_token_id(end_of_turn)
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    """The ``tokenizer.chat_template`` of a GGUF file, or None."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    except Exception as exc:  # the reader raises bare ValueErrors and struct errors on damaged files
+        raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
+    return None if field is None else str(field.contents())
 
 
 def _transformers_hint(cfg: ModelConfig, inner: int) -> None:

@@ -5,7 +5,8 @@ A ``.pt`` file is always a checkpoint of this tool, read with ``weights_only``: 
 is loaded, so it is loaded only under a TorchScript name (``.torchscript.pt``, as the exporter writes, or
 ``.torchscript``/``.ts``) or when the caller says ``torchscript``, never because of what a file contains.
 
-``load_model(path)`` returns a ``LoadedModel``: the tokenizer, the model config, and ``module``, an
+``load_model(path)`` returns a ``LoadedModel``: the tokenizer, the model config, the chat template where
+the format carries one (a checkpoint of a chat fine-tuning, a Hugging Face folder, GGUF), and ``module``, an
 ``nn.Module`` whose ``forward(input_ids)`` returns logits. For checkpoints, safetensors, Hugging Face folders
 and GGUF that is our ``Transformer`` itself (generation gets the KV cache); ONNX and TorchScript are wrapped
 (``RuntimeModule``) so that evaluation code treats them alike.
@@ -13,6 +14,7 @@ and GGUF that is our ``Transformer`` itself (generation gets the KV cache); ONNX
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,12 @@ import torch
 from torch import nn
 
 from llm_training.config import ModelConfig, model_config_from_json
+from llm_training.data.chat_template import ChatTemplate
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import UserError
 from llm_training.export.hf import read_json_object
+
+log = logging.getLogger("llm_training.export")
 
 
 class RuntimeModule(nn.Module):
@@ -75,6 +80,7 @@ class LoadedModel:
     cfg: ModelConfig
     path: Path
     step: int | None = None
+    chat_template: ChatTemplate | None = None  # None: a plain language model, or a format without one
 
     @property
     def prefers_bf16(self) -> bool:
@@ -163,7 +169,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str |
         from llm_training.train.artifacts import load_trained
 
         trained = load_trained(path, device)
-        return LoadedModel(kind, trained.model, trained.tokenizer, trained.config.model, path, trained.step)
+        template = _template(trained.chat_template, trained.tokenizer, path)
+        return LoadedModel(kind, trained.model, trained.tokenizer, trained.config.model, path, trained.step,
+                           template)  # fmt: skip
     if kind == "onnx":
         from llm_training.export.onnx import META_CONFIG, META_TOKENIZER, OnnxRunner
 
@@ -199,16 +207,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", kind: str |
 
         wrapped = RuntimeModule(cfg, run).eval()
         return LoadedModel(kind, wrapped, _need_tokenizer(tokenizer, path), cfg, path)
+    template = None
     if kind == "safetensors":
         from llm_training.export.weights import load_weights
 
         model, tokenizer = load_weights(path / "model.safetensors" if path.is_dir() else path)
     elif kind == "hf":
+        from llm_training.data.chat_reply import folder_template
         from llm_training.export.hf import load_hf
 
         model, tokenizer = load_hf(path)
+        try:
+            template = folder_template(path)
+        except UserError as exc:  # plain prompts still work; chat requests are told there is no template
+            log.warning("%s: its chat template is not used (%s)", path, exc)
     else:
-        from llm_training.export.gguf import load_gguf
+        from llm_training.export.gguf import load_gguf, read_chat_template
 
         model, tokenizer = load_gguf(path)
-    return LoadedModel(kind, model.to(device).eval(), _need_tokenizer(tokenizer, path), model.cfg, path)
+        template = _template(read_chat_template(path), tokenizer, path)
+    tokenizer = _need_tokenizer(tokenizer, path)
+    return LoadedModel(kind, model.to(device).eval(), tokenizer, model.cfg, path, None, template)
+
+
+def _template(source: str | None, tokenizer: Tokenizer | None, path: Path) -> ChatTemplate | None:
+    """A template recorded as text (a checkpoint's config, a GGUF key), with the tokenizer's special tokens."""
+    if not source or tokenizer is None:
+        return None
+    from llm_training.data.chat_reply import template_for
+
+    return template_for(source, tokenizer, str(path))

@@ -1,5 +1,6 @@
-"""The HTTP API (FastAPI): ``/predict``, OpenAI-compatible ``/v1/completions`` (with server-sent-event
-streaming) and ``/v1/models``, ``/health`` and Prometheus ``/metrics``.
+"""The HTTP API (FastAPI): ``/predict``, OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions``
+(``serve.chat``; both with server-sent-event streaming) and ``/v1/models``, ``/health`` and Prometheus
+``/metrics``.
 
 Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "code"}}``, with the status that says what
 happened: 400 (a request the model cannot serve: prompt too long, an unsupported option), 401 (missing or
@@ -22,8 +23,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from llm_training.serve.engine import Engine, Overloaded, Request, Unavailable
-from llm_training.serve.schema import CompletionBody, PredictBody, Sampled
+from llm_training.serve.chat import add_chat_route
+from llm_training.serve.engine import Engine, Overloaded, Unavailable
+from llm_training.serve.handling import ApiError, Handling, error_body
+from llm_training.serve.schema import CompletionBody, PredictBody
 
 log = logging.getLogger("llm_training.serve")
 
@@ -59,24 +62,6 @@ class ServeOptions:
         import os
 
         return cls(**json.loads(os.environ[OPTIONS_ENV]))
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-
-    def body(self) -> dict:
-        return error_body(self.message, self.kind, self.code)
-
-
-def error_body(message: str, kind: str, code: str | None = None) -> dict:
-    """The JSON of every error, answered or streamed (OpenAI's shape). A message quoting a request's text
-    keeps it encodable (a lone surrogate is written as its escape)."""
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return {"error": {"message": message, "type": kind, "code": code}}
 
 
 # a lone surrogate can only come as a JSON \u escape or as its raw (invalid) UTF-8 bytes, which Python's
@@ -204,7 +189,7 @@ class Guard:
 def create_app(options: ServeOptions, engine: Engine | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse
     from starlette.exceptions import HTTPException
 
     from llm_training.serve.metrics import ServeMetrics
@@ -217,10 +202,11 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
         if engine.loaded is None:
             await asyncio.to_thread(engine.load)
         log.info(
-            "serving %s (%s) on %s",
+            "serving %s (%s) on %s, %s",
             engine.model_path,
             engine.loaded.kind,
             engine.loaded.module.__class__.__name__,
+            "with a chat template" if engine.chat is not None else "without a chat template",
         )
         yield
         log.info("shutting down: finishing requests in flight")
@@ -261,62 +247,15 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error"
         )
 
-    def requests_of(prompts: list[str], max_new: int, body: Sampled, n: int = 1) -> list[Request]:
-        """The rows of a request (each prompt n times), prompts tokenised here once: called in a thread,
-        since a long prompt would hold the event loop."""
-        if max_new > options.max_tokens_limit:
-            raise ApiError(400, f"max tokens {max_new} is over this server's limit of {options.max_tokens_limit}",
-                           code="max_tokens_over_limit")  # fmt: skip
-        if not prompts:
-            raise ApiError(400, "no prompt given", code="empty_prompt")
-        if len(prompts) * n > engine.max_pending:  # could never be admitted: not a "retry later"
-            raise ApiError(400, f"{len(prompts)} prompts x n={n} completions are over this server's limit of "
-                                f"{engine.max_pending} at once", code="too_many_completions")  # fmt: skip
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        out = []
-        for prompt in prompts:
-            ids = engine.encode(prompt)  # once: the engine generates from these
-            # at least one new token's room: generation keeps a prompt of at most context - 1 tokens
-            if not options.truncate and len(ids) + max(max_new, 1) > engine.context:
-                raise ApiError(400, f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the context of "
-                                    f"{engine.context} tokens", code="context_length_exceeded")  # fmt: skip
-            request = Request(prompt, max_new, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                              tuple(s for s in stops if s), body.seed, ids)  # fmt: skip
-            out += [request] * n  # the same request object: the engine only reads it
-        return out
-
-    def timed_out() -> ApiError:
-        return ApiError(503, f"the request ran past the server's timeout of {options.timeout:g} s",
-                        "server_error", "timeout")  # fmt: skip
-
-    def prompt_error(exc: ValueError) -> ApiError:  # the generator's own checks (a prompt that cannot fit)
-        return ApiError(400, str(exc), code="invalid_prompt")
-
-    async def wait(jobs):
-        try:
-            try:
-                return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
-                                              timeout=options.timeout)  # fmt: skip
-            except BaseException:  # the client gets an error: none of its rows may go on generating
-                for job in jobs:
-                    engine.cancel(job)
-                raise
-        except asyncio.TimeoutError:
-            raise timed_out() from None
-        except ValueError as exc:
-            raise prompt_error(exc) from None
-
-    def check_model(name: str | None) -> None:
-        if name not in (None, "", engine.model_id):
-            raise ApiError(404, f"model {name!r} is not served here (this server serves {engine.model_id!r})",
-                           code="model_not_found")  # fmt: skip
+    shared = Handling(engine, options, metrics)
+    check_model, wait = shared.check_model, shared.wait
 
     @app.get("/health")
     async def health():
         if engine.loaded is None or engine.stopping:
             return error_response(503, "starting or shutting down", "server_error", "unavailable")
         return {"status": "ok", "model": engine.model_id, "format": engine.loaded.kind, "pending": engine.pending,
-                "uptime_seconds": round(time.time() - started, 1)}  # fmt: skip
+                "chat": engine.chat is not None, "uptime_seconds": round(time.time() - started, 1)}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus():
@@ -331,7 +270,7 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
     async def predict(body: PredictBody):
         begin = time.perf_counter()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        rows = await asyncio.to_thread(requests_of, prompts, body.max_new_tokens, body)
+        rows = await asyncio.to_thread(shared.requests_of, prompts, body.max_new_tokens, body)
         done = await wait(engine.submit_many(rows))
         metrics.tokens(sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done))
         return {"model": engine.model_id,
@@ -350,78 +289,27 @@ def create_app(options: ServeOptions, engine: Engine | None = None):
             raise ApiError(400, "presence_penalty and frequency_penalty are not supported; use "
                                 "repetition_penalty", code="unsupported")  # fmt: skip
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        requests = await asyncio.to_thread(requests_of, prompts, body.max_tokens, body, body.n)
+        requests = await asyncio.to_thread(shared.requests_of, prompts, body.max_tokens, body, body.n)
         ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         model_id = engine.model_id
-        if not body.stream:
-            done = await wait(engine.submit_many(requests))
-            usage = {"prompt_tokens": sum(c.prompt_tokens for c in done[:: body.n]),
-                     "completion_tokens": sum(c.completion_tokens for c in done)}  # fmt: skip
-            metrics.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+
+        def chunk(index: int, text: str, reason: str | None) -> dict:
             return {"id": ident, "object": "text_completion", "created": created, "model": model_id,
-                    "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                                for i, c in enumerate(done)],
-                    "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}  # fmt: skip
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()  # (index, text), then (index, None) when that choice ends
-
-        def streamer(index: int):
-            def on_text(text: str) -> None:  # called in the engine's thread
-                loop.call_soon_threadsafe(pieces.put_nowait, (index, text))
-
-            return on_text
-
-        jobs = engine.submit_many(requests, [streamer(i) for i in range(len(requests))])
-        for index, job in enumerate(jobs):
-            # scheduled after the job's last text (the engine streams, then resolves), so it arrives last
-            job.future.add_done_callback(
-                lambda _f, index=index: loop.call_soon_threadsafe(pieces.put_nowait, (index, None))
-            )
-
-        def chunk(index: int, text: str, reason: str | None) -> str:
-            data = {"id": ident, "object": "text_completion", "created": created, "model": model_id,
                     "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
-            return f"data: {json.dumps(data)}\n\n"
 
-        def failure(error: ApiError) -> str:
-            return f"data: {json.dumps(error.body())}\n\n"
+        if body.stream:
+            return shared.stream(requests, lambda i, text: chunk(i, text, None),
+                                 lambda i, done: chunk(i, "", done.finish_reason))  # fmt: skip
+        done = await wait(engine.submit_many(requests))
+        usage = {"prompt_tokens": sum(c.prompt_tokens for c in done[:: body.n]),
+                 "completion_tokens": sum(c.completion_tokens for c in done)}  # fmt: skip
+        metrics.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+        return {"id": ident, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                            for i, c in enumerate(done)],
+                "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}  # fmt: skip
 
-        async def events():
-            open_jobs = len(jobs)
-            deadline = time.monotonic() + options.timeout
-            try:
-                while open_jobs:
-                    try:
-                        index, text = await asyncio.wait_for(
-                            pieces.get(), timeout=max(0.0, deadline - time.monotonic())
-                        )
-                    except asyncio.TimeoutError:
-                        yield failure(timed_out())
-                        return
-                    if text is not None:
-                        yield chunk(index, text, None)
-                        continue
-                    open_jobs -= 1
-                    exc = jobs[index].future.exception()
-                    if isinstance(exc, ValueError):  # the generator's own checks: a message for the user
-                        yield failure(prompt_error(exc))
-                    elif exc is not None:  # a bug: the engine logged it with its traceback
-                        yield failure(
-                            ApiError(
-                                500, "internal error (see the server log)", "server_error", "internal_error"
-                            )
-                        )
-                    else:
-                        result = jobs[index].future.result()
-                        metrics.tokens(result.prompt_tokens, result.completion_tokens)
-                        yield chunk(index, "", result.finish_reason)
-                yield "data: [DONE]\n\n"
-            finally:  # timed out, or the client left (this generator is cancelled or closed): stop generating
-                for job in jobs:
-                    engine.cancel(job)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+    add_chat_route(app, shared)
     return app
 
 

@@ -47,10 +47,12 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ids: list[int] | None = None  # the prompt's tokens when the caller already has them
+    stop_ids: tuple[tuple[int, ...], ...] = ()  # ids that end a row, left out (a chat's end of turn)
 
     def group(self) -> tuple:
         """Requests generated together must share these."""
-        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed, self.stop)
+        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed, self.stop,
+                self.stop_ids)  # fmt: skip
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Engine:
         self.lock = threading.Lock()
         self.stopping = False
         self.loaded = None
+        self.chat = None  # ChatPrompts of a model with a chat template
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size (the metrics)
         self.thread = threading.Thread(target=self._work, name="llm-serve-engine", daemon=True)
 
@@ -92,9 +95,12 @@ class Engine:
 
     def load(self) -> None:
         """Load the model (in the caller's thread, so a bad path fails the start) and start the worker."""
+        from llm_training.data.chat_reply import ChatPrompts
         from llm_training.export.runtime import load_for_generation
 
         self.loaded = load_for_generation(self.model_path, self.device_name, self.model_format)
+        if self.loaded.chat_template is not None:
+            self.chat = ChatPrompts(self.loaded.tokenizer, self.loaded.chat_template)
         self.thread.start()
 
     @property
@@ -217,7 +223,8 @@ class _Generation:
             if job.request.max_new_tokens <= 0:  # no token to wait for
                 self._finish(i, [])
         self.steps = generate_steps(engine.loaded.module, self.prompts, sampling, eos_id=self.tok.eot_id,
-                                    truncate=engine.truncate, limits=[j.request.max_new_tokens for j in jobs],
+                                    stop_ids=first.stop_ids, truncate=engine.truncate,
+                                    limits=[j.request.max_new_tokens for j in jobs],
                                     stop_check=stop_text_check(self.tok, self.stops), on_update=self._update,
                                     cancelled=lambda i: jobs[i].aborted, compile=engine.compile)  # fmt: skip
 

@@ -3,6 +3,9 @@ status, latency, prompt and generated tokens, errors, batch sizes, requests wait
 
 from __future__ import annotations
 
+# the paths counted by name; others (unknown paths) are "other", so that they do not create a label each
+PATHS = ("/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
 
 class ServeMetrics:
     def __init__(self, engine) -> None:
@@ -27,8 +30,8 @@ class ServeMetrics:
         engine.on_batch = self.batch_size.observe  # thread-safe: recorded as each batch starts
 
     def observe(self, path: str, status: int, seconds: float) -> None:
-        if path not in ("/predict", "/v1/completions", "/v1/models", "/health", "/metrics"):
-            path = "other"  # unknown paths do not create a label each
+        if path not in PATHS:
+            path = "other"
         self.requests.labels(path, str(status)).inc()
         if status >= 400:
             self.errors.labels(path, str(status)).inc()
