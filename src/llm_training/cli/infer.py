@@ -68,9 +68,12 @@ def _prompt(record, where: str) -> tuple[str | list[Message], dict]:
         record = {"prompt": record}
     if isinstance(record, dict):
         text = record.get("prompt", record.get("text"))
+        if text is not None and not isinstance(text, str):  # a list here is not a conversation
+            name = "prompt" if "prompt" in record else "text"
+            raise DataError(f"{where}: '{name}' is {type(text).__name__}, not a string")
         if "messages" in record and text is None:
             text = parse_messages(record["messages"], where)
-        if isinstance(text, (str, list)):
+        if text is not None:
             limit = record.get("max_new_tokens")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
                 raise DataError(
@@ -83,9 +86,6 @@ def _prompt(record, where: str) -> tuple[str | list[Message], dict]:
             if why is not None:
                 raise DataError(f"{where}: holds {why}; fix or drop this line")
             return text, record
-        if text is not None:
-            name = "prompt" if "prompt" in record else "text"
-            raise DataError(f"{where}: '{name}' is {type(text).__name__}, not a string")
     raise DataError(f'{where}: expected {{"prompt": "..."}}, {{"messages": [...]}} or a JSON string')
 
 
