@@ -28,7 +28,7 @@ def export_peft(final, out, *extra):
     proc = run_cli(["-m", "llm_training.cli.export", "--checkpoint", str(final), "--format", "peft", "--output",
                     str(out), *extra], out.parent)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stdout)
+    print(proc.stdout, proc.stderr)
     return proc
 
 
@@ -50,7 +50,10 @@ def test_llama_style_adapter_loads_in_peft(tmp_path, qwen2_folder, chat_file):  
     finetune(qwen2_folder, chat_file, run, *lora, "--max-steps", "8")
     final, out = run / "checkpoints" / "model_final.pt", tmp_path / "sft_peft"
     proc = export_peft(final, out)
-    assert "max logit diff" in proc.stdout and sorted(p.name for p in out.iterdir()) == ["adapter", "base"]
+    assert "max logit diff" in proc.stdout and sorted(p.name for p in out.glob("[!.]*")) == [
+        "adapter",
+        "base",
+    ]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     print({k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out")})
     assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == (
@@ -194,3 +197,37 @@ def test_evaluate_chat_data_equals_the_runs_validation(tmp_path, gpt2_lora_run, 
     pairs.write_text(json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}) + "\n")
     proc = call_cli(evaluate_main, ["--model-path", str(final), "--test-data", str(pairs)])
     assert_user_error(proc, f"{pairs}: line 1", "preference")
+
+
+def test_evaluate_chat_data_on_a_hugging_face_folder(tmp_path, qwen2_folder, chat_file):  # noqa: F811
+    """A Hugging Face folder's own template renders the records; the loss equals one computed independently
+    with transformers: the reply's tokens after the rendered prompt, up to and with ``<|im_end|>``."""
+    records = [json.loads(x) for x in chat_file.read_text().splitlines()[:10]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "result.json"
+    proc = call_cli(evaluate_main, ["--model-path", str(qwen2_folder), "--test-data", str(data), "--device", "cpu",
+                                    "--batch-size", "3", "--output", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+
+    tok = transformers.AutoTokenizer.from_pretrained(qwen2_folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen2_folder).eval()
+    nll, count = 0.0, 0
+    for r in records:
+        prompt, full = _hf_ids(tok, r["messages"][:1], True), _hf_ids(tok, r["messages"], False)
+        assert full[: len(prompt)] == prompt and tok.decode(full[-2:]) == "<|im_end|>\n"
+        x = torch.tensor([full[:-2]])  # predicting the reply and <|im_end|> (not the newline after it)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+        targets = torch.tensor(full[len(prompt) : -1])
+        nll -= logp[len(prompt) - 1 :].gather(1, targets[:, None]).sum().item()
+        count += len(targets)
+    print(f"qwen2 folder on chat records: llm-evaluate loss {result['loss']:.6f} over {result['tokens']} tokens; "
+          f"transformers {nll / count:.6f} over {count}")  # fmt: skip
+    assert result["tokens"] == count and abs(result["loss"] - nll / count) < 1e-4
+
+
+def _hf_ids(tok, messages: list[dict], prompt: bool) -> list[int]:
+    text = tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]

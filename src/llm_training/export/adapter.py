@@ -70,7 +70,11 @@ def _save_adapter(cfg, factors: dict, finetune: dict, folder: Path, final: Path)
         lora_dropout=float(finetune.get("lora_dropout", 0.0)), target_modules=_target_names(set(parts), every),
         fan_in_fan_out=style_of(cfg) == "gpt2", bias="none", task_type="CAUSAL_LM",
     )  # fmt: skip
-    peft_model = get_peft_model(_hf_model(folder / BASE), config)
+    hf = _hf_model(folder / BASE)
+    # where the base will be, not the staging folder: peft records it in the config and the model card
+    final_base = str(Path(final).resolve() / BASE)
+    hf.name_or_path = hf.config._name_or_path = final_base
+    peft_model = get_peft_model(hf, config)
     inner = peft_model.base_model.model
     wrapped = {name for name, m in inner.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     if wrapped != set(parts):  # the names must pick exactly the adapted modules, no more, no fewer
@@ -81,8 +85,10 @@ def _save_adapter(cfg, factors: dict, finetune: dict, folder: Path, final: Path)
             target = inner.get_submodule(module)
             target.lora_A["default"].weight.copy_(a.float())
             target.lora_B["default"].weight.copy_(b.float())
-    peft_model.peft_config["default"].base_model_name_or_path = str(Path(final).resolve() / BASE)
-    peft_model.save_pretrained(str(folder / ADAPTER))
+    peft_model.peft_config["default"].base_model_name_or_path = final_base
+    # "auto" would compare the vocabulary with the base's config, looked up on the Hub when the path does
+    # not exist yet; no embedding is adapted here (grown rows live in the base)
+    peft_model.save_pretrained(str(folder / ADAPTER), save_embedding_layers=False)
 
 
 def _target_names(adapted: set[str], every: set[str]) -> list[str]:
@@ -114,5 +120,8 @@ def load_peft(folder: str | Path):
     what the export's check runs."""
     from peft import PeftModel
 
+    from llm_training.export.quiet import quiet
+
     folder = Path(folder)
-    return PeftModel.from_pretrained(_hf_model(folder / BASE), str(folder / ADAPTER)).eval()
+    with quiet():  # transformers' deprecation notices that peft's calls raise
+        return PeftModel.from_pretrained(_hf_model(folder / BASE), str(folder / ADAPTER)).eval()
