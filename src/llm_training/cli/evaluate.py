@@ -14,6 +14,10 @@ Test data: a .txt file (plain text), or JSON Lines / a JSON list of records, all
   {"text": ...}                                   plain text
   {"prompt": ..., "choices": [...], "answer": i}  multiple choice (answer: an index or the choice's text)
   {"text": ..., "label": ...}                     classification (the choices are all labels in the file)
+  {"messages": [...]}, {"prompt": ..., "completion": ...}, {"instruction": ..., "output": ...},
+  {"conversations": [...]}                        chat: rendered with the model's chat template (the one its
+                                                  fine-tuning recorded, or --chat-template), scored on the
+                                                  assistant's tokens only, as llm-finetune trains them
 Labelled items are answered by the choice whose tokens have the highest total log-probability after the
 prompt. Metrics:
 """ + "\n".join(f"  {name:<14}{text}" for name, text in METRICS.items())
@@ -29,6 +33,11 @@ def build_parser():
         "on labelled data).",
     )
     p.add_argument("--output", help="Write the results here as JSON (folders are created).")
+    p.add_argument(
+        "--chat-template",
+        help="Chat data: render with this template (chatml, a .jinja file or a model folder) instead of the "
+        "model's own.",
+    )
     add_scoring_flags(p)
     add_format_flag(p)
     return p
@@ -44,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(
                 args.output, "--output", [args.model_path, args.test_data], json_output("model")
             )
-        results = evaluate_checkpoint(
-            args.model_path, args.test_data, args.metrics, args.batch_size, args.device, args.model_format
-        )
+        results = evaluate_checkpoint(args.model_path, args.test_data, args.metrics, args.batch_size, args.device,
+                                      args.model_format, chat_template=args.chat_template)  # fmt: skip
         for key, value in results.items():
             if isinstance(value, float):
                 print(f"{key:<14} {value:.4f}")

@@ -1,4 +1,5 @@
-"""``llm-export``: a checkpoint to ONNX, TorchScript, safetensors, a Hugging Face folder or GGUF, checked."""
+"""``llm-export``: a checkpoint to ONNX, TorchScript, safetensors, a Hugging Face folder (with a peft adapter) or
+GGUF, checked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from llm_training.cli.common import parser, run
 
 DESCRIPTION = """\
 Export a checkpoint, then check the export by running it (onnxruntime, torch.jit.load, safetensors,
-transformers, the gguf reader) on the same tokens as the checkpoint: the largest logit difference is
+transformers, peft, the gguf reader) on the same tokens as the checkpoint: the largest logit difference is
 reported, and a quantized export (int8, fp16) is also scored on validation text (--validation-data, else the
 built-in sample); a difference beyond tolerance or a perplexity rise beyond --max-perplexity-increase is an
 error and nothing is written. Existing files are kept unless --overwrite.
@@ -20,6 +21,8 @@ Formats (--quantize values):
   safetensors  model.safetensors + config.json + tokenizer.json beside it (none, fp16)
   hf           a folder for transformers' AutoModelForCausalLM and AutoTokenizer (none, fp16)
   gguf         model.gguf for llama.cpp, llama or gpt2 architecture (none=f32, fp16, int8=q8_0)
+  peft         of a LoRA fine-tuning (--lora-rank): a folder with base/ (the frozen weights, an hf folder)
+               and adapter/ (adapter_config.json, adapter_model.safetensors) for peft.PeftModel (none)
 """
 
 

@@ -5,7 +5,9 @@ and every record must be of that kind):
 - plain text: a ``.txt`` file, or records ``{"text": ...}``;
 - multiple choice: ``{"prompt": ..., "choices": [...], "answer": <index or the choice's text>}``;
 - classification: ``{"text": ..., "label": ...}``; the choices are every label in the file, and each is
-  scored as the continuation of ``<text>\\nLabel:``.
+  scored as the continuation of ``<text>\\nLabel:``;
+- chat: the records ``llm-finetune`` reads (``messages``, ``prompt``/``completion``, Alpaca's ``instruction``,
+  ShareGPT's ``conversations``; ``data/chat_formats.py``), scored on the assistant's tokens (``eval/chat.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm_training.data.chat_formats import detect_format, read_chat_file
 from llm_training.errors import DataError, quoted
 from llm_training.fileio import HANDLED, storage_error
 from llm_training.limits import MAX_CHOICES, MAX_LINE_BYTES, bad_text, json_loads
@@ -25,6 +28,14 @@ class TextSet:
     documents: list[str]
     kind: str = "text"
     source: str = ""  # the file it was read from
+
+
+@dataclass
+class ChatSet:
+    examples: list  # data.chat_formats.ChatExample
+    format: str  # as chat_formats names it: messages, prompt_completion, alpaca, sharegpt
+    kind: str = "chat"
+    source: str = ""
 
 
 @dataclass
@@ -148,20 +159,25 @@ def _kind(record, where: str) -> str:
         return "choices"
     if "label" in record:
         return "labels"
+    chat = detect_format(record)
+    if chat == "preference":
+        raise DataError(f"{where}: a preference pair (chosen/rejected); llm-evaluate scores one reply a record "
+                        "(messages, prompt/completion, instruction/output, conversations)")  # fmt: skip
+    if chat not in (None, "text"):
+        return "chat"
     if "text" in record:
         return "text"
-    raise DataError(
-        f"{where}: no 'text', 'prompt'+'choices'+'answer' or 'text'+'label' field (has {quoted(sorted(map(str, record)))})"
-    )
+    raise DataError(f"{where}: no 'text', 'prompt'+'choices'+'answer', 'text'+'label' or chat fields ('messages', "
+                    f"'prompt'+'completion', ...) (has {quoted(sorted(map(str, record)))})")  # fmt: skip
 
 
-def read_test_data(path: str | Path) -> TextSet | ChoiceSet:
+def read_test_data(path: str | Path) -> TextSet | ChoiceSet | ChatSet:
     data = _read(Path(path))
     data.source = str(path)
     return data
 
 
-def _read(path: Path) -> TextSet | ChoiceSet:
+def _read(path: Path) -> TextSet | ChoiceSet | ChatSet:
     if not path.is_file():
         raise DataError(f"test data not found: {path}")
     if path.name.removesuffix(".gz").endswith((".txt", ".md")):
@@ -173,6 +189,9 @@ def _read(path: Path) -> TextSet | ChoiceSet:
     for number, record in _records(path):
         where = f"{path}: line {number}"
         this = _kind(record, where)
+        if kind is None and this == "chat":  # read as llm-finetune reads it: every record in that format
+            chats = read_chat_file(path)
+            return ChatSet(chats.examples, chats.format)
         if kind is None:
             kind = this
         elif this != kind:

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from llm_training.errors import ConfigError
-from llm_training.eval.data import ChoiceSet, TextSet
+from llm_training.eval.data import ChatSet, ChoiceSet, TextSet
 from llm_training.model.transformer import device_of
 
 log = logging.getLogger("llm_training.evaluate")
 
 METRICS = {
-    "loss": "mean next-token cross-entropy, nats per token (labelled data: over the prompt + correct answer)",
+    "loss": "mean next-token cross-entropy, nats per token (labelled data: over the prompt + correct answer; "
+    "chat data: over the assistant's tokens)",
     "perplexity": "exp(loss)",
     "bits_per_byte": "total negative log-likelihood in bits / UTF-8 bytes of the scored text",
     "accuracy": "plain text: share of next tokens that are the model's top prediction; labelled data: share "
@@ -184,14 +185,16 @@ def macro_f1(truth: list[int], predicted: list[int], classes: int) -> float:
 def evaluate_model(
     model,
     tokenizer,
-    data: TextSet | ChoiceSet,
+    data: TextSet | ChoiceSet | ChatSet,
     metrics: list[str],
     batch_size: int = 16,
     autocast=None,
     units: bool = False,
+    template=None,
 ) -> dict:
     """The requested metrics (and counts) of ``model`` on ``data``, as a flat dict; ``units``: with the
-    scores per block of text or per item under ``"units"`` (what ``noise.compare_metric`` resamples)."""
+    scores per block of text, per item or per conversation under ``"units"`` (what ``noise.compare_metric``
+    resamples); ``template``: the chat template of chat data (``eval.chat.model_template``)."""
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
@@ -199,6 +202,15 @@ def evaluate_model(
         if isinstance(data, TextSet):
             s = _text_scores(model, tokenizer, data.documents, batch_size, autocast, units)
             results = {"data_kind": "text", "documents": len(data.documents), "tokens": s["tokens"]}
+            values, per_unit = {}, s.get("units")
+        elif isinstance(data, ChatSet):  # the assistant's tokens only, as fine-tuning counts them
+            from llm_training.eval.chat import chat_scores
+
+            if template is None:
+                raise ConfigError("chat test data needs the model's chat template")
+            s = chat_scores(model, tokenizer, template, data.examples, batch_size, autocast, units)
+            results = {"data_kind": "chat", "format": data.format, "examples": s["examples"],
+                       "truncated": s["truncated"], "skipped": s["skipped"], "tokens": s["tokens"]}  # fmt: skip
             values, per_unit = {}, s.get("units")
         else:
             scores = _choice_logprobs(model, tokenizer, data.items, batch_size, autocast)

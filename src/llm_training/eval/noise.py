@@ -2,13 +2,13 @@
 
 Plain text is cut into blocks of its bytes (about ``BLOCK_BYTES`` each, at most ``MAX_BLOCKS``); each scored
 token counts in the block where its bytes start, so models with different tokenizers are compared on the same
-blocks. Labelled data: each item is a unit (its accuracy and F1). The blocks (or items) are resampled with
-replacement ``RESAMPLES`` times, the same draw for every model, and each model's metric is computed again from
-the drawn units; the spread of those values is the standard error of its score. A difference smaller than
-1.96 standard errors of the difference of two scores is within noise: the models are indistinguishable. (The
-paired interval, the same draws for both models, is reported too; it is narrower, and a consistent but tiny
-difference, such as weights nudged in their fourth digit, passes it while being far below what the test data
-can measure.)
+blocks. Labelled data: each item is a unit (its accuracy and F1); chat data: each conversation. The units are
+resampled with replacement ``RESAMPLES`` times, the same draw for every model, and each model's metric is
+computed again from the drawn units; the spread of those values is the standard error of its score. A
+difference smaller than 1.96 standard errors of the difference of two scores is within noise: the models are
+indistinguishable. (The paired interval, the same draws for both models, is reported too; it is narrower, and
+a consistent but tiny difference, such as weights nudged in their fourth digit, passes it while being far
+below what the test data can measure.)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def compare_metric(metric: str, results: list[dict], units: list[dict], seed: in
     lower = metric in LOWER_IS_BETTER
     verdict = {"metric": metric, "better": "lower" if lower else "higher", "comparable": True}
     kinds = {r.get("data_kind") for r in results}
-    per_token = metric in PER_TOKEN or (metric in ("accuracy", "f1") and kinds == {"text"})
+    per_token = metric in PER_TOKEN or (metric in ("accuracy", "f1") and kinds <= {"text", "chat"})
     if per_token and len({u.get("tokenizer") for u in units}) > 1:
         return {**verdict, "comparable": False, "reason": "the models tokenize the test data differently; "
                 "compare bits_per_byte" + ("" if kinds == {"text"} else " or accuracy")}  # fmt: skip
@@ -124,6 +124,7 @@ def compare_metric(metric: str, results: list[dict], units: list[dict], seed: in
         return verdict
     (n,) = count
     unit = "items" if "correct" in tables[0] else f"blocks of about {BLOCK_BYTES} bytes"
+    unit = "conversations" if kinds == {"chat"} else unit  # chat data: one unit a conversation (eval/chat.py)
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=RESAMPLES).astype(float)
     drawn = [_value(metric, _summed(t, weights), units[0].get("items")) for t in tables]
     spread = [float(np.std(d, ddof=1)) for d in drawn]

@@ -6,30 +6,31 @@ import time
 from pathlib import Path
 
 from llm_training.errors import ConfigError, UserError
-from llm_training.eval.data import ChoiceSet, TextSet, read_test_data
+from llm_training.eval.data import ChatSet, ChoiceSet, TextSet, read_test_data
 from llm_training.eval.metrics import evaluate_model, parse_metrics, score_tokens, text_metrics
 
 
-def default_metrics(data: TextSet | ChoiceSet) -> list[str]:
+def default_metrics(data: TextSet | ChoiceSet | ChatSet) -> list[str]:
     """Every metric that the kind of data supports."""
     return parse_metrics(
-        "loss,perplexity,bits_per_byte,accuracy" + ("" if isinstance(data, TextSet) else ",f1")
+        "loss,perplexity,bits_per_byte,accuracy" + ("" if isinstance(data, (TextSet, ChatSet)) else ",f1")
     )
 
 
 def evaluate_checkpoint(
     model_path: str | Path,
-    test_data: str | Path | TextSet | ChoiceSet,
+    test_data: str | Path | TextSet | ChoiceSet | ChatSet,
     metrics: str | list[str] | None = None,
     batch_size: int = 16,
     device: str = "auto",
     model_format: str | None = None,
     units: bool = False,
+    chat_template: str | None = None,
 ) -> dict:
     """The metrics of one checkpoint; ``test_data`` a path or data already read (to read a file once for
     several models); ``metrics`` None: ``default_metrics``; ``model_format`` None: by the model's name;
     ``units``: with the scores per block of text or per item (``evaluate_model``), for ``llm-compare``'s
-    noise estimate."""
+    noise estimate; ``chat_template``: renders chat data instead of the model's own template."""
     import torch
 
     from llm_training.export.runtime import load_model
@@ -52,9 +53,16 @@ def evaluate_checkpoint(
         raise UserError(f"{model_path} reads an image before its text: evaluate it on captions with images "
                         '(JSON Lines of {"text": ..., "image": ...})')  # fmt: skip
     # evaluation keeps fp32 weights and computes under bf16 autocast where the device prefers it
+    template = None
+    if isinstance(data, ChatSet):
+        from llm_training.eval.chat import model_template
+
+        template = model_template(trained, chat_template)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if trained.prefers_bf16 else None
     start = time.perf_counter()
-    results = evaluate_model(trained.module, trained.tokenizer, data, names, batch_size, autocast, units)
+    results = evaluate_model(
+        trained.module, trained.tokenizer, data, names, batch_size, autocast, units, template
+    )
     return {"model": str(model_path), "step": trained.step, "test_data": data.source, **results,
             "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 

@@ -3,9 +3,9 @@
 Every export is written into a hidden staging folder beside its destination, checked there, and only then
 moved into place: a failed export or check leaves nothing behind and never touches an existing file. The
 check runs the written model in the runtime that reads its format (onnxruntime, ``torch.jit.load``,
-``transformers``, the ``gguf`` reader, ``safetensors``) on the same tokens as the checkpoint and compares
-logits; quantized exports (int8, fp16) are also scored on validation text and the perplexity change is
-reported and bounded. A check that fails is an error.
+``transformers``, with ``peft`` for an adapter, the ``gguf`` reader, ``safetensors``) on the same tokens as
+the checkpoint and compares logits; quantized exports (int8, fp16) are also scored on validation text and
+the perplexity change is reported and bounded. A check that fails is an error.
 """
 
 from __future__ import annotations
@@ -44,14 +44,18 @@ FORMATS = {
     "safetensors": ".safetensors",
     "hf": "_hf",
     "gguf": ".gguf",
+    "peft": "_peft",  # a folder: base/ (a Hugging Face model) and adapter/ (its LoRA adapter)
 }
-ALIASES = {"huggingface": "hf", "transformers": "hf", "jit": "torchscript", "ts": "torchscript"}
+FOLDERS = ("hf", "peft")
+ALIASES = {"huggingface": "hf", "transformers": "hf", "jit": "torchscript", "ts": "torchscript", "adapter": "peft",
+           "lora": "peft"}  # fmt: skip
 QUANTIZE = {  # format -> what --quantize accepts there
     "onnx": ("none", "int8", "fp16"),
     "torchscript": ("none", "fp16"),
     "safetensors": ("none", "fp16"),
     "hf": ("none", "fp16"),
     "gguf": ("none", "fp16", "int8"),
+    "peft": ("none",),
 }
 # largest logit difference allowed, as a share of (1 + the largest logit): fp32 formats differ only by the
 # order of floating-point sums; fp16 weights change each logit by about 1e-3 of its size
@@ -131,14 +135,18 @@ def check_options(options: ExportOptions) -> tuple[str, str]:
         raise UserError(
             f"--quantize {quantize!r} is not available for {fmt}; valid there: {', '.join(QUANTIZE[fmt])}"
         )
+    if fmt == "peft" and options.pruning is not None:  # pruning the merged weights has no adapter form
+        raise UserError(
+            "--prune does not apply to --format peft (the adapter and its base); export --format hf"
+        )
     return fmt, quantize
 
 
 def default_output(checkpoint: Path, fmt: str, folder: Path | None = None, stem: str | None = None) -> Path:
     """``exports/<checkpoint name><suffix>``; a Hugging Face export is a folder ``<name>_hf`` (``hf`` when
-    the name is ``model``, as in ``--output-dir``)."""
+    the name is ``model``, as in ``--output-dir``), an adapter export likewise ``<name>_peft`` or ``peft``."""
     stem = stem or checkpoint.stem
-    name = "hf" if fmt == "hf" and stem == "model" else stem + FORMATS[fmt]
+    name = fmt if fmt in FOLDERS and stem == "model" else stem + FORMATS[fmt]
     return (folder if folder is not None else Path("exports")) / name
 
 
@@ -153,7 +161,7 @@ def _target(checkpoint: Path, fmt: str, options: ExportOptions) -> Path:
         return default_output(checkpoint, fmt)
     target = Path(options.output)
     folder = str(options.output).endswith(("/", os.sep)) or (target.suffix == "" and target.is_dir())
-    return default_output(checkpoint, fmt, folder=target) if folder and fmt != "hf" else target
+    return default_output(checkpoint, fmt, folder=target) if folder and fmt not in FOLDERS else target
 
 
 def _check_validation_path(validation_data) -> None:
@@ -173,7 +181,7 @@ def _refuse_existing(fmt: str, target: Path, overwrite: bool, inputs: list) -> N
     else:
         paths = [target]
     for path in paths:
-        if fmt == "hf":  # a folder, replaced whole only after the new one is complete
+        if fmt in FOLDERS:  # a folder, replaced whole only after the new one is complete
             check_output_dir(path, overwrite=True, inputs=inputs, label="--output")
         else:
             check_output_file(path, "--output", inputs)
@@ -243,7 +251,7 @@ def export_checkpoint(
             check = check_weights(source.model, staged)
         else:
             with quiet():
-                _write(fmt, quantize, options, source, staged)
+                _write(fmt, quantize, options, source, staged, target)
             log.info("checking %s with %s", target.name, _runtime_name(fmt))
             check = _check(fmt, quantize, options, source, staged)
         # again just before the move: what appeared at the target during the work is refused too
@@ -292,7 +300,9 @@ def export_all(
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path) -> None:
+def _write(
+    fmt: str, quantize: str, options: ExportOptions, source: _Source, path: Path, target: Path
+) -> None:
     model, tokenizer = source.model, source.tokenizer
     config = model_config_json(model.cfg)
     if fmt == "onnx":
@@ -331,6 +341,10 @@ def _write(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
         from llm_training.export.hf import save_hf
 
         save_hf(_as(model, quantize), tokenizer, path, chat_template=source.chat_template)
+    elif fmt == "peft":
+        from llm_training.export.adapter import save_peft
+
+        save_peft(source.path, tokenizer, path, target, source.chat_template)
     else:
         from llm_training.export.gguf import save_gguf
 
@@ -392,6 +406,11 @@ def _runtime_for(fmt: str, path: Path, cfg: ModelConfig):
     """The exported model as run by the runtime that reads its format: an ``nn.Module`` giving logits."""
     from llm_training.export.runtime import RuntimeModule, load_model
 
+    if fmt == "peft":
+        from llm_training.export.adapter import load_peft
+
+        adapted = load_peft(path)
+        return RuntimeModule(cfg, lambda ids: adapted(input_ids=ids).logits)
     if fmt != "hf":  # the format just written, not one guessed from the name the user chose (s.bin)
         return load_model(path, kind=fmt).module
     from transformers import AutoModelForCausalLM
@@ -448,7 +467,7 @@ def _check(fmt: str, quantize: str, options: ExportOptions, source: _Source, pat
 
 def _runtime_name(fmt: str) -> str:
     return {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "safetensors": "safetensors",
-            "hf": "transformers", "gguf": "gguf reader"}[fmt]  # fmt: skip
+            "hf": "transformers", "gguf": "gguf reader", "peft": "transformers + peft"}[fmt]  # fmt: skip
 
 
 def _validation(source: _Source, validation_data, limit: int) -> _Validation:

@@ -80,6 +80,12 @@ def hf_names(cfg: ModelConfig) -> list[str]:
     return [e.hf for e in _table(cfg)]
 
 
+def hf_modules(cfg: ModelConfig, layer: str) -> list[tuple[str, tuple[int, int] | None]]:
+    """The ``transformers`` modules that our Linear ``layer`` (``blocks.0.attn.qkv``) becomes, each with the
+    rows of our weight it takes (None: all): q/k/v and gate/up are split from our fused layers."""
+    return [(e.hf.removesuffix(".weight"), e.rows) for e in _table(cfg) if e.ours == f"{layer}.weight"]
+
+
 def hf_state(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our weights under ``transformers``' names (contiguous copies in ``dtype``); a bias we do not have
     (GPT-2 style without biases) is zeros, as ``GPT2LMHeadModel`` always has one."""

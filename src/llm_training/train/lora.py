@@ -41,22 +41,27 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, ta
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """(the frozen weights under the adapted layers' own names, ``{layer: (lora_A, lora_B)}``) of a
+    checkpoint's model state; a state without adapters gives itself and no factors."""
+    base, factors = {}, {}
+    for name, value in state.items():
+        if ".lora_A." in name:
+            layer = name.split(".lora_A.")[0]
+            factors[layer] = (value, state[name.replace(".lora_A.", ".lora_B.")])
+        elif ".lora_" not in name:
+            base[name.replace(".base_layer.", ".")] = value
+    return base, factors
+
+
 def merged_state(state: dict[str, torch.Tensor], finetune: dict | None) -> dict[str, torch.Tensor]:
     """A checkpoint's model state with any LoRA factors folded in: W + (alpha / rank) * B @ A, under the
     adapted layer's own names. A state without adapters is returned as it is."""
     if not any(".lora_A." in name for name in state):
         return state
     scaling = float(finetune["lora_alpha"]) / int(finetune["lora_rank"])
-    out = {}
-    for name, value in state.items():
-        if ".lora_" in name:
-            continue
-        prefix, base, leaf = name.rpartition(".base_layer.")
-        if not base:
-            out[name] = value
-            continue
-        if leaf == "weight":
-            a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
-            value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
-        out[f"{prefix}.{leaf}"] = value
-    return out
+    base, factors = split_lora(state)
+    for layer, (a, b) in factors.items():
+        value = base[f"{layer}.weight"]
+        base[f"{layer}.weight"] = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+    return base
