@@ -225,6 +225,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     lora_dropout: float = 0.05
     lora_targets: str = "qkv,proj,up,down"  # the layers adapted, comma-separated (lm_head too)
+    qlora: bool = False  # the adapted block layers' frozen weights in 4-bit NF4; implies LoRA (rank 16)
     template: str | None = None  # the template's Jinja text, recorded by llm-finetune so exports carry it
 
 
@@ -758,6 +759,8 @@ def validate(cfg: Config) -> None:
     f = cfg.finetune
     _one_of(f.method, FINETUNE_METHODS, "finetune.method")
     _one_of(f.truncation, {"truncate", "drop"}, "finetune.truncation")
+    _require(not (f.qlora and r.strategy == "fsdp"),
+             "finetune.qlora: FSDP does not shard 4-bit weights; use resources.strategy ddp")  # fmt: skip
     _check_ranges(cfg)
 
 

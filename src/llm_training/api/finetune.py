@@ -161,7 +161,11 @@ def run_finetune(
     cfg.finetune.template = template.source
     validate(cfg)
     f = cfg.finetune
-    if f.lora_rank:  # after any growth: new rows then train with the adapters
+    if f.qlora:  # 4-bit base weights under the adapters (implies LoRA)
+        from llm_training.train.qlora import add_qlora
+
+        notes.append(add_qlora(model, cfg, bool(added)))
+    elif f.lora_rank:  # after any growth: new rows then train with the adapters
         from llm_training.train.lora import add_lora
 
         trainable = add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added))

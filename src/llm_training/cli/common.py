@@ -220,6 +220,7 @@ EXTRAS = {
     **dict.fromkeys(["datasets", "pyarrow", "aiohttp"], "data"),
     "accelerate": "distributed",
     "peft": "finetune",
+    "bitsandbytes": "finetune",
 }
 
 

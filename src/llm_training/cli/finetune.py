@@ -50,6 +50,8 @@ def build_parser():
         "--lora-alpha", type=float, help="LoRA scale numerator: adapters scale by alpha / rank (16)."
     )
     p.add_argument("--lora-dropout", type=float, help="Dropout on the adapters' input (0.05).")
+    p.add_argument("--qlora", action="store_true", help="QLoRA: the adapted layers' frozen weights in 4-bit "
+                   "NF4 (needs bitsandbytes; LoRA of rank 16 unless --lora-rank says otherwise).")  # fmt: skip
     p.add_argument("--lora-targets", help="Layers adapted, comma-separated: qkv, proj, up, down, lm_head "
                    "(default: qkv,proj,up,down).")  # fmt: skip
     add_training_flags(p)
@@ -69,6 +71,7 @@ def config_values(args) -> dict:
         "finetune.lora_alpha": args.lora_alpha,
         "finetune.lora_dropout": args.lora_dropout,
         "finetune.lora_targets": args.lora_targets,
+        "finetune.qlora": args.qlora or None,
         **training_values(args),
         **parse_sets(args.overrides),
     }

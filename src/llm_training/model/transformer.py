@@ -275,7 +275,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(_values(p) for p in self.parameters())
         if non_embedding:
             total -= self.embed.weight.numel()
             if self.pos_embed is not None:
@@ -290,6 +290,13 @@ class Transformer(nn.Module):
             6 * (self.num_parameters(non_embedding=True) + head)
             + 12 * c.num_layers * c.hidden_size * c.max_seq_length
         )
+
+
+def _values(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a 4-bit one (QLoRA, bitsandbytes) packs two a byte, its shape is in
+    its quantization state."""
+    state = getattr(p, "quant_state", None)
+    return p.numel() if state is None else state.shape.numel()
 
 
 def device_of(model: nn.Module) -> torch.device:
