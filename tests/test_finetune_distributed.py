@@ -23,10 +23,10 @@ FINETUNE = ["-m", "llm_training.cli.finetune"]
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
 GLOO = ["--num-gpus", "2", "--distributed-backend", "gloo"]
 STEPS = 8
-# every step logged, validation at 0, 4 and 8, a checkpoint at step 4; the model has no dropout, and LoRA's
+# every step logged, validation at 0 and 8, a checkpoint at step 4; the model has no dropout, and LoRA's
 # is off, so that one process and two compute the same steps
 SETTINGS = ["--device", "cpu", "--learning-rate", "3e-3", "--max-steps", str(STEPS), *set_flags({
-    "training.warmup_steps": 2, "training.log_interval": 1, "training.eval_interval": 4,
+    "training.warmup_steps": 2, "training.log_interval": 1, "training.eval_interval": STEPS,
     "training.eval_batches": 2, "training.checkpoint_interval": 4, "training.sample_tokens": 0,
     "logging.tensorboard": False, "logging.progress_bar": False, "checkpoint.keep_last": 10,
 })]  # fmt: skip
