@@ -60,11 +60,11 @@ def read_pretrained(path: str | Path) -> tuple[ModelConfig, Tokenizer, ChatTempl
 
 
 def prepare_before_launch(
-    cfg: Config, model_path: str | Path, data_file: str | Path, resume=None
+    cfg: Config, model_path: str | Path, data_file: str | Path, resume=None, prepare: bool = True
 ) -> str | None:
     """Check everything the workers would check first and prepare ``data_file`` into the run's folder, as
-    ``run_finetune`` does, in this process; returns the preparation's line (None for a method whose data
-    the workers prepare). ``cfg`` gets the model's architecture, like a worker's."""
+    ``run_finetune`` does, in this process; returns the preparation's line (None when the workers prepare:
+    ``prepare`` false, or another method's data). ``cfg`` gets the model's architecture, like a worker's."""
     from llm_training.api.finetune import choose_template, prepare_chat_data
     from llm_training.api.jobs import check_checkpoints_fit
     from llm_training.data.chat import add_template_tokens
@@ -86,7 +86,9 @@ def prepare_before_launch(
         from llm_training.train.lora import target_names
 
         target_names(f.lora_targets, cfg.model.tie_embeddings)
-    if f.method != "sft":  # another method's data: rank 0 prepares it, the others waiting
+    if not prepare or f.method != "sft":  # rank 0 prepares it, the others waiting
+        if not Path(data_file).is_file():
+            raise UserError(f"data file not found: {data_file}")
         return None
     data_dir, line = prepare_chat_data(cfg, data_file, tokenizer, template)
     check_checkpoints_fit(cfg, data_dir, resume)

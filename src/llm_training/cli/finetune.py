@@ -100,10 +100,11 @@ def launch_workers(args, arguments: list[str], cfg) -> int:
     from llm_training.cli.launch import check
 
     check(args)  # an impossible launch (more GPUs than there are) fails before the data is prepared
-    if args.nnodes == 1 or args.node_rank == 0:  # one node prepares (the others see the same folder)
-        line = prepare_before_launch(cfg, args.model, args.data, args.resume)
-        if line:
-            print(line, flush=True)
+    # With several nodes every node checks, and rank 0 prepares after the rendezvous: preparing here would
+    # keep node 0 from the rendezvous while the other nodes' wait for it (--rdzv-timeout) runs
+    line = prepare_before_launch(cfg, args.model, args.data, args.resume, prepare=args.nnodes == 1)
+    if line:
+        print(line, flush=True)
     return launch(args, arguments, "llm_training.cli.finetune")
 
 
