@@ -68,12 +68,17 @@ def load_pretrained(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ChatT
     trained = load_trained(path)
     if getattr(trained.model, "vision_cfg", None) is not None:
         raise UserError(f"{path}: a text-and-image model; llm-finetune fine-tunes language models")
-    template = None
-    if trained.chat_template:  # recorded by an earlier fine-tuning
-        special = trained.tokenizer.special
-        names = {"eos_token": special.eos, "bos_token": special.bos, "pad_token": special.pad or special.eos}
-        template = ChatTemplate(trained.chat_template, str(path), {k: v for k, v in names.items() if v})
+    template = recorded_template(trained.tokenizer, trained.chat_template, path)
     return trained.model.float(), trained.tokenizer, template
+
+
+def recorded_template(tokenizer: Tokenizer, text: str | None, path: Path) -> ChatTemplate | None:
+    """The template an earlier fine-tuning recorded in checkpoint ``path`` (``text``), if any."""
+    if not text:
+        return None
+    special = tokenizer.special
+    names = {"eos_token": special.eos, "bos_token": special.bos, "pad_token": special.pad or special.eos}
+    return ChatTemplate(text, str(path), {k: v for k, v in names.items() if v})
 
 
 def _own_template(folder: Path) -> ChatTemplate | None:
@@ -168,10 +173,19 @@ def run_finetune(
     elif f.lora_rank:  # after any growth: new rows then train with the adapters
         from llm_training.train.lora import add_lora
 
+        torch.manual_seed(cfg.training.seed)  # the same adapters in every process (FSDP2 does not broadcast)
         trainable = add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added))
         notes.append(f"LoRA rank {f.lora_rank} on {f.lora_targets}: {trainable:,} of {model.num_parameters():,} "
                      "parameters trained; every reader of the checkpoints merges the adapters")  # fmt: skip
-    data_dir, prepared = prepare_chat_data(cfg, data_file, tokenizer, template)
-    result = run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
+    from llm_training.api.resources import ComputeResourceManager
+    from llm_training.train.distributed import computed_once
+
+    # Several processes (torchrun, llm-finetune --num-gpus): the group is joined before the data, which rank
+    # 0 prepares (or re-uses) while the others wait, so no two write the folder (see api/finetune_launch.py)
+    with ComputeResourceManager(None, cfg.resources) as env:
+        data_dir, prepared = computed_once(
+            env, lambda: prepare_chat_data(cfg, data_file, tokenizer, template)
+        )
+        result = run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
     result.notes = [prepared, *notes, *getattr(result, "notes", [])]
     return result

@@ -14,6 +14,7 @@ from llm_training.cli.common import (
     run,
     training_values,
 )
+from llm_training.cli.launch import add_launch_flags, launch, should_launch
 from llm_training.config import FINETUNE_METHODS
 
 DESCRIPTION = """\
@@ -23,7 +24,8 @@ into <output-dir>/prepared_chat; the loss counts the assistant's replies only. D
 (AdamW, learning rate 5e-5 with warm-up, one epoch); every training flag and --set key works as in llm-train.
 
 example:
-  llm-finetune --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft --max-steps 200"""
+  llm-finetune --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft --max-steps 200
+  llm-finetune --num-gpus 4 --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft"""
 
 
 def build_parser():
@@ -56,6 +58,7 @@ def build_parser():
                    "(default: qkv,proj,up,down).")  # fmt: skip
     add_training_flags(p)
     add_resume_flags(p)
+    add_launch_flags(p)
     add_set_flag(p)
     return p
 
@@ -73,6 +76,7 @@ def config_values(args) -> dict:
         "finetune.lora_targets": args.lora_targets,
         "finetune.qlora": args.qlora or None,
         **training_values(args),
+        "resources.distributed_backend": args.distributed_backend,
         **parse_sets(args.overrides),
     }
 
@@ -84,10 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         arguments = sys.argv[1:] if argv is None else argv
         args = build_parser().parse_args(arguments)
         cfg = finetune_config(args.config, config_values(args))
+        if should_launch(args):
+            return launch_workers(args, arguments, cfg)
         result = run_finetune(cfg, args.model, args.data, resume_from=args.resume)
         return print_result(result, "llm-finetune", arguments)
 
     return run(body)
+
+
+def launch_workers(args, arguments: list[str], cfg) -> int:
+    """--num-gpus/--nnodes: the inputs checked and the data prepared here, once (api/finetune_launch.py
+    says why), then the workers started, each loading the model."""
+    from llm_training.api.finetune_launch import prepare_before_launch
+    from llm_training.cli.launch import check
+
+    check(args)  # an impossible launch (more GPUs than there are) fails before the data is prepared
+    # With several nodes every node checks, and rank 0 prepares after the rendezvous: preparing here would
+    # keep node 0 from the rendezvous while the other nodes' wait for it (--rdzv-timeout) runs
+    line = prepare_before_launch(cfg, args.model, args.data, args.resume, prepare=args.nnodes == 1)
+    if line:
+        print(line, flush=True)
+    return launch(args, arguments, "llm_training.cli.finetune")
 
 
 if __name__ == "__main__":

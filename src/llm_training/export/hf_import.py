@@ -146,9 +146,21 @@ class Shards(Mapping):
 def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     """A Hugging Face folder (ours or another's) as our model, and its tokenizer if it has a
     ``tokenizer.json`` (with its own special tokens when ``tokenizer_config.json`` names them)."""
+    folder = Path(folder)
+    cfg, weights = hf_architecture(folder)
+    with torch.device("meta"):
+        shapes = {name: value.shape for name, value in Transformer(cfg).state_dict().items()}
+    model = Transformer.from_state(cfg, state_from_hf(cfg, shapes, weights, str(folder)))
+    tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+def hf_architecture(folder: Path) -> tuple[ModelConfig, Shards]:
+    """The model config of a Hugging Face folder, with its weights' index (read lazily), after every check
+    that needs no weight (GPT-2's small biases are read): what a launcher's parent checks before its
+    workers each load the model."""
     from llm_training.model.footprint import check_fits
 
-    folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
@@ -168,11 +180,7 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer | None]:
     except ConfigError as exc:
         raise UserError(f"{where}: {exc}") from None
     check_fits(cfg)  # one line saying what fits, before a byte is read
-    with torch.device("meta"):
-        shapes = {name: value.shape for name, value in Transformer(cfg).state_dict().items()}
-    model = Transformer.from_state(cfg, state_from_hf(cfg, shapes, weights, str(folder)))
-    tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    return model, tokenizer
+    return cfg, weights
 
 
 def _gpt2_config(c: dict, weights: Shards, where: str) -> ModelConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from llm_training.errors import ConfigError
+from llm_training.errors import ConfigError, UserError
 
 log = logging.getLogger("llm_training.distributed")
 
@@ -85,7 +85,9 @@ def init_process_group(env: DistEnv, backend_setting: str, device_type: str, tim
             "torchrun, accelerate launch or llm-train --num-gpus N, or unset WORLD_SIZE"
         )
     backend = pick_backend(backend_setting, device_type)
-    if backend != backend_setting.lower() and backend_setting.lower() != "auto" and env.rank == 0:
+    joined = dist.is_initialized()  # by an outer ComputeResourceManager (llm-finetune's): it warned already
+    asked = backend_setting.lower()
+    if backend != asked and asked != "auto" and env.rank == 0 and not joined:
         log.warning(
             "warning: resources.distributed_backend is %s but training runs on %s here (no CUDA GPU): "
             "using %s",
@@ -101,7 +103,7 @@ def init_process_group(env: DistEnv, backend_setting: str, device_type: str, tim
                 f"start at most {visible} processes per node"
             )
         torch.cuda.set_device(env.local_rank)
-    if not dist.is_initialized():
+    if not joined:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(env.rank, env.world_size, env.local_rank, backend)
 
@@ -158,6 +160,24 @@ def broadcast_object(value, env: DistEnv):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def computed_once(env: DistEnv, compute):
+    """``compute()`` run by rank 0 alone (preparing data, say) and its value on every rank, which wait for
+    it. When it fails on rank 0 the others stop too, with a line that points to rank 0's error."""
+    if not env.enabled:
+        return compute()
+    if env.is_main:
+        try:
+            value = compute()
+        except BaseException:
+            broadcast_object((False, None), env)
+            raise
+        return broadcast_object((True, value), env)[1]
+    done, value = broadcast_object(None, env)
+    if not done:
+        raise UserError(f"process {env.rank} stopped because process 0 failed (its error is above)")
+    return value
 
 
 # --------------------------------------------------------------------------------------------- wrapping

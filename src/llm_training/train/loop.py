@@ -206,7 +206,7 @@ class Trainer:
             try:
                 parts = split_batches(micro, self.split)
                 return train_step(self.fwd, parts, self.optimizer, self.runtime, grad_clip=t.grad_clip,
-                                  scaler=self.scaler, objective=self.objective)  # fmt: skip
+                                  scaler=self.scaler, objective=self.objective, env=self.env)  # fmt: skip
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise

@@ -21,17 +21,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, ta
     must learn). Returns the number of trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from llm_training.errors import ConfigError
-
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    unknown = sorted(set(names) - {*TARGETS, "lm_head"})
-    if unknown or not names:
-        raise ConfigError(f"finetune.lora_targets: {', '.join(unknown) or 'none given'}; "
-                          f"choose from {', '.join((*TARGETS, 'lm_head'))}")  # fmt: skip
-    if "lm_head" in names and model.cfg.tie_embeddings:  # one tensor cannot be adapted in one role only
-        raise ConfigError(
-            "finetune.lora_targets: lm_head is tied to the embeddings in this model; leave it out"
-        )
+    names = target_names(targets, model.cfg.tie_embeddings)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
@@ -52,6 +42,22 @@ def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         elif ".lora_" not in name:
             base[name.replace(".base_layer.", ".")] = value
     return base, factors
+
+
+def target_names(targets: str, tied_embeddings: bool) -> list[str]:
+    """The layer names of ``targets`` (comma-separated), checked against the model (``tied_embeddings``)."""
+    from llm_training.errors import ConfigError
+
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = sorted(set(names) - {*TARGETS, "lm_head"})
+    if unknown or not names:
+        raise ConfigError(f"finetune.lora_targets: {', '.join(unknown) or 'none given'}; "
+                          f"choose from {', '.join((*TARGETS, 'lm_head'))}")  # fmt: skip
+    if "lm_head" in names and tied_embeddings:  # one tensor cannot be adapted in one role only
+        raise ConfigError(
+            "finetune.lora_targets: lm_head is tied to the embeddings in this model; leave it out"
+        )
+    return names
 
 
 def merged_state(state: dict[str, torch.Tensor], finetune: dict | None) -> dict[str, torch.Tensor]:

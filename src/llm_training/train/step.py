@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from llm_training.train.distributed import DistEnv, all_reduce
 from llm_training.train.objectives import LanguageModelling, Objective
 
 
@@ -17,23 +18,33 @@ def train_step(
     grad_clip: float,
     scaler=None,
     objective: Objective | None = None,
+    env: DistEnv | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one optimizer step over ``micro_batches`` (dicts of tensors; with the default objective,
     language modelling, input_ids and labels). The objective makes each micro-batch's loss.
 
     The loss of each micro-batch is weighted by its share of the step's counted tokens (``objective.tokens``:
     labels other than -100 in language modelling), so accumulation equals one large batch even when
-    micro-batches hold different numbers of them. Returns (mean loss, gradient norm) as device tensors:
-    reading them forces a host sync, so the caller does that only when it logs.
+    micro-batches hold different numbers of them. With several processes (``env``) the share is of every
+    process's tokens, so that DDP's and FSDP's mean of the processes' gradients is the gradient of the
+    global batch (chat examples differ in trained tokens; a mean of per-process means would weigh a token
+    of a process with few more). Returns (loss, gradient norm) as device tensors: the loss is this
+    process's part of the step's mean (the mean over processes is the step's loss); reading them forces a
+    host sync, so the caller does that only when it logs.
     """
     device = runtime.device
     objective = objective or LanguageModelling()
     counts = [objective.tokens(b) for b in micro_batches]  # on the batches' device: no GPU sync
-    total_tokens = torch.stack(counts).sum().clamp(min=1).to(device)
+    total_tokens = torch.stack(counts).sum().to(device)
+    share = 1.0
+    if env is not None and env.enabled:  # one scalar all-reduce, queued on the device: no host sync
+        all_reduce(total_tokens, env)
+        share = float(env.world_size)  # the processes' gradients are averaged: W x (mine / all of them)
+    total_tokens = total_tokens.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for batch, count in zip(micro_batches, counts, strict=True):
         loss = objective.loss(model, batch, runtime, non_blocking=True)
-        weight = count.to(device) / total_tokens
+        weight = count.to(device) * share / total_tokens
         scaled = loss * weight
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += scaled.detach()
