@@ -34,9 +34,9 @@ def flex_available() -> bool:
 
 def _flex():
     """(create_block_mask, flex_attention), compiled: uncompiled FlexAttention materialises every score
-    (a slow reference). Inside a compiled model both are traced into its graph as they are; called eagerly,
-    each is compiled once per process. ``dynamic=False``: a run sees few shapes (the micro-batch, a shorter
-    last validation batch), and a static kernel per shape is the fast one."""
+    (a slow reference). Inside a compiled model flex_attention is traced into its graph as it is; called
+    eagerly, each is compiled once per process. ``dynamic=False``: a run sees few shapes (the micro-batch, a
+    shorter last validation batch), and a static kernel per shape is the fast one."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if torch.compiler.is_compiling():
@@ -45,6 +45,20 @@ def _flex():
         _compiled["mask"] = torch.compile(create_block_mask, dynamic=False)
         _compiled["attend"] = torch.compile(flex_attention, dynamic=False)
     return _compiled["mask"], _compiled["attend"]
+
+
+@torch.compiler.disable
+def _block_mask(segment_ids: torch.Tensor):
+    """FlexAttention's block mask of same-segment causal attention, made outside a compiled model's graph
+    (by the separately compiled ``create_block_mask``; one graph break at the start of the forward pass)
+    and passed into the attention of every layer, as FlexAttention's documentation uses it."""
+    create_block_mask, _ = _flex()
+    B, T = segment_ids.shape
+
+    def same_segment_causal(b, h, q, kv):
+        return (segment_ids[b, q] == segment_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_segment_causal, B, None, T, T, device=segment_ids.device)
 
 
 class SegmentMask:
@@ -63,13 +77,7 @@ class SegmentMask:
         self.backend, self.dropout = backend, dropout
         B, T = segment_ids.shape
         if backend == "flex":
-            create_block_mask, _ = _flex()
-            segments = segment_ids
-
-            def same_segment_causal(b, h, q, kv):
-                return (segments[b, q] == segments[b, kv]) & (q >= kv)
-
-            self.mask = create_block_mask(same_segment_causal, B, None, T, T, device=segment_ids.device)
+            self.mask = _block_mask(segment_ids)
         else:
             position = torch.arange(T, device=segment_ids.device)
             causal = position[:, None] >= position[None, :]
@@ -79,6 +87,9 @@ class SegmentMask:
         """Attention of q (B, H, T, D) over k, v (B, K, T, D), K dividing H (grouped queries)."""
         if self.backend == "flex":
             _, flex_attention = _flex()
+            # views of the fused projection: inductor's CPU kernel read them wrongly inside a compiled model
+            # (torch 2.13, every row off); copies cost little next to the attention
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             return flex_attention(q, k, v, block_mask=self.mask, enable_gqa=k.size(1) != q.size(1))
         if k.size(1) != q.size(1):
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
