@@ -8,7 +8,8 @@ attention, QKV bias, tied embeddings). Both modes run the same ``train_step`` ov
   on CUDA, SDPA with a boolean mask elsewhere).
 
 Reported per mode: steps/s, trained (assistant) tokens/s, example tokens/s (ids that are not padding),
-total tokens/s (padding included) and peak memory on CUDA. Trained tokens/s is the one to compare: the
+total tokens/s (padding included) and peak memory on CUDA. On a CPU the modes take turns (``--rounds``), so
+that other work on the machine slows both alike. Trained tokens/s is the one to compare: the
 same data trains the same tokens either way. On CUDA it also checks FlexAttention's loss and gradients
 against the SDPA mask (fp32) on one packed batch.
 
@@ -75,34 +76,72 @@ def batches(loader: BatchLoader):
         yield from loader
 
 
-def measure(model, dataset, batch: int, runtime, steps: int, warmup: int) -> dict:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    stream = batches(BatchLoader(dataset, batch, seed=0))
-    fwd = torch.compile(model) if runtime.compile else model
-    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else lambda: None
-    for _ in range(warmup):
-        train_step(fwd, [next(stream)], optimizer, runtime, grad_clip=1.0)
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trained = examples = total = 0
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
-        micro = next(stream)
-        loss, _ = train_step(fwd, [micro], optimizer, runtime, grad_clip=1.0)
-        trained += int((micro["labels"] != -100).sum())
-        ids = micro["input_ids"]
-        total += ids.numel()
-        # ids that belong to an example (the pad id appears in no example of this data)
-        examples += int(
-            (micro["segment_ids"] >= 0).sum() if "segment_ids" in micro else (ids != dataset.pad_id).sum()
-        )
-    sync()
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() / 2**30 if runtime.device.type == "cuda" else float("nan")
-    return {"steps/s": steps / seconds, "trained tok/s": trained / seconds, "example tok/s": examples / seconds,
-            "total tok/s": total / seconds, "peak GiB": peak, "loss": float(loss),
-            "steps/epoch": len(BatchLoader(dataset, batch, seed=0))}  # fmt: skip
+class Mode:
+    """One way of batching the split, with its own model (same initial weights) and optimizer."""
+
+    def __init__(self, model_cfg: ModelConfig, dataset, batch: int, runtime) -> None:
+        torch.manual_seed(0)
+        self.model = Transformer(model_cfg).to(runtime.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.fwd = torch.compile(self.model) if runtime.compile else self.model
+        self.stream = batches(BatchLoader(dataset, batch, seed=0))
+        self.dataset, self.batch, self.runtime = dataset, batch, runtime
+        self.seconds, self.steps, self.trained, self.examples, self.total = 0.0, 0, 0, 0, 0
+        self.loss, self.peak = float("nan"), float("nan")
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        cuda = self.runtime.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            micro = next(self.stream)
+            loss, _ = train_step(self.fwd, [micro], self.optimizer, self.runtime, grad_clip=1.0)
+            if timed:
+                ids = micro["input_ids"]
+                self.trained += int((micro["labels"] != -100).sum())
+                self.total += ids.numel()
+                # ids that belong to an example (the pad id appears in no example of this data)
+                own = micro["segment_ids"] >= 0 if "segment_ids" in micro else ids != self.dataset.pad_id
+                self.examples += int(own.sum())
+        if cuda:
+            torch.cuda.synchronize()
+        if timed:
+            self.seconds += time.perf_counter() - started
+            self.steps += steps
+            self.loss = float(loss)
+
+    def row(self) -> dict:
+        s = self.seconds
+        return {"steps/s": self.steps / s, "trained tok/s": self.trained / s, "example tok/s": self.examples / s,
+                "total tok/s": self.total / s, "peak GiB": self.peak, "loss": self.loss,
+                "steps/epoch": len(BatchLoader(self.dataset, self.batch, seed=0))}  # fmt: skip
+
+
+def measure(model_cfg, plans: dict, runtime, steps: int, warmup: int, rounds: int) -> dict:
+    """Rows of ``plans`` (name: (dataset, batch)). One round: each mode alone, in turn, with its peak memory
+    on CUDA. Several: both modes built, then ``steps / rounds`` steps of each in turn, so that other work on
+    a shared machine slows both alike."""
+    rows = {}
+    if rounds == 1:
+        for name, (dataset, batch) in plans.items():
+            mode = Mode(model_cfg, dataset, batch, runtime)
+            mode.run(warmup, timed=False)
+            if runtime.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            mode.run(steps)
+            if runtime.device.type == "cuda":
+                mode.peak = torch.cuda.max_memory_allocated() / 2**30
+            rows[name] = mode.row()
+            del mode
+        return rows
+    modes = {name: Mode(model_cfg, dataset, batch, runtime) for name, (dataset, batch) in plans.items()}
+    for mode in modes.values():
+        mode.run(warmup, timed=False)
+    for _ in range(rounds):
+        for mode in modes.values():
+            mode.run(max(1, steps // rounds))
+    return {name: mode.row() for name, mode in modes.items()}
 
 
 def flex_check(model_cfg: ModelConfig, dataset, device) -> str:
@@ -137,6 +176,8 @@ def main() -> None:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)"
     )
+    p.add_argument("--rounds", type=int, help="modes taken in turn this many times (default: 4 on a CPU, "
+                   "whose machine may be shared; 1 on CUDA, which also gives each mode's peak memory)")  # fmt: skip
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args()
 
@@ -144,6 +185,7 @@ def main() -> None:
     cfg.resources.device = args.device
     cfg.training.compile = "auto" if args.compile is None else args.compile
     runtime = resolve_runtime(cfg)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # other work on the machine slows both modes alike
     warmup = args.warmup if args.warmup is not None else (10 if runtime.compile else 3)
     with tempfile.TemporaryDirectory() as tmp:
         folder, vocab = prepared(Path(tmp), args.examples, args.window)
@@ -155,15 +197,11 @@ def main() -> None:
                                 num_attention_heads=args.heads, num_kv_heads=args.kv_heads, qkv_bias=True,
                                 intermediate_size=args.intermediate, vocab_size=64 * -(-vocab // 64),
                                 max_seq_length=args.window, rope_theta=1e6)  # fmt: skip
-        rows, parameters = {}, 0
-        for name, dataset, batch in (("padding", padded, args.batch), ("packing", packed, windows)):
-            torch.manual_seed(0)
-            model = Transformer(model_cfg).to(runtime.device)
-            parameters = sum(p.numel() for p in model.parameters())
-            rows[f"{name} ({batch} {'windows' if name == 'packing' else 'examples'})"] = measure(
-                model, dataset, batch, runtime, args.steps, warmup
-            )
-            del model
+        plans = {f"padding ({args.batch} examples)": (padded, args.batch),
+                 f"packing ({windows} windows)": (packed, windows)}  # fmt: skip
+        rounds = args.rounds or (1 if runtime.device.type == "cuda" else 4)
+        rows = measure(model_cfg, plans, runtime, args.steps, warmup, rounds)
+        parameters = sum(p.numel() for p in Transformer(model_cfg).parameters())
         check = flex_check(model_cfg, packed, runtime.device) if runtime.device.type == "cuda" else ""
         lengths = [len(padded.example(i)[0]) for i in range(padded.num_windows)]
 
@@ -174,12 +212,12 @@ def main() -> None:
     )
     lines = [
         f"date: {datetime.date.today()}, {device} ({runtime.device.type}, {os.cpu_count()} cores), torch {torch.__version__}, "
-        f"precision {runtime.precision}, compile {runtime.compile}",
+        f"precision {runtime.precision}, compile {runtime.compile}, load average {load}",
         f"command: python bench/packing.py {' '.join(sys.argv[1:])}",
         f"model: Qwen2-like, {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} kv), "
         f"vocab {model_cfg.vocab_size}: {parameters / 1e6:.1f}M parameters",
         f"data: {len(lengths):,} training examples of {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}); "
-        f"{packed.describe().removeprefix('packed ')}; {warmup} warm-up and {args.steps} timed steps a mode",
+        f"{packed.describe()}; {warmup} warm-up and {args.steps} timed steps a mode, in {rounds} round(s)",
         "",
         f"{'mode':28s} {'steps/s':>8s} {'trained tok/s':>14s} {'example tok/s':>14s} {'total tok/s':>12s} "
         f"{'peak GiB':>9s} {'steps/epoch':>12s} {'last loss':>10s}",

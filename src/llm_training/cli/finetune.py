@@ -44,7 +44,7 @@ def build_parser():
                    "default: the model's context, at most 2048.")  # fmt: skip
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, help="Pack examples into full windows "
                    "of training.seq_length (default: --max-length) with attention kept inside each example, "
-                   "instead of padding each batch (finetune.packing; a batch is then that many windows).")  # fmt: skip
+                   "instead of padding each batch (finetune.packing, default off; --batch-size then counts windows).")  # fmt: skip
     p.add_argument(
         "--config", help="YAML config file (training, logging, ... keys) over the fine-tuning defaults."
     )
