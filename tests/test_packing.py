@@ -181,7 +181,8 @@ def test_flex_attention_in_a_compiled_model_equals_the_sdpa_mask(prepared):
 
 def test_finetune_with_packing_trains_and_resumes(tmp_path, qwen2_folder, chat_file):  # noqa: F811
     """``llm-finetune --packing``: the assistant-token validation loss falls, the run says what was packed,
-    a step is 4 windows of the model's context, and --resume auto continues to the new step count."""
+    a step is 4 windows of the model's context, and ``Trainer.finetune(packing=True, resume="auto")``
+    continues to the new step count."""
     run, packing = tmp_path / "run", ["--packing", "--batch-size", "4"]
     proc = finetune(qwen2_folder, chat_file, run, *packing, "--max-steps", "16")
     assert "packed 190 training examples into" in proc.stdout and "windows of 128 tokens" in proc.stdout
@@ -193,5 +194,14 @@ def test_finetune_with_packing_trains_and_resumes(tmp_path, qwen2_folder, chat_f
     assert state["config"]["finetune"]["packing"] is True
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows if r.get("step") == 16 and "tokens" in r][-1] == 16 * 4 * 128
-    finetune(qwen2_folder, chat_file, run, *packing, "--max-steps", "18", "--resume", "auto")
-    assert evals(run)[-1][0] == 18 and np.isfinite(evals(run)[-1][1])
+    # Trainer.finetune(packing=True) resumes it in this process, to step 18
+    from llm_training.api.trainer import Trainer
+
+    quick = {"batch_size": 4, "num_epochs": 5, "learning_rate": 3e-3, "eval_interval": 10, "eval_batches": 2,
+             "sample_tokens": 0, "warmup_steps": 3, "resources.device": "cpu", "logging.tensorboard": False,
+             "logging.progress_bar": False}  # fmt: skip
+    result = Trainer(output_dir=str(run)).finetune(
+        str(qwen2_folder), str(chat_file), packing=True, resume="auto", max_steps=18, **quick
+    )
+    assert result.steps == 18 and evals(run)[-1][0] == 18 and np.isfinite(evals(run)[-1][1])
+    assert any(note.startswith("packed 190 training examples") for note in result.notes)
