@@ -25,6 +25,7 @@ from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, jso
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
 FINETUNE_METHODS = {"sft"}  # what llm-finetune --method offers: only methods that work
+FINETUNE_MAX_LENGTH = 2048  # tokens a fine-tuning example at most, unless finetune.max_length says
 
 
 @dataclass
@@ -221,6 +222,8 @@ class FinetuneConfig:
     train_on_prompt: bool = False  # train on every token, not only the assistant's replies
     max_length: int | None = None  # tokens an example at most; None: the model's context, at most 2048
     truncation: str = "truncate"  # longer examples: truncate (keep their start) or drop
+    # pack examples into full windows (attention kept inside each example) instead of padding each batch
+    packing: bool = False
     lora_rank: int = 0  # LoRA adapters of this rank on frozen weights (needs peft); 0: every weight trains
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     lora_dropout: float = 0.05

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llm_training import __version__
+from llm_training.config import FINETUNE_MAX_LENGTH as DEFAULT_MAX_LENGTH
 from llm_training.config import Config, is_resolved_config, load_config, validate
 from llm_training.data.chat_template import TEMPLATE_FILE, ChatTemplate, load_chat_template
 from llm_training.data.tokenizer import Tokenizer
@@ -24,7 +25,6 @@ from llm_training.events import EventBus
 from llm_training.fileio import check_output_file
 
 PREPARED_CHAT = "prepared_chat"  # under the output folder, like the main job's prepared_data
-DEFAULT_MAX_LENGTH = 2048
 # Fine-tuning moves pretrained weights a little: AdamW at a small learning rate with a short warm-up, no weight
 # decay, one epoch. These sit above the built-in defaults (config/default.yaml is for training from scratch
 # and is not read); a --config file, environment variables and flags override them.
@@ -186,6 +186,11 @@ def run_finetune(
         data_dir, prepared = computed_once(
             env, lambda: prepare_chat_data(cfg, data_file, tokenizer, template)
         )
+        if f.packing:
+            from llm_training.data.chat_prepare import PackedChatDataset
+            from llm_training.train.sft import packing_window
+
+            notes.append(PackedChatDataset(data_dir / "train.json", packing_window(cfg)).describe())
         result = run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
     result.notes = [prepared, *notes, *getattr(result, "notes", [])]
     return result

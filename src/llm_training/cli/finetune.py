@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from llm_training.cli.common import (
@@ -43,6 +44,9 @@ def build_parser():
     )
     p.add_argument("--max-length", type=int, help="Tokens an example at most (longer ones are truncated); "
                    "default: the model's context, at most 2048.")  # fmt: skip
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, help="Pack examples into full windows "
+                   "of training.seq_length (default: --max-length) with attention kept inside each example, "
+                   "instead of padding each batch (finetune.packing, default off; --batch-size then counts windows).")  # fmt: skip
     p.add_argument(
         "--config", help="YAML config file (training, logging, ... keys) over the fine-tuning defaults."
     )
@@ -70,6 +74,7 @@ def config_values(args) -> dict:
         "finetune.chat_template": args.chat_template,
         "finetune.train_on_prompt": args.train_on_prompt or None,
         "finetune.max_length": args.max_length,
+        "finetune.packing": args.packing,
         "finetune.lora_rank": args.lora_rank,
         "finetune.lora_alpha": args.lora_alpha,
         "finetune.lora_dropout": args.lora_dropout,

@@ -5,7 +5,8 @@ loss labels, int32, concatenated; labels aligned with the ids, -100 where not tr
 ``<split>_offsets.npy`` (int64, one more than the examples), the manifest ``<split>.json``
 (``"kind": "chat"``, counts, the end-of-turn id, the fingerprint of what made it), ``vocab.json`` (the
 tokenizer the ids are in) and ``prepare_report.json`` (what encoding kept, cut and dropped). Ragged arrays
-rather than windows: an example is one sequence, padded at batch time, never cut across windows.
+rather than windows: an example is one sequence, never cut across windows, right-padded at batch time
+(``ChatDataset``) or packed with others into full windows when the split is opened (``PackedChatDataset``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llm_training.data.chat import IGNORE_INDEX, ChatEncoder, EncodedChat, encod
 from llm_training.data.chat_formats import read_chat_file
 from llm_training.data.chat_template import ChatTemplate
 from llm_training.data.loader import open_split
+from llm_training.data.packing import best_fit, window_of
 from llm_training.data.prepare import FORMAT_VERSION
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import DataError
@@ -141,3 +143,42 @@ class ChatDataset:
             inputs[row, :n] = ids[:n]
             targets[row, :n] = labels[1 : n + 1]
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
+
+
+class PackedChatDataset(ChatDataset):
+    """Examples packed into windows of ``seq_len`` + 1 tokens (``data/packing.py``: whole examples, best fit;
+    one longer than that is cut, as a padded batch cuts it). ``batch(indices)`` of windows gives
+    ``input_ids`` and ``labels`` shifted as in ``ChatDataset``, with ``position_ids`` (restarting at each
+    example) and ``segment_ids`` (which example; -1 on the padding) of the inputs, all (B, ``seq_len``).
+    Only the plan (which examples go in which window) is held; windows are built when batched."""
+
+    def __init__(self, manifest_path: str | Path, seq_len: int) -> None:
+        super().__init__(manifest_path, seq_len)
+        self.seq_len = seq_len  # the full window: packing fills it whatever the longest example
+        lengths = np.minimum(np.diff(self.offsets), seq_len + 1)
+        self.plan = best_fit(lengths.tolist(), seq_len + 1)
+        self.num_windows = len(self.plan)
+        self.num_examples, self.packed_tokens = len(lengths), int(lengths.sum())
+
+    def describe(self) -> str:
+        fill = self.packed_tokens / (self.num_windows * (self.seq_len + 1))
+        return (f"packed {self.num_examples:,} training examples into {self.num_windows:,} windows of "
+                f"{self.seq_len} tokens ({fill:.0%} example tokens, the rest padding)")  # fmt: skip
+
+    def window(self, index: int):
+        members = self.plan[index]
+        examples = [self.example(i) for i in members]
+        ids, labels = ([e[part][: self.seq_len + 1] for e in examples] for part in (0, 1))
+        return window_of(ids, labels, members, self.seq_len + 1, self.pad_id)
+
+    def batch(self, indices) -> dict:
+        import torch
+
+        windows = [self.window(int(index)) for index in indices]
+
+        def stacked(name: str, start: int, stop: int | None):
+            return torch.from_numpy(np.stack([getattr(w, name)[start:stop] for w in windows]))
+
+        return {"input_ids": stacked("input_ids", 0, -1), "labels": stacked("labels", 1, None),
+                "position_ids": stacked("position_ids", 0, -1),
+                "segment_ids": stacked("segment_ids", 0, -1)}  # fmt: skip

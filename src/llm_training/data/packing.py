@@ -49,11 +49,15 @@ def pack_examples(
             raise ValueError(
                 f"example {index}: {len(ids)} ids and {len(label)} labels for a window of {window}"
             )
-    return [_window(input_ids, labels, members, window, pad_id) for members in _bins(lengths, window)]
+    return [
+        window_of([input_ids[i] for i in members], [labels[i] for i in members], members, window, pad_id)
+        for members in best_fit(lengths, window)
+    ]
 
 
-def _bins(lengths: list[int], window: int) -> list[list[int]]:
-    """Best fit decreasing: each example, longest first, into the fullest window it fits (deterministic)."""
+def best_fit(lengths: Sequence[int], window: int) -> list[list[int]]:
+    """Which examples go in which window (indices, ascending in each): best fit decreasing, each example,
+    longest first, into the fullest window it fits. Deterministic, so a resumed run packs the same windows."""
     free: list[tuple[int, int]] = []  # (room left, window number), sorted
     bins: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -70,17 +74,18 @@ def _bins(lengths: list[int], window: int) -> list[list[int]]:
     return [sorted(members) for members in bins]
 
 
-def _window(input_ids, labels, members: list[int], window: int, pad_id: int) -> PackedWindow:
+def window_of(input_ids, labels, members: list[int], window: int, pad_id: int) -> PackedWindow:
+    """One window of the examples ``input_ids``/``labels`` (in this order; ``members``: their indices)."""
     ids = np.full(window, pad_id, np.int64)
     out_labels = np.full(window, IGNORE_INDEX, np.int64)
     positions = np.zeros(window, np.int64)
     segments = np.full(window, -1, np.int32)
     bounds = [0]
-    for segment, index in enumerate(members):
-        start, length = bounds[-1], len(input_ids[index])
+    for segment, (example, label) in enumerate(zip(input_ids, labels, strict=True)):
+        start, length = bounds[-1], len(example)
         stop = start + length
-        ids[start:stop] = input_ids[index]
-        out_labels[start:stop] = labels[index]
+        ids[start:stop] = example
+        out_labels[start:stop] = label
         out_labels[start] = IGNORE_INDEX  # nothing in this example predicts its first token
         positions[start:stop] = np.arange(length)
         segments[start:stop] = segment

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_training.config import MODEL_TYPES, ModelConfig
+from llm_training.model.packed_attention import SegmentMask
 from llm_training.model.rope import apply_rope, rope_tables
 
 
@@ -47,7 +48,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None = None,
+        segments: SegmentMask | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
@@ -58,6 +63,8 @@ class Attention(nn.Module):
         if rope is not None:  # queries and keys rotated together: half the kernels (decoding is launch-bound)
             qk = apply_rope(qk, *rope)
         q, k = qk.split([self.n_head, self.n_kv], 1)  # (B, H, T, D), (B, K, T, D)
+        if segments is not None:  # packed examples: attention stays inside each one
+            return self.proj(segments.attend(q, k, v).transpose(1, 2).reshape(B, T, -1))
         mask, causal = None, True
         if cache is not None:  # generation: attend to every earlier token kept in the cache
             k, v = cache.append(k, v)
@@ -109,8 +116,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, style)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+    def forward(self, x: torch.Tensor, rope, cache: LayerCache | None = None, segments=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, segments))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -157,6 +164,7 @@ def chunked_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ch
 class Transformer(nn.Module):
     """``model(input_ids)`` returns logits (B, T, V); ``model(input_ids, labels)`` returns the mean loss."""
 
+    attention_backend = "auto"  # of packed batches (packed_attention.SegmentMask): auto, flex or sdpa
     loss_in_fp32 = True  # upcast logits before the loss (the softmax of a large vocabulary needs fp32 sums)
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -228,10 +236,14 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         prefix: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss (with ``labels``) or logits. With a ``cache`` (generation), ``input_ids`` continue the cached
         tokens: their keys and values are added to it and they attend to everything before them. ``prefix``
-        (B, P, hidden): embeddings placed before the tokens (an image's), attended to but not predicted."""
+        (B, P, hidden): embeddings placed before the tokens (an image's), attended to but not predicted.
+        Packed examples (training): ``position_ids`` (B, T) each token's position in its own example and
+        ``segment_ids`` (B, T) which example it is in; attention never crosses from one to another."""
         if input_ids.dim() == 1:  # one sequence (a user scoring a single sample): logits (T, V)
             out = self.forward(input_ids[None], None if labels is None else labels[None], cache)
             return out if labels is not None else out[0]
@@ -243,9 +255,14 @@ class Transformer(nn.Module):
         B, T = x.shape[:2]
         if cache is None and self.cfg.max_seq_length < T:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.max_seq_length})")
-        rope = None
-        if cache is not None:  # each row's own positions (left padding does not count)
-            positions = cache.positions
+        rope, segments = None, None
+        if segment_ids is not None:
+            if cache is not None or P:
+                raise ValueError("segment_ids are for training on packed text: no cache, no prefix")
+            dropout = self.cfg.dropout if self.training else 0.0
+            segments = SegmentMask(segment_ids, self.attention_backend, dropout)
+        if cache is not None or position_ids is not None:  # each row's own positions
+            positions = cache.positions if cache is not None else position_ids
             if self.pos_embed is not None:
                 x = x + self.pos_embed(positions)
             else:
@@ -259,9 +276,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 x = block(x, rope, cache.layers[i])
             elif self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, segments, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, None, segments)
         h = self.norm(x)
         if P:
             h = h[:, P:]

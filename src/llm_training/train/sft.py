@@ -1,14 +1,19 @@
 """Supervised fine-tuning on chat data (prepared folders of kind ``"chat"``): language modelling's loss on the
 assistant's tokens only, the model a plain language model (``model_kind`` ``"text"``), so evaluation, export,
-inference and serving treat the result like any other checkpoint."""
+inference and serving treat the result like any other checkpoint.
+
+Batches are right-padded examples, or with ``finetune.packing`` windows of packed examples whose
+``position_ids`` and ``segment_ids`` reach the model as keywords (``LanguageModelling.loss`` passes every
+tensor of a batch): positions restart and attention stays inside each example, so each example's loss is
+what it would be alone. The loss averages over trained tokens either way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llm_training.config import Config, TrainingConfig
+from llm_training.config import FINETUNE_MAX_LENGTH, Config, TrainingConfig
 from llm_training.data.chat import IGNORE_INDEX
-from llm_training.data.chat_prepare import ChatDataset
+from llm_training.data.chat_prepare import ChatDataset, PackedChatDataset
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.model.generate import Sampling, generate_tokens
 from llm_training.train.device import Runtime
@@ -16,11 +21,15 @@ from llm_training.train.objectives import LanguageModelling, training_window
 
 
 class ChatSFT(LanguageModelling):
-    """Examples right-padded to the window; labels are -100 outside the assistant's replies (and their
-    end-of-turn markup), so ``tokens`` and the loss count the replies alone."""
+    """Examples right-padded to the window, or packed into windows; labels are -100 outside the assistant's
+    replies (and their end-of-turn markup), so ``tokens`` and the loss count the replies alone."""
 
     @classmethod
     def from_data(cls, cfg: Config, data_dir: Path, manifest: dict) -> ChatSFT:
+        if cfg.finetune.packing:
+            window = packing_window(cfg)
+            return cls(PackedChatDataset(data_dir / "train.json", window),
+                       PackedChatDataset(data_dir / "validation.json", window))  # fmt: skip
         window = training_window(cfg)
         return cls(
             ChatDataset(data_dir / "train.json", window), ChatDataset(data_dir / "validation.json", window)
@@ -44,3 +53,11 @@ class ChatSFT(LanguageModelling):
             model.train(was_training)
         shown = tokenizer.backend.decode(prompt[-200:], skip_special_tokens=False)  # with its markup
         return f"{shown}{tokenizer.decode(reply)}"
+
+
+def packing_window(cfg: Config) -> int:
+    """Input tokens a packed window: ``training.seq_length`` when set, else the longest an example may be
+    (``finetune.max_length``, by default the model's context up to 2048): not the context itself, which
+    for an imported model (32,768 tokens for Qwen2.5) would make one window the size of many batches."""
+    limit = min(cfg.finetune.max_length or FINETUNE_MAX_LENGTH, cfg.model.max_seq_length)
+    return cfg.training.seq_length or limit
