@@ -17,7 +17,8 @@ case "${1:-bench}" in
     python3 bench/finetune.py --device cuda --out bench/results/finetune_gpu.txt
     python3 bench/qlora_memory.py --out bench/results/qlora_memory.txt ;;
   tests)
-    python3 -m pytest -q -p no:cacheprovider -x tests/test_finetune.py -k cuda tests/test_packing.py tests/test_qlora.py 2>&1 | tail -15
+    python3 -m pytest -q -p no:cacheprovider tests/test_finetune.py -k cuda 2>&1 | tail -5
+    python3 -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_qlora.py 2>&1 | tail -15
     python3 bench/packing.py --device cuda --hidden 896 --layers 24 --heads 14 --kv-heads 2 \
       --intermediate 4864 --window 2048 --batch 16 --steps 20 --out bench/results/packing_gpu.txt ;;
 esac
