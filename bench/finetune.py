@@ -206,10 +206,15 @@ def main() -> None:
                 cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
             )
             if done.returncode != 0:
-                print(f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
+                print(
+                    f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rows.append((name, None))
                 continue
             rows.append((name, json.loads(done.stdout.strip().splitlines()[-1])))
+            print(table(args, rows[-1:]).splitlines()[3], flush=True)  # the row, as soon as it is measured
     report = table(args, rows)
     print(report)
     if args.out:
