@@ -49,17 +49,19 @@ class Trainer:
         max_length: int | None = None,
         lora_rank: int = 0,
         resume: str | None = None,
+        beta: float | None = None,
         **training: Any,
     ):
         """``llm-finetune``: fine-tune ``model`` (a Hugging Face folder or a .pt checkpoint) on the chat file
-        ``data`` into ``output_dir``; ``lora_rank`` > 0 trains LoRA adapters instead of every weight (other
-        LoRA settings as ``**{"finetune.lora_alpha": 32}``); keyword arguments as in train(). Returns the
-        run's result."""
+        ``data`` into ``output_dir``; ``method`` "dpo" or "simpo" trains on a file of preference pairs
+        (``beta``: their reward scale, default 0.1 for dpo and 2.0 for simpo); ``lora_rank`` > 0 trains LoRA
+        adapters instead of every weight (other LoRA settings as ``**{"finetune.lora_alpha": 32}``); keyword
+        arguments as in train(). Returns the run's result."""
         from llm_training.api.finetune import finetune_config, run_finetune
 
         values = {"output_dir": self.output_dir, "finetune.method": method, "finetune.chat_template": chat_template,
                   "finetune.train_on_prompt": train_on_prompt, "finetune.max_length": max_length,
-                  "finetune.lora_rank": lora_rank}  # fmt: skip
+                  "finetune.lora_rank": lora_rank, "finetune.beta": beta}  # fmt: skip
         for key, value in {**self.overrides, **training}.items():
             values[key if "." in key else f"training.{key}"] = value
         cfg = finetune_config(self.config_file, values)
