@@ -21,7 +21,7 @@ from llm_training.cli.finetune import main as finetune_main
 
 transformers = pytest.importorskip("transformers")
 LN2 = math.log(2)
-EVERY_STEP = ["--set", "training.log_interval=1", "--set", "training.checkpoint_interval=5",
+EVERY_STEP = ["--set", "training.log_interval=1", "--set", "training.checkpoint_interval=10",
               "--set", "checkpoint.keep_last=100"]  # fmt: skip
 
 
@@ -30,6 +30,7 @@ def qwen2_folder(tmp_path_factory):
     """test_finetune's random Qwen2 chat model (ChatML in its tokenizer and template)."""
     tok = gpt2_tokenizer(chatml=True)
     config = transformers.Qwen2Config(**SMALL, vocab_size=len(tok))
+    torch.manual_seed(0)  # the same random model whichever test asks first
     return save_model(transformers.Qwen2ForCausalLM(config), tok, tmp_path_factory.mktemp("qwen2"))
 
 
@@ -38,6 +39,7 @@ def gpt2_folder(tmp_path_factory):
     """test_finetune's random GPT-2 base model (no template; dropout 0.1, transformers' default)."""
     tok = gpt2_tokenizer(chatml=False)
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=128)
+    torch.manual_seed(0)
     return save_model(transformers.GPT2LMHeadModel(config), tok, tmp_path_factory.mktemp("gpt2"))
 
 
@@ -94,7 +96,7 @@ def test_dpo_learns_and_resumes_exactly_with_its_cached_reference(tmp_path, qwen
 
     # --resume auto from step 10: the cache is re-used, not scored again, and steps 11-20 replay exactly
     losses, final = step_losses(run), state["model"]
-    for name in ("model_final.pt", "model_step_20.pt", "model_step_15.pt"):
+    for name in ("model_final.pt", "model_step_20.pt"):
         (run / "checkpoints" / name).unlink()
     proc = finetune(qwen2_folder, pairs_file, run, "--method", "dpo", "--beta", "0.5", "--max-steps", "20",
                     *EVERY_STEP, "--resume", "auto")  # fmt: skip
@@ -125,14 +127,16 @@ def test_simpo_trains_without_a_reference(tmp_path, gpt2_folder, pairs_file):
 
 def test_dpo_with_lora_through_the_api(tmp_path, qwen2_folder, pairs_file):
     """Trainer.finetune(method="dpo", lora_rank=8): the reference is the base model's (loss ln 2 at step 0),
-    only the adapters move, and the loss falls."""
+    only the adapters move, and the loss falls (little: as test_finetune's LoRA test says, adapters on the
+    blocks of a random model with tied embeddings move its log-probs little; 0.693 -> 0.671 when written)."""
     pytest.importorskip("peft")
     from llm_training.api.trainer import Trainer
     from llm_training.export.hf_import import load_hf
 
-    settings = {"batch_size": 8, "learning_rate": 1e-2, "eval_interval": 10, "eval_batches": 2, "sample_tokens": 4,
+    # 40 validation pairs: with 10, one pair moves the figures a lot
+    settings = {"batch_size": 8, "learning_rate": 1e-2, "eval_interval": 10, "eval_batches": 8, "sample_tokens": 4,
                 "warmup_steps": 3, "resources.device": "cpu", "logging.tensorboard": False,
-                "logging.progress_bar": False, "finetune.lora_alpha": 64}  # fmt: skip
+                "logging.progress_bar": False, "finetune.lora_alpha": 64, "data.validation_fraction": 0.2}  # fmt: skip
     result = Trainer(output_dir=str(tmp_path / "run")).finetune(
         str(qwen2_folder), str(pairs_file), method="dpo", lora_rank=8, beta=0.5, max_steps=20, **settings
     )

@@ -185,6 +185,8 @@ def run_finetune(
     if f.lora_rank:  # after any growth: new rows then train with the adapters
         from llm_training.train.lora import add_lora
 
+        # the adapters start from the run's seed, whatever ran before in this process (Trainer.finetune)
+        torch.manual_seed(cfg.training.seed)
         trainable = add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added))
         notes.append(f"LoRA rank {f.lora_rank} on {f.lora_targets}: {trainable:,} of {model.num_parameters():,} "
                      "parameters trained; every reader of the checkpoints merges the adapters")  # fmt: skip
