@@ -205,7 +205,7 @@ def test_bad_inputs_are_one_line(tmp_path, gpt2_folder, chat_file):
     proc = call_cli(finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), *model_key, *out])
     assert_user_error(proc, "model.num_layers", "architecture of --model")
     proc = call_cli(
-        finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), "--method", "dpo", *out]
+        finetune_main, ["--model", str(gpt2_folder), "--data", str(chat_file), "--method", "ppo", *out]
     )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     # a prepared_chat folder holding the user's own files is not replaced

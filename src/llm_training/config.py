@@ -24,7 +24,7 @@ from llm_training.limits import MAX_CONFIG_BYTES, InputLimitError, bad_text, jso
 
 ENV_PREFIX = "LLM_TRAINING__"
 DEFAULT_CONFIG_PATH = Path("config") / "default.yaml"
-FINETUNE_METHODS = {"sft"}  # what llm-finetune --method offers: only methods that work
+FINETUNE_METHODS = {"sft", "dpo", "simpo"}  # what llm-finetune --method offers: only methods that work
 FINETUNE_MAX_LENGTH = 2048  # tokens a fine-tuning example at most, unless finetune.max_length says
 
 
@@ -216,7 +216,10 @@ class FinetuneConfig:
     """Fine-tuning a pretrained model on chat or instruction data (``llm-finetune``): how examples become
     token ids and loss labels. The model's architecture comes from the pretrained model, not ``model.*``."""
 
-    method: str = "sft"  # sft: supervised fine-tuning of every weight on the assistant's turns
+    # sft: supervised fine-tuning on the assistant's turns; dpo, simpo: preference pairs (chosen/rejected)
+    method: str = "sft"
+    beta: float | None = None  # preference methods' inverse temperature; None: 0.1 for dpo, 2.0 for simpo
+    gamma: float | None = None  # simpo's target reward margin; None: beta / 2 (the SimPO authors' ratio)
     # a built-in template (chatml), a .jinja file or a model folder; None: the model's own template
     chat_template: str | None = None
     train_on_prompt: bool = False  # train on every token, not only the assistant's replies
@@ -230,6 +233,7 @@ class FinetuneConfig:
     lora_targets: str = "qkv,proj,up,down"  # the layers adapted, comma-separated (lm_head too)
     qlora: bool = False  # the adapted block layers' frozen weights in 4-bit NF4; implies LoRA (rank 16)
     template: str | None = None  # the template's Jinja text, recorded by llm-finetune so exports carry it
+    reference: str | None = None  # dpo: fingerprint of the cached reference log-probs, set by llm-finetune
 
 
 @dataclass
@@ -590,6 +594,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "vision.image_size": (1, 4096), "vision.patch_size": (1, 4096), "vision.hidden_size": (1, 1 << 16),
     "vision.num_layers": (1, 1024), "vision.num_attention_heads": (1, 1024), "finetune.max_length": (2, 1 << 24),
     "finetune.lora_rank": (0, 1 << 16), "finetune.lora_alpha": (0, 1e6), "finetune.lora_dropout": (0, 1),
+    "finetune.beta": (1e-6, 1e3), "finetune.gamma": (0, 1e3),
 }  # fmt: skip
 
 
@@ -761,6 +766,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.profile_steps >= 0, "logging.profile_steps cannot be negative")
     f = cfg.finetune
     _one_of(f.method, FINETUNE_METHODS, "finetune.method")
+    _require(
+        f.beta is None or f.method != "sft",
+        "finetune.beta is for --method dpo or simpo; leave it unset for sft",
+    )
+    _require(
+        f.gamma is None or f.method == "simpo",
+        "finetune.gamma is SimPO's margin; leave it unset unless --method simpo",
+    )
     _one_of(f.truncation, {"truncate", "drop"}, "finetune.truncation")
     _require(not (f.qlora and r.strategy == "fsdp"),
              "finetune.qlora: FSDP does not shard 4-bit weights; use resources.strategy ddp")  # fmt: skip

@@ -2,6 +2,7 @@
 tokenizer and chat template, prepare the chat data in that tokenizer, and train on the same engine as
 ``llm-train`` (``run_training_on``: sinks, checkpoints, resume, time budgets).
 
+With ``--method dpo`` or ``simpo`` the data is preference pairs (``api/preference.py`` has that part).
 The run's ``model.*`` config is the pretrained model's architecture and ``finetune.template`` the template's
 text, so a checkpoint alone rebuilds the model (``--resume auto``, llm-evaluate, llm-export, llm-serve) and
 a Hugging Face export carries the template.
@@ -25,6 +26,8 @@ from llm_training.events import EventBus
 from llm_training.fileio import check_output_file
 
 PREPARED_CHAT = "prepared_chat"  # under the output folder, like the main job's prepared_data
+PREPARED_PREFERENCE = "prepared_preference"  # pairs of --method dpo and simpo
+DEFAULT_MAX_LENGTH = 2048
 # Fine-tuning moves pretrained weights a little: AdamW at a small learning rate with a short warm-up, no weight
 # decay, one epoch. These sit above the built-in defaults (config/default.yaml is for training from scratch
 # and is not read); a --config file, environment variables and flags override them.
@@ -111,9 +114,11 @@ def grow_vocab(model, size: int):
 def prepare_chat_data(
     cfg: Config, data_file: str | Path, tokenizer: Tokenizer, template: ChatTemplate
 ) -> tuple[Path, str]:
-    """(``<output_dir>/prepared_chat``, a line saying what was done): prepared from ``data_file`` unless it
-    already holds the same data."""
+    """(``<output_dir>/prepared_chat``, or ``prepared_preference`` for pairs, a line saying what was done):
+    prepared from ``data_file`` unless it already holds the same data."""
+    from llm_training.api.preference import is_preference
     from llm_training.data.chat_prepare import ChatPrepareOptions, prepare_chat
+    from llm_training.data.preference_prepare import prepare_preference
     from llm_training.data.prepare import existing_fingerprint, fingerprint_of
 
     f, d = cfg.finetune, cfg.data
@@ -127,14 +132,17 @@ def prepare_chat_data(
     settings = [max_length, f.truncation, f.train_on_prompt, d.validation_fraction, d.seed]
     fingerprint = fingerprint_of(__version__, Path(data_file).resolve(), stat.st_size, stat.st_mtime_ns,
                                  tokenizer.fingerprint, template.source, template.special_tokens, settings)  # fmt: skip
-    target = Path(cfg.output_dir) / PREPARED_CHAT
+    pairs = is_preference(cfg)
+    target = Path(cfg.output_dir) / (PREPARED_PREFERENCE if pairs else PREPARED_CHAT)
+    what = "preference pairs" if pairs else "examples"
     if existing_fingerprint(target) == fingerprint:
-        return target, f"re-used the prepared chat data in {target}"
+        return target, f"re-used the prepared {'preference' if pairs else 'chat'} data in {target}"
     options = ChatPrepareOptions(max_length, f.truncation, f.train_on_prompt, d.validation_fraction, d.seed,
                                  fingerprint)  # fmt: skip
-    enc = prepare_chat(data_file, target, tokenizer, template, options)["encoding"]
+    prepare = prepare_preference if pairs else prepare_chat
+    enc = prepare(data_file, target, tokenizer, template, options)["encoding"]
     dropped = enc["dropped_too_long"] + enc["dropped_untrainable"]
-    return target, (f"prepared {enc['kept']:,} of {enc['examples']:,} examples into {target} ({enc['truncated']:,} "
+    return target, (f"prepared {enc['kept']:,} of {enc['examples']:,} {what} into {target} ({enc['truncated']:,} "
                     f"truncated, {dropped:,} dropped): {enc['tokens']:,} tokens, {enc['trained_tokens']:,} trained")  # fmt: skip
 
 
@@ -147,8 +155,15 @@ def run_finetune(
     console: bool = True,
     bus: EventBus | None = None,
 ):
-    """Fine-tune the model at ``model_path`` on the chat file ``data_file``; returns the run's TrainResult."""
+    """Fine-tune the model at ``model_path`` on the chat file ``data_file`` (preference pairs for dpo and
+    simpo); returns the run's TrainResult."""
     from llm_training.api.jobs import run_training_on
+    from llm_training.api.preference import (
+        cache_reference,
+        is_preference,
+        preference_note,
+        ready_for_preference,
+    )
     from llm_training.data.chat import add_template_tokens
 
     # before anything is read or written: the run's config.yaml may replace only an earlier run's
@@ -162,35 +177,54 @@ def run_finetune(
         notes.append(
             f"added {', '.join(added)} to the tokenizer and the embeddings ({tokenizer.vocab_size:,} rows)"
         )
+    if is_preference(cfg):
+        model = ready_for_preference(cfg, model)
     cfg.model = dataclasses.replace(model.cfg)
     cfg.finetune.template = template.source
     validate(cfg)
     f = cfg.finetune
-    if f.qlora:  # 4-bit base weights under the adapters (implies LoRA)
-        from llm_training.train.qlora import add_qlora
-
-        notes.append(add_qlora(model, cfg, bool(added)))
-    elif f.lora_rank:  # after any growth: new rows then train with the adapters
-        from llm_training.train.lora import add_lora
-
-        torch.manual_seed(cfg.training.seed)  # the same adapters in every process (FSDP2 does not broadcast)
-        trainable = add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added))
-        notes.append(f"LoRA rank {f.lora_rank} on {f.lora_targets}: {trainable:,} of {model.num_parameters():,} "
-                     "parameters trained; every reader of the checkpoints merges the adapters")  # fmt: skip
     from llm_training.api.resources import ComputeResourceManager
     from llm_training.train.distributed import computed_once
 
     # Several processes (torchrun, llm-finetune --num-gpus): the group is joined before the data, which rank
-    # 0 prepares (or re-uses) while the others wait, so no two write the folder (see api/finetune_launch.py)
+    # 0 prepares (or re-uses) while the others wait, so no two write the folder (see api/finetune_launch.py);
+    # DPO's reference log-probs likewise
     with ComputeResourceManager(None, cfg.resources) as env:
         data_dir, prepared = computed_once(
             env, lambda: prepare_chat_data(cfg, data_file, tokenizer, template)
         )
+        notes.insert(0, prepared)
+        if f.method == "dpo":  # by the starting model, before any adapter is added
+            progress = console and cfg.logging.progress_bar
+
+            def reference() -> tuple[str, str | None]:
+                return cache_reference(cfg, model, data_dir, progress), cfg.finetune.reference
+
+            line, cfg.finetune.reference = computed_once(env, reference)
+            notes.insert(1, line)
         if f.packing:
             from llm_training.data.chat_prepare import PackedChatDataset
             from llm_training.train.sft import packing_window
 
             notes.append(PackedChatDataset(data_dir / "train.json", packing_window(cfg)).describe())
+        if f.qlora:  # 4-bit base weights under the adapters (implies LoRA)
+            from llm_training.train.qlora import add_qlora
+
+            notes.append(add_qlora(model, cfg, bool(added)))
+        elif f.lora_rank:  # after any growth: new rows then train with the adapters
+            from llm_training.train.lora import add_lora
+
+            # the adapters start from the run's seed, whatever ran before in this process (Trainer.finetune),
+            # and so are the same in every process (FSDP2 does not broadcast)
+            torch.manual_seed(cfg.training.seed)
+            trainable = add_lora(
+                model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added)
+            )
+            notes.append(f"LoRA rank {f.lora_rank} on {f.lora_targets}: {trainable:,} of "
+                         f"{model.num_parameters():,} parameters trained; every reader of the checkpoints "
+                         "merges the adapters")  # fmt: skip
         result = run_training_on(cfg, data_dir, resume_from, model=model, console=console, bus=bus)
-    result.notes = [prepared, *notes, *getattr(result, "notes", [])]
+    result.notes = [*notes, *getattr(result, "notes", [])]
+    if note := preference_note(result.metrics or {}):
+        result.notes.append(note)
     return result

@@ -51,19 +51,22 @@ class Trainer:
         packing: bool | None = None,
         resume: str | None = None,
         qlora: bool = False,
+        beta: float | None = None,
         **training: Any,
     ):
         """``llm-finetune``: fine-tune ``model`` (a Hugging Face folder or a .pt checkpoint) on the chat file
-        ``data`` into ``output_dir``; ``lora_rank`` > 0 trains LoRA adapters instead of every weight (other
-        LoRA settings as ``**{"finetune.lora_alpha": 32}``); ``qlora`` keeps the adapted weights in 4 bits
-        (LoRA of rank 16 unless given); ``packing`` packs examples into full windows (None: the config's
-        ``finetune.packing``); keyword arguments as in train(). Returns the run's result."""
+        ``data`` into ``output_dir``; ``method`` "dpo" or "simpo" trains on a file of preference pairs
+        (``beta``: their reward scale, default 0.1 for dpo and 2.0 for simpo); ``lora_rank`` > 0 trains LoRA
+        adapters instead of every weight (other LoRA settings as ``**{"finetune.lora_alpha": 32}``); ``qlora``
+        keeps the adapted weights in 4 bits (LoRA of rank 16 unless given); ``packing`` packs examples into
+        full windows (None: the config's ``finetune.packing``); keyword arguments as in train(). Returns the
+        run's result."""
         from llm_training.api.finetune import finetune_config, run_finetune
 
         values = {"output_dir": self.output_dir, "finetune.method": method, "finetune.chat_template": chat_template,
                   "finetune.train_on_prompt": train_on_prompt, "finetune.max_length": max_length,
                   "finetune.lora_rank": lora_rank, "finetune.qlora": qlora or None,
-                  "finetune.packing": packing}  # fmt: skip
+                  "finetune.packing": packing, "finetune.beta": beta}  # fmt: skip
         for key, value in {**self.overrides, **training}.items():
             values[key if "." in key else f"training.{key}"] = value
         cfg = finetune_config(self.config_file, values)

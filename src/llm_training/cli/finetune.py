@@ -23,9 +23,12 @@ Fine-tune a pretrained model on chat or instruction data (JSON Lines or a JSON l
 prompt/completion, alpaca or text records). The data is encoded with the model's tokenizer and chat template
 into <output-dir>/prepared_chat; the loss counts the assistant's replies only. Defaults suit fine-tuning
 (AdamW, learning rate 5e-5 with warm-up, one epoch); every training flag and --set key works as in llm-train.
+--method dpo or simpo trains on preference pairs instead (prompt/chosen/rejected records, in
+<output-dir>/prepared_preference; DPO's reference log-probs are scored once and cached there).
 
-example:
+examples:
   llm-finetune --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft --max-steps 200
+  llm-finetune --model runs/sft/checkpoints/model_final.pt --data prefs.jsonl --method dpo --output-dir runs/dpo
   llm-finetune --num-gpus 4 --model ./Qwen2.5-0.5B-Instruct --data chat.jsonl --output-dir runs/sft"""
 
 
@@ -33,10 +36,17 @@ def build_parser():
     p = parser("llm-finetune", DESCRIPTION)
     p.add_argument("--model", required=True, help="Hugging Face model folder (gpt2, llama, mistral, qwen2, "
                    "qwen3) with its tokenizer, or a .pt checkpoint of this project.")  # fmt: skip
-    p.add_argument("--data", required=True, help="Chat or instruction file (.jsonl, .json, .jsonl.gz).")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Chat or instruction file (.jsonl, .json, .jsonl.gz); preference pairs for dpo and simpo.",
+    )
     p.add_argument("--output-dir", help="Run directory (default: current directory).")
-    p.add_argument("--method", choices=sorted(FINETUNE_METHODS), help="sft: supervised fine-tuning of every "
-                   "weight on the assistant's replies (default).")  # fmt: skip
+    p.add_argument("--method", choices=sorted(FINETUNE_METHODS), help="sft: supervised fine-tuning on the "
+                   "assistant's replies (default); dpo: direct preference optimisation on chosen/rejected pairs "
+                   "against the starting model; simpo: reference-free preference optimisation (SimPO).")  # fmt: skip
+    p.add_argument("--beta", type=float, help="dpo and simpo: how far the rewards are scaled (default 0.1 for "
+                   "dpo, 2.0 for simpo); --set finetune.gamma=G: simpo's target margin (default beta / 2).")  # fmt: skip
     p.add_argument("--chat-template", help="chatml, a .jinja file or a model folder; default: the model's own "
                    "(a base model without one needs --chat-template chatml).")  # fmt: skip
     p.add_argument(
@@ -71,6 +81,7 @@ def config_values(args) -> dict:
     return {
         "output_dir": args.output_dir,
         "finetune.method": args.method,
+        "finetune.beta": args.beta,
         "finetune.chat_template": args.chat_template,
         "finetune.train_on_prompt": args.train_on_prompt or None,
         "finetune.max_length": args.max_length,

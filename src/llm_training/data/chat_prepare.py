@@ -59,47 +59,83 @@ def prepare_chat(
     check()
     data = read_chat_file(source)
     if data.format == "preference":
-        raise DataError(f"{source}: preference pairs (chosen/rejected) train with DPO, which llm-finetune does "
-                        "not offer yet; give prompts with one reply (messages, prompt/completion, alpaca, ...)")  # fmt: skip
+        raise DataError(f"{source}: preference pairs (chosen/rejected) train with --method dpo or simpo; "
+                        "--method sft needs prompts with one reply (messages, prompt/completion, alpaca, ...)")  # fmt: skip
     encoder = ChatEncoder(tokenizer, template, options.train_on_prompt)
     encoded, report = encode_sft(data.examples, encoder, options.max_length, options.truncation)
-    if len(encoded) < 2:
-        raise DataError(f"{source}: {len(encoded)} trainable example(s) after encoding; at least 2 are needed "
-                        "(one to train on, one to validate)")  # fmt: skip
-    order = np.random.default_rng(options.seed).permutation(len(encoded))
-    n_val = min(len(encoded) - 1, max(1, round(len(encoded) * options.validation_fraction)))
-    splits = {"validation": order[:n_val], "train": order[n_val:]}
-    ends = Counter(int(e.input_ids[np.flatnonzero(e.labels != IGNORE_INDEX)[-1]]) for e in encoded)
-    end_of_turn = ends.most_common(1)[0][0]  # the last trained token: the template's end-of-turn markup
+    splits = split_indices(source, len(encoded), options, "example")
+    end_of_turn = end_of_turn_id(encoded)
     summary = {"source": str(source), "format": data.format, "template": template.name,
                "encoding": report.to_dict(), "end_of_turn_id": end_of_turn,
                "end_of_turn": encoder.decode([end_of_turn])}  # fmt: skip
     with building_dir(out, "llm-finetune", check) as staging:
         tokenizer.save(staging / "vocab.json")
         for split, indices in splits.items():
-            manifest = _write_split(staging, split, [encoded[i] for i in indices], tokenizer)
-            manifest.update(fingerprint=options.fingerprint, end_of_turn_id=end_of_turn)
+            counts = write_examples(staging, split, [encoded[i] for i in indices], tokenizer)
+            manifest = split_manifest(KIND, split, counts, tokenizer, options.fingerprint, end_of_turn)
             (staging / f"{split}.json").write_text(json.dumps(manifest, indent=1))
             summary[f"{split}_examples"] = len(indices)
         (staging / "prepare_report.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _write_split(folder: Path, split: str, examples: list[EncodedChat], tokenizer: Tokenizer) -> dict:
+def split_indices(source, count: int, options: ChatPrepareOptions, what: str) -> dict[str, np.ndarray]:
+    """Indices of the validation and train splits: a seeded shuffle, ``validation_fraction`` (at least one)
+    held out, at least one left to train on."""
+    if count < 2:
+        raise DataError(f"{source}: {count} trainable {what}(s) after encoding; at least 2 are needed "
+                        "(one to train on, one to validate)")  # fmt: skip
+    order = np.random.default_rng(options.seed).permutation(count)
+    n_val = min(count - 1, max(1, round(count * options.validation_fraction)))
+    return {"validation": order[:n_val], "train": order[n_val:]}
+
+
+def end_of_turn_id(encoded: list[EncodedChat]) -> int:
+    """The id most examples end their training on: the template's end-of-turn markup."""
+    ends = Counter(int(e.input_ids[np.flatnonzero(e.labels != IGNORE_INDEX)[-1]]) for e in encoded)
+    return ends.most_common(1)[0][0]
+
+
+def write_examples(folder: Path, prefix: str, examples: list[EncodedChat], tokenizer: Tokenizer) -> dict:
+    """``<prefix>_ids.npy``, ``_labels.npy`` and ``_offsets.npy`` of ``examples``; returns their counts."""
     lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
     ids = np.concatenate([e.input_ids for e in examples]).astype(np.int32)
     labels = np.concatenate([e.labels for e in examples]).astype(np.int32)
-    np.save(folder / f"{split}_ids.npy", ids)
-    np.save(folder / f"{split}_labels.npy", labels)
-    np.save(folder / f"{split}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    np.save(folder / f"{prefix}_ids.npy", ids)
+    np.save(folder / f"{prefix}_labels.npy", labels)
+    np.save(folder / f"{prefix}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
     # what a loss counts: labels after the first position of each example (nothing predicts that one)
     trained = [e.labels[1:][e.labels[1:] != IGNORE_INDEX] for e in examples]
     trained_bytes = sum(len(tokenizer.decode(t.tolist()).encode("utf-8")) for t in trained)
-    return {"format_version": FORMAT_VERSION, "kind": KIND, "split": split, "shards": [],
-            "num_items": len(examples), "num_tokens": int(lengths.sum()),
+    return {"num_items": len(examples), "num_tokens": int(lengths.sum()),
             "num_trained_tokens": int(sum(len(t) for t in trained)), "num_bytes": trained_bytes,
-            "max_seq_length": int(lengths.max()), "vocab_size": tokenizer.vocab_size,
-            "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eot_id}  # fmt: skip
+            "max_seq_length": int(lengths.max())}  # fmt: skip
+
+
+def split_manifest(
+    kind: str, split: str, counts: dict, tokenizer: Tokenizer, fingerprint: str, end_of_turn: int
+) -> dict:
+    return {"format_version": FORMAT_VERSION, "kind": kind, "split": split, "shards": [], **counts,
+            "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eot_id,
+            "fingerprint": fingerprint, "end_of_turn_id": end_of_turn}  # fmt: skip
+
+
+def batch_width(longest: int, seq_len: int) -> int:
+    """A batch's width: its longest input, in steps of ``PAD_MULTIPLE`` (few shapes for torch.compile), at
+    most ``seq_len``."""
+    return min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def pad_examples(examples, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of aligned (ids, labels) examples: ids[:-1] against labels[1:], right-padded to
+    ``width`` with ``pad_id`` and -100 (cut at ``width``)."""
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int64)
+    targets = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    for row, (ids, labels) in enumerate(examples):
+        n = min(len(ids) - 1, width)
+        inputs[row, :n] = ids[:n]
+        targets[row, :n] = labels[1 : n + 1]
+    return inputs, targets
 
 
 class ChatDataset:
@@ -133,15 +169,8 @@ class ChatDataset:
         import torch
 
         examples = [self.example(int(index)) for index in indices]
-        longest = max(len(ids) - 1 for ids, _ in examples)
-        # padded to the batch's longest example, in steps of PAD_MULTIPLE (few shapes for torch.compile)
-        width = min(self.seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-        inputs = np.full((len(indices), width), self.pad_id, dtype=np.int64)
-        targets = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
-        for row, (ids, labels) in enumerate(examples):
-            n = min(len(ids) - 1, width)
-            inputs[row, :n] = ids[:n]
-            targets[row, :n] = labels[1 : n + 1]
+        width = batch_width(max(len(ids) - 1 for ids, _ in examples), self.seq_len)
+        inputs, targets = pad_examples(examples, width, self.pad_id)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
 
 

@@ -20,6 +20,8 @@ VALIDATION = {
     "val_loss": "validation/loss",
     "val_perplexity": "validation/perplexity",
     "val_bpb": "validation/bits_per_byte",
+    "val_reward_accuracy": "validation/reward_accuracy",  # preference tuning's
+    "val_margin": "validation/reward_margin",
 }
 
 

@@ -2,8 +2,8 @@
 sample shown at the end and the ``model_kind`` a checkpoint records. The loop and ``train_step`` only call it.
 
 Language modelling on prepared text is here; others (captions of images in ``multimodal/objective.py``, chat
-SFT in ``train/sft.py``) are chosen by the prepared data's kind in ``train/setup.py``. A future one
-(preference pairs with a frozen reference model held as state) implements the same few methods.
+SFT in ``train/sft.py``, preference pairs in ``train/preference.py``) are chosen by the prepared data's kind
+in ``train/setup.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from llm_training.train.device import Runtime
 class Objective(Protocol):
     """The interface the loop, ``train_step`` and ``evaluate_loss`` use. The datasets give
     ``num_windows``, ``num_tokens``, ``seq_len``, ``bytes_per_token`` and ``batch(indices)`` (a dict of
-    tensors on the host)."""
+    tensors on the host, one row an item).
+
+    Optional, for validation figures besides the loss: ``measure(model, batch, runtime)`` -> (the loss, a
+    dict of device scalars summed over the split) and ``figures(sums, counted, val_set)`` -> the figures
+    (``val_*`` keys) made of those sums, added to or replacing validation's own."""
 
     model_kind: str  # recorded in checkpoints: how to rebuild the model
     train_set: Any

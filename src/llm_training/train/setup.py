@@ -32,6 +32,7 @@ OBJECTIVES = {
     "text": ("llm_training.train.objectives", "LanguageModelling"),
     "image_text": ("llm_training.multimodal.objective", "Captioning"),
     "chat": ("llm_training.train.sft", "ChatSFT"),
+    "preference": ("llm_training.train.preference", "PreferenceTuning"),
 }
 
 

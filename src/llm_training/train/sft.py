@@ -36,23 +36,30 @@ class ChatSFT(LanguageModelling):
         )
 
     def sample(self, model, tokenizer: Tokenizer, runtime: Runtime, t: TrainingConfig) -> str:
-        """The model's reply to the first validation example's prompt: its ids up to the first trained label,
-        which are the conversation rendered with the template's generation prompt."""
-        if t.sample_tokens == 0:
-            return ""
+        """The model's reply to the first validation example's prompt."""
         ids, labels = self.val_set.example(0)
-        trained = (labels != IGNORE_INDEX).nonzero()[0]
-        prompt = ids[: int(trained[0])].tolist() if len(trained) else ids.tolist()
-        sampling = Sampling(t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=t.seed)
-        was_training = model.training
-        model.eval()  # no dropout (LoRA's included) in the reply
-        try:
-            reply = generate_tokens(model, [prompt], sampling, eos_id=self.val_set.end_of_turn_id,
-                                    stop_ids=[[tokenizer.eot_id]], autocast=runtime.autocast)[0]  # fmt: skip
-        finally:
-            model.train(was_training)
-        shown = tokenizer.backend.decode(prompt[-200:], skip_special_tokens=False)  # with its markup
-        return f"{shown}{tokenizer.decode(reply)}"
+        return reply_sample(model, tokenizer, runtime, t, ids, labels, self.val_set.end_of_turn_id)
+
+
+def reply_sample(
+    model, tokenizer: Tokenizer, runtime: Runtime, t: TrainingConfig, ids, labels, end_of_turn_id: int
+) -> str:
+    """The model's reply to an example's prompt: its ids up to the first trained label, which are the
+    conversation rendered with the template's generation prompt; shown with the prompt's markup."""
+    if t.sample_tokens == 0:
+        return ""
+    trained = (labels != IGNORE_INDEX).nonzero()[0]
+    prompt = ids[: int(trained[0])].tolist() if len(trained) else ids.tolist()
+    sampling = Sampling(t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=t.seed)
+    was_training = model.training
+    model.eval()  # no dropout (LoRA's included) in the reply
+    try:
+        reply = generate_tokens(model, [prompt], sampling, eos_id=end_of_turn_id,
+                                stop_ids=[[tokenizer.eot_id]], autocast=runtime.autocast)[0]  # fmt: skip
+    finally:
+        model.train(was_training)
+    shown = tokenizer.backend.decode(prompt[-200:], skip_special_tokens=False)  # with its markup
+    return f"{shown}{tokenizer.decode(reply)}"
 
 
 def packing_window(cfg: Config) -> int:

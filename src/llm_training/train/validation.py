@@ -34,6 +34,10 @@ def evaluate_loss(
     of forward passes (a sharded model needs all of them), padding with a window that counts for nothing.
     """
     objective = objective or LanguageModelling()
+    # an objective with more to report than its loss (preference pairs' reward accuracy) measures sums of
+    # its figures with the loss and turns their totals into figures at the end
+    measure = getattr(objective, "measure", None)
+    extra: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
     n = dataset.num_windows
@@ -45,18 +49,27 @@ def evaluate_loss(
     for b in range(batches):
         indices = mine[b * batch_size : (b + 1) * batch_size]
         batch = dataset.batch(indices or [0])
-        loss = objective.loss(model, batch, runtime)
+        loss, parts = (
+            measure(model, batch, runtime) if measure else (objective.loss(model, batch, runtime), {})
+        )
         if indices:
             counted = objective.tokens(batch).to(runtime.device)  # padding after a caption does not count
             sums[0] += loss.double() * counted
             sums[1] += counted
+        for name, value in parts.items():  # every process, padding counting 0: the same names everywhere
+            extra[name] = extra.get(name, 0.0) + value.double() * bool(indices)
     model.train(was_training)
-    all_reduce(sums, env)
-    tokens = int(sums[1])
-    mean = float(sums[0]) / tokens
-    return {
+    names = sorted(extra)  # the same on every process: one all-reduce for everything
+    totals = torch.cat([sums, torch.stack([extra[n] for n in names]) if names else sums[:0]])
+    all_reduce(totals, env)
+    tokens = int(totals[1])
+    mean = float(totals[0]) / tokens
+    figures = {
         "val_loss": mean,
         "val_perplexity": math.exp(min(mean, 50.0)),
         "val_bpb": mean / math.log(2) / dataset.bytes_per_token,
         "val_tokens": tokens,
     }
+    if names:
+        figures.update(objective.figures(dict(zip(names, totals[2:].tolist(), strict=True)), tokens, dataset))
+    return figures
