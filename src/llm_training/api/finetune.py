@@ -27,7 +27,6 @@ from llm_training.fileio import check_output_file
 
 PREPARED_CHAT = "prepared_chat"  # under the output folder, like the main job's prepared_data
 PREPARED_PREFERENCE = "prepared_preference"  # pairs of --method dpo and simpo
-DEFAULT_MAX_LENGTH = 2048
 # Fine-tuning moves pretrained weights a little: AdamW at a small learning rate with a short warm-up, no weight
 # decay, one epoch. These sit above the built-in defaults (config/default.yaml is for training from scratch
 # and is not read); a --config file, environment variables and flags override them.
