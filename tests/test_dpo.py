@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_finetune import GPT2_FILES, SMALL, finetune, gpt2_tokenizer, save_model
+from test_finetune import GPT2_FILES, finetune, gpt2_folder, gpt2_tokenizer, qwen2_folder  # noqa: F401 (fixtures)
 
 from conftest import assert_user_error, call_cli, corpus_records
 from llm_training.cli.finetune import main as finetune_main
@@ -23,24 +23,6 @@ transformers = pytest.importorskip("transformers")
 LN2 = math.log(2)
 EVERY_STEP = ["--set", "training.log_interval=1", "--set", "training.checkpoint_interval=10",
               "--set", "checkpoint.keep_last=100"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def qwen2_folder(tmp_path_factory):
-    """test_finetune's random Qwen2 chat model (ChatML in its tokenizer and template)."""
-    tok = gpt2_tokenizer(chatml=True)
-    config = transformers.Qwen2Config(**SMALL, vocab_size=len(tok))
-    torch.manual_seed(0)  # the same random model whichever test asks first
-    return save_model(transformers.Qwen2ForCausalLM(config), tok, tmp_path_factory.mktemp("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory):
-    """test_finetune's random GPT-2 base model (no template; dropout 0.1, transformers' default)."""
-    tok = gpt2_tokenizer(chatml=False)
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=128)
-    torch.manual_seed(0)
-    return save_model(transformers.GPT2LMHeadModel(config), tok, tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +49,7 @@ def step_losses(run) -> dict[int, float]:
     }  # a replayed step: its last
 
 
-def test_dpo_learns_and_resumes_exactly_with_its_cached_reference(tmp_path, qwen2_folder, pairs_file):
+def test_dpo_learns_and_resumes_exactly_with_its_cached_reference(tmp_path, qwen2_folder, pairs_file):  # noqa: F811
     run = tmp_path / "run"
     proc = finetune(qwen2_folder, pairs_file, run, "--method", "dpo", "--beta", "0.5", "--max-steps", "20",
                     *EVERY_STEP)  # fmt: skip
@@ -108,7 +90,7 @@ def test_dpo_learns_and_resumes_exactly_with_its_cached_reference(tmp_path, qwen
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
 
 
-def test_simpo_trains_without_a_reference(tmp_path, gpt2_folder, pairs_file):
+def test_simpo_trains_without_a_reference(tmp_path, gpt2_folder, pairs_file):  # noqa: F811
     """A base GPT-2 (dropout 0.1, turned off for preference tuning) with ChatML added: SimPO's loss falls
     and nothing is scored beforehand."""
     run = tmp_path / "run"
@@ -125,7 +107,7 @@ def test_simpo_trains_without_a_reference(tmp_path, gpt2_folder, pairs_file):
     assert config["model"]["dropout"] == 0.0 and config["finetune"]["method"] == "simpo"
 
 
-def test_dpo_with_lora_through_the_api(tmp_path, qwen2_folder, pairs_file):
+def test_dpo_with_lora_through_the_api(tmp_path, qwen2_folder, pairs_file):  # noqa: F811
     """Trainer.finetune(method="dpo", lora_rank=8): the reference is the base model's (loss ln 2 at step 0),
     only the adapters move, and the loss falls (little: as test_finetune's LoRA test says, adapters on the
     blocks of a random model with tied embeddings move its log-probs little; 0.693 -> 0.671 when written)."""
@@ -200,7 +182,7 @@ def test_pairs_are_batched_both_sides_at_once_and_dpo_starts_at_ln2(tmp_path, pa
     assert (simpo.beta, simpo.gamma) == (2.0, 1.0)
 
 
-def test_bad_preference_inputs_are_one_line(tmp_path, gpt2_folder, pairs_file):
+def test_bad_preference_inputs_are_one_line(tmp_path, gpt2_folder, pairs_file):  # noqa: F811
     out = ["--output-dir", str(tmp_path / "run"), "--chat-template", "chatml", "--device", "cpu"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Who goes there?", "chosen": "A friend.", "rejected": "friend A."}\n'

@@ -52,14 +52,16 @@ def qwen2_folder(tmp_path_factory):
     """A random Qwen2 chat model: ChatML's tokens in its tokenizer (50,259 ids, 50,259 rows) and template."""
     tok = gpt2_tokenizer(chatml=True)
     config = transformers.Qwen2Config(**SMALL, vocab_size=len(tok))
+    torch.manual_seed(0)  # the same random model whichever test asks first
     return save_model(transformers.Qwen2ForCausalLM(config), tok, tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
-    """A random GPT-2 base model: no chat template, no ChatML tokens."""
+    """A random GPT-2 base model: no chat template, no ChatML tokens (dropout 0.1, transformers' default)."""
     tok = gpt2_tokenizer(chatml=False)
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=128)
+    torch.manual_seed(0)
     return save_model(transformers.GPT2LMHeadModel(config), tok, tmp_path_factory.mktemp("gpt2"))
 
 

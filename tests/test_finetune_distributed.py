@@ -45,6 +45,14 @@ def close(a: dict, b: dict, tol: float = 1e-3) -> bool:
     return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
 
 
+def assert_matches(run, reference: dict, label: str) -> None:
+    """The run's step losses equal one process's ``reference`` within ``close`` (both printed)."""
+    losses = step_losses(run / "metrics.jsonl")
+    print(f"{label}, 1 process:   ", [round(v, 4) for v in reference.values()])
+    print(f"{label}, 2 processes: ", [round(v, 4) for v in losses.values()])
+    assert close(losses, reference), (losses, reference)
+
+
 @pytest.fixture(scope="module")
 def single(qwen2_folder, chat_file, tmp_path_factory):
     """One process, 8 examples a step: the reference of full fine-tuning."""
@@ -70,10 +78,7 @@ def test_ddp_full_finetuning_matches_one_process_and_resumes_on_one(
     # the parent prepared the data (one line), rank 0 re-used it, and rank 0 alone reports
     assert proc.stdout.count("examples into") == 1 and proc.stdout.startswith("prepared ")
     assert "note: re-used the prepared chat data" in proc.stdout and proc.stdout.count("done: ") == 1
-    losses = step_losses(two / "metrics.jsonl")
-    print("1 process:  ", [round(v, 4) for v in single[1].values()])
-    print("2 processes:", [round(v, 4) for v in losses.values()])
-    assert close(losses, single[1]), (losses, single[1])
+    assert_matches(two, single[1], "full")
     first, last = evals(two)[0], evals(two)[-1]
     assert first[0] == 0 and last[0] == STEPS and last[1] < first[1] - 0.5
     # the checkpoint of step 4, written by 2 processes, holds the full state and continues on 1
@@ -96,10 +101,7 @@ def test_ddp_lora_matches_one_process(tmp_path, qwen2_folder, chat_file, single_
     run = tmp_path / "run"
     proc = finetune(qwen2_folder, chat_file, run, "--batch-size", "4", *LORA, *GLOO)
     assert "note: LoRA rank 4" in proc.stdout and proc.stdout.count("examples into") == 1
-    losses = step_losses(run / "metrics.jsonl")
-    print("LoRA, 1 process:   ", [round(v, 4) for v in single_lora[1].values()])
-    print("LoRA, 2 processes: ", [round(v, 4) for v in losses.values()])
-    assert close(losses, single_lora[1]), (losses, single_lora[1])
+    assert_matches(run, single_lora[1], "LoRA DDP")
     first, last = evals(run)[0], evals(run)[-1]
     print(f"LoRA DDP validation loss {first[1]:.4f} -> {last[1]:.4f}")
     assert last[0] == STEPS and last[1] < first[1]
@@ -116,9 +118,7 @@ def test_fsdp2_lora_under_torchrun(tmp_path, qwen2_folder, chat_file, single_lor
     assert "2 processes (fsdp, cpu)" in proc.stdout + proc.stderr
     assert proc.stdout.count("examples into") == 1 and "note: prepared " in proc.stdout
     assert "re-used" not in proc.stdout
-    losses = step_losses(run / "metrics.jsonl")
-    print("LoRA, FSDP2 2 processes:", [round(v, 4) for v in losses.values()])
-    assert close(losses, single_lora[1]), (losses, single_lora[1])
+    assert_matches(run, single_lora[1], "LoRA FSDP2")
     final = run / "checkpoints" / "model_final.pt"
     state = torch.load(final, weights_only=True)
     assert (

@@ -620,6 +620,12 @@ def _one_of(value: Any, allowed: set[str], key: str) -> None:
     _require(ok, f"{key}: {quoted(value)} is not one of {', '.join(sorted(allowed))}")
 
 
+def finetune_max_length(cfg: Config) -> int:
+    """Tokens a fine-tuning example at most: ``finetune.max_length``, else the model's context up to
+    ``FINETUNE_MAX_LENGTH`` (never more than the context)."""
+    return min(cfg.finetune.max_length or FINETUNE_MAX_LENGTH, cfg.model.max_seq_length)
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with the key and what is allowed."""
     m, d, t, r = cfg.model, cfg.data, cfg.training, cfg.resources

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from llm_training import __version__
-from llm_training.config import FINETUNE_MAX_LENGTH as DEFAULT_MAX_LENGTH
-from llm_training.config import Config, is_resolved_config, load_config, validate
-from llm_training.data.chat_template import TEMPLATE_FILE, ChatTemplate, load_chat_template
+from llm_training.config import Config, finetune_max_length, is_resolved_config, load_config, validate
+from llm_training.data.chat_reply import folder_template, template_for
+from llm_training.data.chat_template import ChatTemplate, load_chat_template
 from llm_training.data.tokenizer import Tokenizer
 from llm_training.errors import ConfigError, UserError
 from llm_training.events import EventBus
@@ -64,29 +64,15 @@ def load_pretrained(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, ChatT
         model, tokenizer = load_hf(path)
         if tokenizer is None:
             raise UserError(f"{path}: no tokenizer.json; fine-tuning needs the model's own tokenizer")
-        return model.float(), tokenizer, _own_template(path)
+        return model.float(), tokenizer, folder_template(path)
     from llm_training.train.artifacts import load_trained
 
     trained = load_trained(path)
     if getattr(trained.model, "vision_cfg", None) is not None:
         raise UserError(f"{path}: a text-and-image model; llm-finetune fine-tunes language models")
-    template = recorded_template(trained.tokenizer, trained.chat_template, path)
+    text = trained.chat_template  # recorded by an earlier fine-tuning
+    template = template_for(text, trained.tokenizer, str(path)) if text else None
     return trained.model.float(), trained.tokenizer, template
-
-
-def recorded_template(tokenizer: Tokenizer, text: str | None, path: Path) -> ChatTemplate | None:
-    """The template an earlier fine-tuning recorded in checkpoint ``path`` (``text``), if any."""
-    if not text:
-        return None
-    special = tokenizer.special
-    names = {"eos_token": special.eos, "bos_token": special.bos, "pad_token": special.pad or special.eos}
-    return ChatTemplate(text, str(path), {k: v for k, v in names.items() if v})
-
-
-def _own_template(folder: Path) -> ChatTemplate | None:
-    config = folder / "tokenizer_config.json"
-    has = (folder / TEMPLATE_FILE).is_file() or (config.is_file() and '"chat_template"' in config.read_text())
-    return load_chat_template(folder) if has else None
 
 
 def choose_template(spec: str | None, own: ChatTemplate | None, model_path: str | Path) -> ChatTemplate:
@@ -124,10 +110,10 @@ def prepare_chat_data(
     if not Path(data_file).is_file():
         raise UserError(f"data file not found: {data_file}")
     stat = os.stat(data_file)
-    max_length = f.max_length or min(cfg.model.max_seq_length, DEFAULT_MAX_LENGTH)
-    if max_length > cfg.model.max_seq_length:
-        raise ConfigError(f"finetune.max_length ({max_length}) is longer than the model's context "
+    if (f.max_length or 0) > cfg.model.max_seq_length:
+        raise ConfigError(f"finetune.max_length ({f.max_length}) is longer than the model's context "
                           f"({cfg.model.max_seq_length})")  # fmt: skip
+    max_length = finetune_max_length(cfg)
     settings = [max_length, f.truncation, f.train_on_prompt, d.validation_fraction, d.seed]
     fingerprint = fingerprint_of(__version__, Path(data_file).resolve(), stat.st_size, stat.st_mtime_ns,
                                  tokenizer.fingerprint, template.source, template.special_tokens, settings)  # fmt: skip
@@ -206,6 +192,9 @@ def run_finetune(
             from llm_training.train.sft import packing_window
 
             notes.append(PackedChatDataset(data_dir / "train.json", packing_window(cfg)).describe())
+        # adapters start from the run's seed, whatever ran before in this process (Trainer.finetune), and so
+        # are the same in every process (FSDP2 does not broadcast)
+        torch.manual_seed(cfg.training.seed)
         if f.qlora:  # 4-bit base weights under the adapters (implies LoRA)
             from llm_training.train.qlora import add_qlora
 
@@ -213,9 +202,6 @@ def run_finetune(
         elif f.lora_rank:  # after any growth: new rows then train with the adapters
             from llm_training.train.lora import add_lora
 
-            # the adapters start from the run's seed, whatever ran before in this process (Trainer.finetune),
-            # and so are the same in every process (FSDP2 does not broadcast)
-            torch.manual_seed(cfg.training.seed)
             trainable = add_lora(
                 model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets, bool(added)
             )

@@ -26,7 +26,8 @@ from llm_training.fileio import check_output_file
 def read_pretrained(path: str | Path) -> tuple[ModelConfig, Tokenizer, ChatTemplate | None]:
     """(architecture, tokenizer, own chat template or None) of a Hugging Face folder or a checkpoint of this
     project, as ``load_pretrained`` finds them, without reading the weights."""
-    from llm_training.api.finetune import _own_template, load_pretrained, recorded_template
+    from llm_training.api.finetune import load_pretrained
+    from llm_training.data.chat_reply import folder_template, template_for
 
     path = Path(path)
     if path.is_dir():
@@ -35,7 +36,7 @@ def read_pretrained(path: str | Path) -> tuple[ModelConfig, Tokenizer, ChatTempl
         cfg, _ = hf_architecture(path)
         if not (path / "tokenizer.json").is_file():
             raise UserError(f"{path}: no tokenizer.json; fine-tuning needs the model's own tokenizer")
-        return cfg, Tokenizer.load(path / "tokenizer.json"), _own_template(path)
+        return cfg, Tokenizer.load(path / "tokenizer.json"), folder_template(path)
     state = None
     if path.is_file():
         try:  # memory-mapped: the tensors are not read
@@ -55,7 +56,8 @@ def read_pretrained(path: str | Path) -> tuple[ModelConfig, Tokenizer, ChatTempl
         return model.cfg, tokenizer, template
     cfg = config_from_dict({"model": state["config"]["model"]}, str(path)).model
     tokenizer = Tokenizer.from_json(state["tokenizer_json"])
-    template = recorded_template(tokenizer, (state["config"].get("finetune") or {}).get("template"), path)
+    text = (state["config"].get("finetune") or {}).get("template")
+    template = template_for(text, tokenizer, str(path)) if text else None
     return cfg, tokenizer, template
 
 

@@ -234,12 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote 0 completions to {target} ({done} were already there)")
             return 0
         trained = load_for_generation(args.model, args.device, args.model_format)
-        chat = (
-            None if trained.chat_template is None else ChatPrompts(trained.tokenizer, trained.chat_template)
-        )
-        if chat is None and first_chat is not None:
+        if trained.chat_template is None and first_chat is not None:
             raise DataError(f"{source}: line {first_chat}: a messages line needs a chat template and the model "
                             f"{args.model} has none; {HOW_TO_GET_ONE} in a prompt line")  # fmt: skip
+        # the template's prompts only where a line is a conversation (their set-up encodes a probe)
+        chat = None if first_chat is None else ChatPrompts(trained.tokenizer, trained.chat_template)
         tok = trained.tokenizer
         context = trained.cfg.max_seq_length
         stops = [s for s in args.stop if s]

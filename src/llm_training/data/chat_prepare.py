@@ -65,9 +65,7 @@ def prepare_chat(
     encoded, report = encode_sft(data.examples, encoder, options.max_length, options.truncation)
     splits = split_indices(source, len(encoded), options, "example")
     end_of_turn = end_of_turn_id(encoded)
-    summary = {"source": str(source), "format": data.format, "template": template.name,
-               "encoding": report.to_dict(), "end_of_turn_id": end_of_turn,
-               "end_of_turn": encoder.decode([end_of_turn])}  # fmt: skip
+    summary = encoding_summary(source, data.format, template, report, encoder, end_of_turn)
     with building_dir(out, "llm-finetune", check) as staging:
         tokenizer.save(staging / "vocab.json")
         for split, indices in splits.items():
@@ -90,6 +88,13 @@ def split_indices(source, count: int, options: ChatPrepareOptions, what: str) ->
     return {"validation": order[:n_val], "train": order[n_val:]}
 
 
+def encoding_summary(source, data_format: str, template, report, encoder, end_of_turn: int) -> dict:
+    """The head of a prepared folder's ``prepare_report.json``: what was read and how it was encoded."""
+    return {"source": str(source), "format": data_format, "template": template.name,
+            "encoding": report.to_dict(), "end_of_turn_id": end_of_turn,
+            "end_of_turn": encoder.decode([end_of_turn])}  # fmt: skip
+
+
 def end_of_turn_id(encoded: list[EncodedChat]) -> int:
     """The id most examples end their training on: the template's end-of-turn markup."""
     ends = Counter(int(e.input_ids[np.flatnonzero(e.labels != IGNORE_INDEX)[-1]]) for e in encoded)
@@ -104,12 +109,17 @@ def write_examples(folder: Path, prefix: str, examples: list[EncodedChat], token
     np.save(folder / f"{prefix}_ids.npy", ids)
     np.save(folder / f"{prefix}_labels.npy", labels)
     np.save(folder / f"{prefix}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    # what a loss counts: labels after the first position of each example (nothing predicts that one)
-    trained = [e.labels[1:][e.labels[1:] != IGNORE_INDEX] for e in examples]
-    trained_bytes = sum(len(tokenizer.decode(t.tolist()).encode("utf-8")) for t in trained)
-    return {"num_items": len(examples), "num_tokens": int(lengths.sum()),
-            "num_trained_tokens": int(sum(len(t) for t in trained)), "num_bytes": trained_bytes,
+    trained = sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples)
+    return {"num_items": len(examples), "num_tokens": int(lengths.sum()), "num_trained_tokens": trained,
+            "num_bytes": sum(trained_bytes(e.labels, tokenizer) for e in examples),
             "max_seq_length": int(lengths.max())}  # fmt: skip
+
+
+def trained_bytes(labels: np.ndarray, tokenizer: Tokenizer) -> int:
+    """UTF-8 bytes of the text a loss counts in one example: its labels after the first position (nothing
+    predicts that one)."""
+    trained = labels[1:][labels[1:] != IGNORE_INDEX]
+    return len(tokenizer.decode(trained.tolist()).encode("utf-8"))
 
 
 def split_manifest(

@@ -66,7 +66,7 @@ class ChatPrompts:
     end-of-text (which generation stops at anyway)."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate) -> None:
-        self.tokenizer, self.template = tokenizer, template
+        self.tokenizer = tokenizer
         self.encoder = ChatEncoder(tokenizer, template)
         self.end_of_turn = end_of_turn_id(self.encoder)
 

@@ -23,6 +23,7 @@ from llm_training.data.chat_formats import read_chat_file
 from llm_training.data.chat_prepare import (
     ChatPrepareOptions,
     batch_width,
+    encoding_summary,
     end_of_turn_id,
     pad_examples,
     split_indices,
@@ -69,9 +70,7 @@ def prepare_preference(
     sides = {side: [_whole(p.prompt_ids, getattr(p, f"{side}_ids"), getattr(p, f"{side}_labels"), p.source)
                     for p in pairs] for side in SIDES}  # fmt: skip
     end_of_turn = end_of_turn_id(sides["chosen"])
-    summary = {"source": str(source), "format": data.format, "template": template.name,
-               "encoding": report.to_dict(), "end_of_turn_id": end_of_turn,
-               "end_of_turn": encoder.decode([end_of_turn])}  # fmt: skip
+    summary = encoding_summary(source, data.format, template, report, encoder, end_of_turn)
     with building_dir(out, "llm-finetune", check) as staging:
         tokenizer.save(staging / "vocab.json")
         for split, indices in splits.items():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_training.data.chat import IGNORE_INDEX, ChatEncoder, encode_sft
+from llm_training.data.chat_prepare import pad_examples, trained_bytes
 from llm_training.data.chat_template import ChatTemplate, load_chat_template
 from llm_training.errors import DataError, UserError
 from llm_training.eval.metrics import class_counts, f1_from_counts
@@ -63,13 +64,9 @@ def chat_scores(
     per = {"nll": [], "tokens": [], "hits": [], "bytes": []}  # one entry an example
     for first in range(0, len(encoded), batch_size):
         chunk = encoded[first : first + batch_size]
-        width = max(len(e.input_ids) for e in chunk) - 1
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)  # padding after an example changes nothing
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for row, e in enumerate(chunk):  # labels are aligned with the ids: shift them to the next token
-            ids[row, : len(e.input_ids) - 1] = torch.from_numpy(e.input_ids[:-1])
-            labels[row, : len(e.labels) - 1] = torch.from_numpy(e.labels[1:])
-        ids, labels = ids.to(device), labels.to(device)
+        width = max(len(e.input_ids) for e in chunk) - 1  # padding after an example changes nothing
+        ids, labels = pad_examples([(e.input_ids, e.labels) for e in chunk], width, 0)
+        ids, labels = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
         with autocast():
             logits = model(ids).float()
         mask = labels != IGNORE_INDEX
@@ -79,9 +76,7 @@ def chat_scores(
         per["nll"] += nll.sum(1).double().tolist()
         per["tokens"] += mask.sum(1).tolist()
         per["hits"] += ((guesses == labels) & mask).sum(1).tolist()
-        for e in chunk:  # the bytes fine-tuning counts: the scored tokens' text
-            trained = e.labels[1:][e.labels[1:] != IGNORE_INDEX]
-            per["bytes"].append(len(tokenizer.decode(trained.tolist()).encode("utf-8")))
+        per["bytes"] += [trained_bytes(e.labels, tokenizer) for e in chunk]  # as fine-tuning counts them
     scores = {"nll": sum(per["nll"]), "tokens": sum(per["tokens"]), "correct": sum(per["hits"]),
               "f1": f1_from_counts(counts), "bytes": sum(per["bytes"]), "examples": len(encoded),
               "truncated": report.truncated, "skipped": report.dropped_untrainable}  # fmt: skip

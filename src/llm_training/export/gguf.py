@@ -193,11 +193,9 @@ def _chat_fields(writer, tokenizer: Tokenizer, chat_template: str) -> None:
     from llm_training.data.chat_reply import ChatPrompts, template_for
 
     writer.add_chat_template(chat_template)
-    end_of_turn = ChatPrompts(
-        tokenizer, template_for(chat_template, tokenizer, "the chat template")
-    ).end_of_turn
-    if end_of_turn is not None and end_of_turn != tokenizer.eot_id:
-        writer.add_eot_token_id(end_of_turn)
+    chat = ChatPrompts(tokenizer, template_for(chat_template, tokenizer, "the chat template"))
+    if chat.stop_ids:  # a markup token other than the end-of-text
+        writer.add_eot_token_id(chat.end_of_turn)
 
 
 def read_chat_template(path: str | Path) -> str | None:

@@ -115,10 +115,19 @@ class PreferenceTuning:
         return torch.tensor(batch["input_ids"].shape[0])
 
     def loss(self, model, batch: dict, runtime: Runtime, non_blocking: bool = False) -> torch.Tensor:
-        return self.measure(model, batch, runtime, non_blocking)[0]
+        return self._forward(model, batch, runtime, non_blocking)[0]
 
     def measure(self, model, batch: dict, runtime: Runtime, non_blocking: bool = False):
         """(mean loss of the batch's pairs, sums of the figures validation reports)."""
+        loss, margin, logps, counts = self._forward(model, batch, runtime, non_blocking)
+        margin = margin.detach()
+        sums = {"correct": (margin > 0).sum().double(), "margin": margin.double().sum(),
+                "chosen_nll": -logps[:, 0].detach().double().sum(), "chosen_tokens": counts[:, 0].sum().double()}  # fmt: skip
+        return loss, sums
+
+    def _forward(self, model, batch: dict, runtime: Runtime, non_blocking: bool):
+        """(mean loss, reward margins, summed log-probs and trained tokens per pair and side): a training
+        step needs the loss alone, validation the rest too."""
         ids, labels = (batch[k].to(runtime.device, non_blocking=non_blocking).flatten(0, 1)
                        for k in ("input_ids", "labels"))  # fmt: skip
         logps, counts = sequence_logps(model, ids, labels, runtime)
@@ -129,11 +138,7 @@ class PreferenceTuning:
             reference = batch["reference"].to(runtime.device, non_blocking=non_blocking)
             rewards = self.beta * (logps - reference)
         margin = rewards[:, 0] - rewards[:, 1]
-        loss = -F.logsigmoid(margin - self.gamma).mean()
-        margin = margin.detach()
-        sums = {"correct": (margin > 0).sum().double(), "margin": margin.double().sum(),
-                "chosen_nll": -logps[:, 0].detach().double().sum(), "chosen_tokens": counts[:, 0].sum().double()}  # fmt: skip
-        return loss, sums
+        return -F.logsigmoid(margin - self.gamma).mean(), margin, logps, counts
 
     def figures(self, sums: dict[str, float], pairs: int, dataset: PreferenceDataset) -> dict[str, float]:
         """Validation figures from the sums over the split: reward accuracy and mean margin over pairs;

@@ -170,7 +170,7 @@ def add_qlora(model: torch.nn.Module, cfg: Config, train_embeddings: bool = Fals
     returns the line for the run's summary. Embeddings, norms and the head keep their weights."""
     import_bitsandbytes()  # absent: the commands' one-line error names the 'finetune' extra
     from llm_training.train.device import resolve_runtime
-    from llm_training.train.lora import TARGETS, add_lora
+    from llm_training.train.lora import TARGETS, add_lora, target_names
 
     f = cfg.finetune
     f.lora_rank = f.lora_rank or QLORA_RANK
@@ -178,7 +178,7 @@ def add_qlora(model: torch.nn.Module, cfg: Config, train_embeddings: bool = Fals
     dtype = compute_dtype(runtime.device, runtime.precision)
     check_4bit(runtime.device, dtype)
     before = model.num_parameters()
-    names = {t.strip() for t in f.lora_targets.split(",")} & set(TARGETS)
+    names = set(target_names(f.lora_targets, model.cfg.tie_embeddings)) & set(TARGETS)  # checked first
     layers = quantize_linears(model, names, runtime.device, dtype)
     model.is_loaded_in_4bit = True  # what peft reads to wrap bitsandbytes' 4-bit layers
     try:

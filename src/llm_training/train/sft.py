@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_training.config import FINETUNE_MAX_LENGTH, Config, TrainingConfig
+from llm_training.config import Config, TrainingConfig, finetune_max_length
 from llm_training.data.chat import IGNORE_INDEX
 from llm_training.data.chat_prepare import ChatDataset, PackedChatDataset
 from llm_training.data.tokenizer import Tokenizer
@@ -66,5 +66,4 @@ def packing_window(cfg: Config) -> int:
     """Input tokens a packed window: ``training.seq_length`` when set, else the longest an example may be
     (``finetune.max_length``, by default the model's context up to 2048): not the context itself, which
     for an imported model (32,768 tokens for Qwen2.5) would make one window the size of many batches."""
-    limit = min(cfg.finetune.max_length or FINETUNE_MAX_LENGTH, cfg.model.max_seq_length)
-    return cfg.training.seq_length or limit
+    return cfg.training.seq_length or finetune_max_length(cfg)
